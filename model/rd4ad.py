@@ -1,0 +1,42 @@
+"""RD4AD: frozen teacher -> one-class bottleneck -> student decoder."""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+
+from .bottleneck import build_bottleneck
+from .student import build_student
+from .teacher import Teacher, load_teacher_weights
+
+
+class RD4AD(nn.Layer):
+    def __init__(self, arch: str = "wide_resnet50_2") -> None:
+        super().__init__()
+        self.arch = arch
+        self.teacher = Teacher(arch)
+        self.bottleneck = build_bottleneck(arch)
+        self.student = build_student(arch)
+
+    def train(self) -> "RD4AD":
+        # The teacher is frozen: its BatchNorm must keep ImageNet statistics.
+        super().train()
+        self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[paddle.Tensor]:
+        """Bottleneck + student parameters (what the optimizer updates)."""
+        return [p for p in self.bottleneck.parameters() + self.student.parameters()
+                if not p.stop_gradient]
+
+    def forward(self, images: paddle.Tensor) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
+        with paddle.no_grad():
+            teacher_feats = self.teacher(images)
+        student_feats = self.student(self.bottleneck(teacher_feats))
+        return teacher_feats, student_feats
+
+
+def build_rd4ad(arch: str = "wide_resnet50_2", teacher_weights: str = "imagenet") -> RD4AD:
+    """Build the model; `teacher_weights` is "imagenet", "none" or a .pdparams path."""
+    net = RD4AD(arch)
+    load_teacher_weights(net.teacher, teacher_weights)
+    return net

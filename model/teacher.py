@@ -1,0 +1,89 @@
+"""Frozen ImageNet ResNet encoder: the teacher. Returns layer1, layer2, layer3 features."""
+from __future__ import annotations
+
+import os
+
+import paddle
+import paddle.nn as nn
+from paddle.vision.models import resnet as paddle_resnet
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2")
+
+
+class TeacherWeightsError(RuntimeError):
+    """The teacher's weights could not be found, downloaded or loaded."""
+
+
+class Teacher(nn.Layer):
+    """ResNet stem + layer1..layer3 of `paddle.vision.models`.
+
+    layer4, avgpool and fc are dropped: RD4AD only distils layer1..3, and the reference
+    computes layer4 only to throw it away (about a fifth of the teacher's work).
+    """
+
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        backbone = getattr(paddle_resnet, arch)(pretrained=False, num_classes=0, with_pool=False)
+        self.conv1, self.bn1, self.relu, self.maxpool = (
+            backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        self.layer1, self.layer2, self.layer3 = backbone.layer1, backbone.layer2, backbone.layer3
+        self.arch = arch
+        for p in self.parameters():
+            p.stop_gradient = True
+        self.eval()
+
+    def forward(self, images: paddle.Tensor) -> list[paddle.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        f1 = self.layer1(x)
+        f2 = self.layer2(f1)
+        f3 = self.layer3(f2)
+        return [f1, f2, f3]
+
+
+def imagenet_weights_path(arch: str) -> str:
+    """Paddle's official ImageNet weights for `arch`: the cached file, downloaded once."""
+    from paddle.utils.download import WEIGHTS_HOME, get_weights_path_from_url
+
+    url, md5 = paddle_resnet.model_urls[arch]
+    cached = os.path.join(WEIGHTS_HOME, os.path.basename(url))
+    try:
+        return get_weights_path_from_url(url, md5)
+    except Exception as err:  # no network, proxy, md5 mismatch: all end the same way
+        raise TeacherWeightsError(
+            f"cannot get ImageNet weights for {arch} ({type(err).__name__}: {err}); "
+            f"download {url} to {cached}, or pass --teacher_weights PATH to a local "
+            f".pdparams file (or 'none' for a random teacher)") from None
+
+
+def load_teacher_weights(teacher: Teacher, weights: str) -> None:
+    """Fill `teacher` from "imagenet" (official, cached), "none" (keep random) or a path.
+
+    A file may hold either a plain Paddle ResNet state dict (conv1.weight, ...) or this
+    project's converted dict (teacher.conv1.weight, ...). layer4/fc keys are ignored.
+    """
+    if weights is None or weights.lower() == "none":
+        return
+    path = imagenet_weights_path(teacher.arch) if weights.lower() == "imagenet" else weights
+    if not os.path.isfile(path):
+        raise TeacherWeightsError(f"{path}: teacher weights file not found")
+    try:
+        state = paddle.load(path)
+    except Exception as err:
+        raise TeacherWeightsError(f"{path}: not a Paddle weights file ({err})") from None
+    if not isinstance(state, dict):
+        raise TeacherWeightsError(f"{path}: not a Paddle weights file (holds {type(state).__name__})")
+    state = {k[len("teacher."):] if k.startswith("teacher.") else k: v for k, v in state.items()}
+    own = teacher.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    if missing:
+        raise TeacherWeightsError(
+            f"{path}: not {teacher.arch} weights ({len(missing)} keys missing, e.g. {missing[0]})")
+    for key, target in own.items():
+        value = state[key]
+        shape = list(value.shape)
+        if shape != list(target.shape):
+            raise TeacherWeightsError(
+                f"{path}: {key} has shape {shape}, {teacher.arch} needs {list(target.shape)}")
+    teacher.set_state_dict({k: state[k] for k in own})

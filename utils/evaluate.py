@@ -1,0 +1,60 @@
+"""Run a trained model over a test set and compute the metrics of one class."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+from paddle.io import DataLoader
+from tqdm import tqdm
+
+from .anomaly import anomaly_map, image_scores
+from .metrics import aupro, pixel_auroc, sample_auroc
+
+METRIC_NAMES = ("pixel_auroc", "sample_auroc", "aupro_per_image", "aupro_set")
+
+
+@dataclass
+class Predictions:
+    """Everything one pass over a test set yields, in preallocated arrays."""
+    maps: np.ndarray    # [N, H, W] float32, smoothed anomaly maps
+    scores: np.ndarray  # [N] float32, max of each map
+    masks: np.ndarray   # [N, H, W] uint8 ground truth
+    labels: np.ndarray  # [N] int64, 1 = defective
+
+
+@paddle.no_grad()
+def predict(net: paddle.nn.Layer, loader: DataLoader, num_samples: int, image_size: int,
+            desc: str = "eval") -> Predictions:
+    net.eval()
+    maps = np.empty((num_samples, image_size, image_size), dtype=np.float32)
+    masks = np.empty((num_samples, image_size, image_size), dtype=np.uint8)
+    scores = np.empty(num_samples, dtype=np.float32)
+    labels = np.empty(num_samples, dtype=np.int64)
+    i = 0
+    for images, gt, label in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        teacher_feats, student_feats = net(images)
+        batch_maps = anomaly_map(teacher_feats, student_feats, image_size)
+        n = batch_maps.shape[0]
+        maps[i:i + n] = batch_maps.numpy()
+        scores[i:i + n] = image_scores(batch_maps).numpy()
+        masks[i:i + n] = gt.numpy()[:, 0] > 0.5
+        labels[i:i + n] = label.numpy()
+        i += n
+    assert i == num_samples, f"loader gave {i} samples, expected {num_samples}"
+    return Predictions(maps, scores, masks, labels)
+
+
+def compute_metrics(pred: Predictions) -> dict[str, float]:
+    """The four metrics of the results table; nan where the test set cannot define one
+    (e.g. no defective images)."""
+    has_both_labels = 0 < pred.labels.sum() < len(pred.labels)
+    has_defect_pixels = bool(pred.masks.any()) and not bool(pred.masks.all())
+    nan = math.nan
+    return {
+        "pixel_auroc": pixel_auroc(pred.masks, pred.maps) if has_defect_pixels else nan,
+        "sample_auroc": sample_auroc(pred.labels, pred.scores) if has_both_labels else nan,
+        "aupro_per_image": aupro(pred.masks, pred.maps, mode="per_image") if has_defect_pixels else nan,
+        "aupro_set": aupro(pred.masks, pred.maps, mode="set") if has_defect_pixels else nan,
+    }

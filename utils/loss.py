@@ -1,0 +1,19 @@
+"""Training loss: cosine distance between teacher and student features."""
+from __future__ import annotations
+
+import paddle
+import paddle.nn.functional as F
+
+
+def cosine_distillation_loss(teacher_feats: list[paddle.Tensor],
+                             student_feats: list[paddle.Tensor]) -> paddle.Tensor:
+    """Sum over scales of mean over the batch of 1 - cos(flattened teacher, flattened student).
+
+    Each sample's whole feature map (C*H*W) is one vector, as the reference's
+    `loss_fucntion` (torch CosineSimilarity, eps 1e-8).
+    """
+    loss = paddle.zeros([], dtype="float32")
+    for t, s in zip(teacher_feats, student_feats):
+        cos = F.cosine_similarity(t.flatten(1), s.flatten(1), axis=1, eps=1e-8)
+        loss = loss + paddle.mean(1.0 - cos)
+    return loss

@@ -1,0 +1,33 @@
+"""Pictures: original | ground truth | heatmap overlay, side by side."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+
+_JET = colormaps["jet"]
+
+
+def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
+                    alpha: float = 0.5) -> np.ndarray:
+    """Blend a jet-coloured map over an RGB uint8 image. The map is scaled with a fixed
+    [vmin, vmax] (the class's range), not per image, so a good image stays cool."""
+    scaled = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    colour = (_JET(scaled)[..., :3] * 255.0).astype(np.float32)
+    return (alpha * colour + (1 - alpha) * image.astype(np.float32)).astype(np.uint8)
+
+
+def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, vmin: float,
+                 vmax: float, caption: str) -> Image.Image:
+    """[original | ground truth | heatmap] with a caption strip underneath."""
+    h, w = amap.shape
+    if mask is None:
+        gt = np.full((h, w, 3), 64, dtype=np.uint8)  # grey: no ground truth
+    else:
+        gt = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
+    panels = np.concatenate([image, gt, heatmap_overlay(image, amap, vmin, vmax)], axis=1)
+    strip = 18
+    canvas = Image.new("RGB", (panels.shape[1], h + strip), (255, 255, 255))
+    canvas.paste(Image.fromarray(panels), (0, 0))
+    ImageDraw.Draw(canvas).text((4, h + 3), caption, fill=(0, 0, 0))
+    return canvas
