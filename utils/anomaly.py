@@ -54,8 +54,9 @@ def gaussian_matrix(size: int, sigma: float = SIGMA, truncate: float = TRUNCATE)
 
 def _separable(x: paddle.Tensor, rows: np.ndarray, cols: np.ndarray) -> paddle.Tensor:
     """rows @ x @ cols^T over the last two axes of x."""
-    r = paddle.to_tensor(rows.astype(np.float32))
-    c = paddle.to_tensor(cols.T.astype(np.float32).copy())
+    dtype = "float64" if x.dtype == paddle.float64 else "float32"
+    r = paddle.to_tensor(rows.astype(dtype))
+    c = paddle.to_tensor(cols.T.astype(dtype).copy())
     return paddle.matmul(paddle.matmul(r, x), c)
 
 

@@ -12,8 +12,6 @@ def cosine_distillation_loss(teacher_feats: list[paddle.Tensor],
     Each sample's whole feature map (C*H*W) is one vector, as the reference's
     `loss_fucntion` (torch CosineSimilarity, eps 1e-8).
     """
-    loss = paddle.zeros([], dtype="float32")
-    for t, s in zip(teacher_feats, student_feats):
-        cos = F.cosine_similarity(t.flatten(1), s.flatten(1), axis=1, eps=1e-8)
-        loss = loss + paddle.mean(1.0 - cos)
-    return loss
+    terms = [paddle.mean(1.0 - F.cosine_similarity(t.flatten(1), s.flatten(1), axis=1, eps=1e-8))
+             for t, s in zip(teacher_feats, student_feats)]
+    return paddle.add_n(terms)

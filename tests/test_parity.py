@@ -1,0 +1,106 @@
+"""Parity with the reference RD4AD (PyTorch): same weights -> same features, loss, maps.
+
+tests/fixtures/parity_resnet18.npz was written by tests/make_parity_fixture.py, which runs
+the reference's own model, loss and anomaly-map code on the deterministic weights of
+tests/reference_weights.py. Inference is compared in float32 within 1e-4 relative to each
+tensor's largest value. Training is compared in float64 within 1e-6: in float32 a
+pre-activation within rounding noise of zero can flip a ReLU, and Adam's first steps (about
+lr * sign(grad)) blow that up to 1e-3, which would hide the semantics under noise.
+"""
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from model import build_rd4ad, convert_reference_state_dicts
+from reference_weights import deterministic_images, deterministic_state_dicts
+from utils.anomaly import anomaly_map
+from utils.loss import cosine_distillation_loss
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "parity_resnet18.npz")
+RTOL = 1e-4
+
+
+def assert_close(ours, ref, what, rtol=RTOL):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, what
+    err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12)
+    assert err <= rtol, f"{what}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dict(np.load(FIXTURE))
+
+
+def _reference_model(dtype="float32"):
+    w = deterministic_state_dicts("resnet18")
+    state = convert_reference_state_dicts("resnet18", w["encoder"], w["bn"], w["decoder"])
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        model = build_rd4ad("resnet18", teacher_weights="none")
+    finally:
+        paddle.set_default_dtype(previous)
+    model.set_state_dict({k: v.astype(dtype) for k, v in state.items()})
+    return model
+
+
+@pytest.fixture()
+def net():
+    return _reference_model("float32")
+
+
+@pytest.fixture()
+def net64():
+    return _reference_model("float64")
+
+
+def _check_eval(net, reference, prefix, dtype="float32", rtol=RTOL):
+    net.eval()
+    size = int(reference["image_size"])
+    images = paddle.to_tensor(deterministic_images(2, size).astype(dtype))
+    with paddle.no_grad():
+        teacher_feats, student_feats = net(images)
+        loss = cosine_distillation_loss(teacher_feats, student_feats)
+        maps = anomaly_map(teacher_feats, student_feats, size)
+    for i in range(3):
+        assert_close(teacher_feats[i].numpy(), reference[f"teacher_{i}"], f"teacher scale {i}", rtol)
+        assert_close(student_feats[i].numpy(), reference[f"{prefix}student_{i}"],
+                     f"student scale {i}", rtol)
+    assert_close(float(loss), reference[prefix + "loss"], "loss", rtol)
+    assert_close(maps.numpy(), reference[prefix + "anomaly_map"], "anomaly map", rtol)
+
+
+def test_eval_outputs_match_reference(net, reference):
+    _check_eval(net, reference, "eval_")
+
+
+def test_training_matches_reference(net64, reference):
+    """Three Adam steps in train mode (float64): losses, BatchNorm running statistics
+    (torch's unbiased-variance update) and the trained model's outputs all match."""
+    net = net64
+    size = int(reference["image_size"])
+    images = paddle.to_tensor(deterministic_images(2, size).astype("float64"))
+    optimizer = paddle.optimizer.Adam(learning_rate=0.005, beta1=0.5, beta2=0.999,
+                                      parameters=net.trainable_parameters())
+    net.train()
+    assert not net.teacher.training and net.bottleneck.training and net.student.training
+    losses = []
+    for step in range(len(reference["train_losses"])):
+        batch = images if step % 2 == 0 else images.flip([-1])
+        loss = cosine_distillation_loss(*net(batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(float(loss))
+    assert_close(losses, reference["train_losses"], "training losses", 1e-6)
+    parts = {"bn": net.bottleneck, "decoder": net.student}
+    suffix = {"running_mean": "_mean", "running_var": "_variance"}
+    for key in (k for k in reference if k.startswith("buffer:")):
+        part, name = key[len("buffer:"):].split(".", 1)
+        layer_name, buf = name.rsplit(".", 1)
+        ours = parts[part].state_dict()[f"{layer_name}.{suffix[buf]}"].numpy()
+        assert_close(ours, reference[key], key, 1e-6)
+    _check_eval(net, reference, "trained_", "float64", 1e-6)
