@@ -77,9 +77,10 @@ def load_teacher_weights(teacher: Teacher, weights: str) -> None:
     state = {k[len("teacher."):] if k.startswith("teacher.") else k: v for k, v in state.items()}
     own = teacher.state_dict()
     missing = sorted(k for k in own if k not in state)
-    if missing:
-        raise TeacherWeightsError(
-            f"{path}: not {teacher.arch} weights ({len(missing)} keys missing, e.g. {missing[0]})")
+    unexpected = sorted(k for k in state if k not in own and not k.startswith(("layer4.", "fc.")))
+    if missing or unexpected:
+        example = f"{missing[0]} missing" if missing else f"unexpected {unexpected[0]}"
+        raise TeacherWeightsError(f"{path}: not {teacher.arch} weights ({example})")
     for key, target in own.items():
         value = state[key]
         shape = list(value.shape)

@@ -1,0 +1,114 @@
+"""Convert PyTorch weights (torchvision backbone and/or a reference RD4AD checkpoint) to Paddle.
+
+    # teacher only (torchvision wide_resnet50_2-32ee1156.pth) -> a --teacher_weights file
+    python tools/convert_torch_checkpoint.py --arch wide_resnet50_2 \
+        --backbone wide_resnet50_2-32ee1156.pth --out wres50_teacher.pdparams
+
+    # a reference checkpoint ({'bn': ..., 'decoder': ...}) -> this project's class checkpoint
+    python tools/convert_torch_checkpoint.py --arch wide_resnet50_2 --image_size 256 \
+        --reference wres50_bottle.pth --cls bottle --out output/bottle/model.pdparams
+
+Give both to also write the teacher next to the checkpoint (--teacher_out). torch is needed
+here only (pip install torch); the rest of the project never imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import ARCHS, build_rd4ad, convert_reference_state_dicts  # noqa: E402
+from utils.checkpoint import atomic_write, save_checkpoint  # noqa: E402
+
+
+def torch_state_to_numpy(path: str) -> dict:
+    """Load a .pth with torch and turn every tensor into a numpy array (nested dicts kept)."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("error: reading .pth files needs PyTorch: pip install torch") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SystemExit(f"error: {path}: cannot read as a PyTorch file ({err})") from None
+
+    def to_numpy(x):
+        if isinstance(x, dict):
+            return {k: to_numpy(v) for k, v in x.items()}
+        return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    return to_numpy(obj)
+
+
+def teacher_state(arch: str, backbone: dict) -> dict:
+    """Plain Paddle ResNet state dict (conv1.weight, ...) from a torchvision one, for
+    --teacher_weights. layer4/fc are dropped: the teacher does not have them."""
+    converted = convert_reference_state_dicts(arch, backbone, None, None)
+    return {k[len("teacher."):]: v for k, v in converted.items()
+            if not k.startswith(("teacher.layer4.", "teacher.fc."))}
+
+
+def convert(arch: str, backbone: dict | None, reference: dict | None, image_size: int,
+            cls: str, out: str, teacher_out: str | None) -> list[str]:
+    """Write the requested Paddle files; return their paths. Shapes are checked by
+    loading everything into a real model first."""
+    import paddle
+
+    written = []
+    net = build_rd4ad(arch, teacher_weights="none")
+    if reference is not None:
+        if not isinstance(reference, dict) or not {"bn", "decoder"} <= set(reference):
+            raise SystemExit("error: reference checkpoint must hold 'bn' and 'decoder' state dicts")
+    state = convert_reference_state_dicts(arch, backbone, reference and reference["bn"],
+                                          reference and reference["decoder"])
+    own = net.state_dict()
+    parts = (("teacher.",) if backbone is not None else ()) + (
+        ("bottleneck.", "student.") if reference is not None else ())
+    for key, value in own.items():
+        if key.startswith(parts):
+            if key not in state:
+                raise SystemExit(f"error: {key} missing: are these {arch} weights?")
+            if list(state[key].shape) != list(value.shape):
+                raise SystemExit(f"error: {key} has shape {list(state[key].shape)}, "
+                                 f"{arch} needs {list(value.shape)}: are these {arch} weights?")
+    net.set_state_dict({k: v for k, v in state.items() if k in own})
+
+    if reference is not None:
+        save_checkpoint(out, net, arch=arch, image_size=image_size, epoch=0, cls=cls,
+                        extra={"converted_from": "reference RD4AD (PyTorch)"})
+        written.append(out)
+    if backbone is not None:
+        path = teacher_out or (out if reference is None else
+                               os.path.join(os.path.dirname(out) or ".", f"{arch}_teacher.pdparams"))
+        tstate = {k: paddle.to_tensor(v) for k, v in teacher_state(arch, backbone).items()}
+        atomic_write(path, lambda tmp: paddle.save(tstate, tmp))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="wide_resnet50_2", choices=ARCHS)
+    p.add_argument("--backbone", help="torchvision ResNet .pth (the teacher)")
+    p.add_argument("--reference", help="reference RD4AD checkpoint .pth with 'bn' and 'decoder'")
+    p.add_argument("--image_size", type=int, default=256, help="size the reference model was trained at")
+    p.add_argument("--cls", default="unknown", help="class name recorded in the checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--teacher_out", help="where the teacher goes when both inputs are given")
+    a = p.parse_args(argv)
+    if not a.backbone and not a.reference:
+        p.error("give --backbone, --reference, or both")
+    backbone = torch_state_to_numpy(a.backbone) if a.backbone else None
+    if isinstance(backbone, dict) and "state_dict" in backbone:
+        backbone = backbone["state_dict"]
+    reference = torch_state_to_numpy(a.reference) if a.reference else None
+    for path in convert(a.arch, backbone, reference, a.image_size, a.cls, a.out, a.teacher_out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
