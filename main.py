@@ -73,9 +73,9 @@ def make_loader(samples, cfg: Config, batch_size: int, shuffle: bool) -> DataLoa
                       shuffle=shuffle, drop_last=False, num_workers=cfg.num_workers)
 
 
-def evaluate(net: RD4AD, test_samples, cfg: Config, desc: str = "eval"):
+def evaluate(net: RD4AD, test_samples, cfg: Config, desc: str = "eval", progress: bool = True):
     loader = make_loader(test_samples, cfg, batch_size=min(cfg.batch_size, 8), shuffle=False)
-    pred = predict(net, loader, len(test_samples), cfg.image_size, desc=desc)
+    pred = predict(net, loader, len(test_samples), cfg.image_size, desc=desc, progress=progress)
     return pred, compute_metrics(pred)
 
 
@@ -123,13 +123,14 @@ def train_class(cfg: Config, cls: str) -> dict:
 
         last_epoch = epoch == cfg.epochs
         if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
-            _, metrics = evaluate(net, test_samples, cfg, desc=f"eval {cls} @{epoch}")
+            # no nested bar under the epoch bar
+            _, metrics = evaluate(net, test_samples, cfg, progress=False)
             log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
             if cfg.select_best_on_test:
                 best = _keep_best(cfg, cls, net, epoch, metrics, best)
         # Save every epoch's weights atomically: the reported model is the last epoch's.
         save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch, image_size=cfg.image_size,
-                        epoch=epoch, cls=cls)
+                        epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights)
 
     pred, metrics = evaluate(net, test_samples, cfg, desc=f"eval {cls}")
     log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
@@ -145,7 +146,8 @@ def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, bes
     score = np.nanmean([metrics[n] for n in ("pixel_auroc", "sample_auroc", "aupro_per_image")])
     if score > best["score"]:
         save_checkpoint(cfg.checkpoint_path(cls, best=True), net, arch=cfg.arch,
-                        image_size=cfg.image_size, epoch=epoch, cls=cls)
+                        image_size=cfg.image_size, epoch=epoch, cls=cls,
+                        teacher_weights=cfg.teacher_weights)
         return {"score": score, "epoch": epoch, "metrics": metrics}
     return best
 
@@ -153,7 +155,11 @@ def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, bes
 def load_trained(cfg: Config, cls: str) -> RD4AD:
     path = cfg.checkpoint_path(cls, best=cfg.select_best_on_test)
     state = load_checkpoint(path, arch=cfg.arch, image_size=cfg.image_size)
-    net = build_rd4ad(cfg.arch, cfg.teacher_weights)
+    if "teacher" not in state and cfg.teacher_weights.lower() == "none":
+        raise CheckpointError(f"{path}: trained with teacher weights {state['teacher_weights']!r}; "
+                              f"--teacher_weights none would pair it with a random teacher")
+    # A checkpoint trained with a random teacher carries that teacher.
+    net = build_rd4ad(cfg.arch, "none" if "teacher" in state else cfg.teacher_weights)
     apply_checkpoint(net, state, path)
     return net
 

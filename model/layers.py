@@ -1,8 +1,14 @@
 """Building blocks shared by the bottleneck and the student."""
 from __future__ import annotations
 
+import warnings
+
 import paddle
 import paddle.nn as nn
+
+# Paddle warns on every training-mode BatchNorm call that it tracks running statistics,
+# which is exactly what we want; keep logs readable.
+warnings.filterwarnings("ignore", message="When training, we now always track global mean")
 
 
 class TorchBatchNorm2D(nn.BatchNorm2D):

@@ -48,7 +48,8 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def save_checkpoint(path: str, net: paddle.nn.Layer, *, arch: str, image_size: int, epoch: int,
-                    cls: str, extra: dict | None = None) -> None:
+                    cls: str, teacher_weights: str = "imagenet", extra: dict | None = None) -> None:
+    """A random teacher ('none') is saved too: it cannot be rebuilt from a name."""
     state = {
         "format": FORMAT,
         "arch": arch,
@@ -57,8 +58,11 @@ def save_checkpoint(path: str, net: paddle.nn.Layer, *, arch: str, image_size: i
         "class": cls,
         "bottleneck": net.bottleneck.state_dict(),
         "student": net.student.state_dict(),
+        "teacher_weights": teacher_weights,
         **(extra or {}),
     }
+    if str(teacher_weights).lower() == "none":
+        state["teacher"] = net.teacher.state_dict()
     atomic_write(path, lambda tmp: paddle.save(state, tmp))
 
 
@@ -81,7 +85,9 @@ def load_checkpoint(path: str, arch: str | None = None, image_size: int | None =
 
 
 def apply_checkpoint(net: paddle.nn.Layer, state: dict, path: str = "checkpoint") -> None:
-    for part in ("bottleneck", "student"):
+    for part in ("bottleneck", "student", "teacher"):
+        if part == "teacher" and part not in state:
+            continue
         layer = getattr(net, part)
         own = layer.state_dict()
         given = state[part]

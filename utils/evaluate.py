@@ -26,14 +26,15 @@ class Predictions:
 
 @paddle.no_grad()
 def predict(net: paddle.nn.Layer, loader: DataLoader, num_samples: int, image_size: int,
-            desc: str = "eval") -> Predictions:
+            desc: str = "eval", progress: bool = True) -> Predictions:
     net.eval()
     maps = np.empty((num_samples, image_size, image_size), dtype=np.float32)
     masks = np.empty((num_samples, image_size, image_size), dtype=np.uint8)
     scores = np.empty(num_samples, dtype=np.float32)
     labels = np.empty(num_samples, dtype=np.int64)
     i = 0
-    for images, gt, label in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, gt, label in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                                  disable=not progress):
         teacher_feats, student_feats = net(images)
         batch_maps = anomaly_map(teacher_feats, student_feats, image_size)
         n = batch_maps.shape[0]

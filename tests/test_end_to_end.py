@@ -1,0 +1,85 @@
+"""train -> eval -> infer on sample_data through the command line, as a user runs it."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+SMALL = ["--data_dir", os.path.join(ROOT, "sample_data"), "--cls", "bottle", "--arch", "resnet18",
+         "--image_size", "64", "--teacher_weights", "none", "--batch_size", "4"]
+
+
+def run_main(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    proc = run_main(*SMALL, "--epochs", "3", "--eval_interval", "2", "--log_interval", "1",
+                    "--output_dir", out)
+    return out, proc
+
+
+def test_train_writes_checkpoint_and_results(trained):
+    out, proc = trained
+    assert "loss" in proc.stdout + proc.stderr and "ips" in proc.stdout + proc.stderr
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["checkpoint"] == "last" and results["config"]["arch"] == "resnet18"
+    metrics = results["classes"]["bottle"]
+    for name in ("pixel_auroc", "sample_auroc", "aupro_per_image", "aupro_set"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| bottle |" in md and "last epoch" in md and "AUPRO (set)" in md
+    assert os.path.isfile(os.path.join(out, "bottle", "model.pdparams"))
+    assert not [f for f in os.listdir(os.path.join(out, "bottle")) if f.endswith(".tmp")]
+
+
+def test_eval_reproduces_training_metrics(trained):
+    out, _ = trained
+    train_metrics = json.load(open(os.path.join(out, "results.json")))["classes"]["bottle"]
+    run_main(*SMALL, "--mode", "eval", "--output_dir", out)
+    eval_metrics = json.load(open(os.path.join(out, "results.json")))["classes"]["bottle"]
+    for name, value in train_metrics.items():
+        assert eval_metrics[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_infer_writes_side_by_side_pictures_and_scores(trained):
+    out, _ = trained
+    run_main(*SMALL, "--mode", "infer", "--output_dir", out)
+    infer_dir = os.path.join(out, "bottle", "infer")
+    rows = list(csv.DictReader(open(os.path.join(infer_dir, "scores.csv"))))
+    assert len(rows) == 10
+    assert {r["defect"] for r in rows} == {"good", "scratch", "crack", "missing", "stain"}
+    assert all(float(r["score"]) >= 0 for r in rows)
+    assert {r["label"] for r in rows} == {"0", "1"}
+    picture = Image.open(os.path.join(infer_dir, "crack_000.png"))
+    assert picture.size[0] == 3 * 64 and picture.size[1] > 64
+    panels = np.asarray(picture.convert("RGB"))[:64]
+    gt = panels[:, 64:128, 0]
+    assert set(np.unique(gt)) == {0, 255}  # the ground-truth panel is the binary mask
+
+
+def test_unknown_class_is_one_line_and_exit_2(tmp_path):
+    proc = run_main(*SMALL[:2], "--cls", "nosuch", "--teacher_weights", "none",
+                    "--output_dir", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "'nosuch' not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
+    proc = run_main(*SMALL, "--mode", "eval", "--output_dir", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,33 @@
+"""Stack a few of `main.py --mode infer`'s pictures into doc/heatmap_example.png.
+
+    python tools/make_doc_figure.py --infer_dir output/sample/bottle/infer \
+        --names missing_000 scratch_001 stain_000 good_000 --out doc/heatmap_example.png
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from PIL import Image
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--infer_dir", required=True)
+    p.add_argument("--names", nargs="+", required=True)
+    p.add_argument("--out", default=os.path.join("doc", "heatmap_example.png"))
+    a = p.parse_args()
+    pictures = [Image.open(os.path.join(a.infer_dir, n + ".png")).convert("RGB") for n in a.names]
+    width = max(p.size[0] for p in pictures)
+    canvas = Image.new("RGB", (width, sum(p.size[1] for p in pictures)), (255, 255, 255))
+    y = 0
+    for picture in pictures:
+        canvas.paste(picture, (0, y))
+        y += picture.size[1]
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    canvas.save(a.out, optimize=True)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
