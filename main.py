@@ -10,9 +10,17 @@ anomaly map -> scores / metrics -> report.
 from __future__ import annotations
 
 import os
+import warnings
 
-# Paddle's dynamic graph uses one thread unless told before import; use every core.
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+_THREADS_SET_BY_USER = "OMP_NUM_THREADS" in os.environ
+warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddle's import
+
+import paddle  # noqa: E402
+
+if not _THREADS_SET_BY_USER:
+    # Paddle pins OMP_NUM_THREADS to 1 at import (and warns when it is larger); raising it
+    # now, before the first operator runs, lets the CPU kernels use every core quietly.
+    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
 
 import csv  # noqa: E402
 import io  # noqa: E402
@@ -22,7 +30,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-import paddle  # noqa: E402
 from paddle.io import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -122,17 +129,20 @@ def train_class(cfg: Config, cls: str) -> dict:
             raise FloatingPointError(f"[{cls}] loss became {losses[-1]} at epoch {epoch}")
 
         last_epoch = epoch == cfg.epochs
-        if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
+        periodic = bool(cfg.eval_interval) and epoch % cfg.eval_interval == 0
+        if periodic or last_epoch:
+            # Atomic, so a kill mid-write keeps the previous one. Reported: the last epoch's.
+            save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch,
+                            image_size=cfg.image_size, epoch=epoch, cls=cls,
+                            teacher_weights=cfg.teacher_weights)
+        if periodic and not last_epoch:
             # no nested bar under the epoch bar
             _, metrics = evaluate(net, test_samples, cfg, progress=False)
             log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
             if cfg.select_best_on_test:
                 best = _keep_best(cfg, cls, net, epoch, metrics, best)
-        # Save every epoch's weights atomically: the reported model is the last epoch's.
-        save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch, image_size=cfg.image_size,
-                        epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights)
 
-    pred, metrics = evaluate(net, test_samples, cfg, desc=f"eval {cls}")
+    _, metrics = evaluate(net, test_samples, cfg, desc=f"eval {cls}")
     log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
     if cfg.select_best_on_test:
         best = _keep_best(cfg, cls, net, cfg.epochs, metrics, best)

@@ -1,6 +1,7 @@
 """Frozen ImageNet ResNet encoder: the teacher. Returns layer1, layer2, layer3 features."""
 from __future__ import annotations
 
+import logging
 import os
 
 import paddle
@@ -44,17 +45,25 @@ class Teacher(nn.Layer):
 
 def imagenet_weights_path(arch: str) -> str:
     """Paddle's official ImageNet weights for `arch`: the cached file, downloaded once."""
-    from paddle.utils.download import WEIGHTS_HOME, get_weights_path_from_url
+    from paddle.utils import download
 
     url, md5 = paddle_resnet.model_urls[arch]
-    cached = os.path.join(WEIGHTS_HOME, os.path.basename(url))
+    cached = os.path.join(download.WEIGHTS_HOME, os.path.basename(url))
+    # Paddle logs every retry; our one-line error below says what matters.
+    quiet = getattr(download, "logger", None)
+    level = quiet.level if quiet is not None else None
+    if quiet is not None:
+        quiet.setLevel(logging.ERROR)
     try:
-        return get_weights_path_from_url(url, md5)
+        return download.get_weights_path_from_url(url, md5)
     except Exception as err:  # no network, proxy, md5 mismatch: all end the same way
         raise TeacherWeightsError(
             f"cannot get ImageNet weights for {arch} ({type(err).__name__}: {err}); "
             f"download {url} to {cached}, or pass --teacher_weights PATH to a local "
             f".pdparams file (or 'none' for a random teacher)") from None
+    finally:
+        if quiet is not None:
+            quiet.setLevel(level)
 
 
 def load_teacher_weights(teacher: Teacher, weights: str) -> None:

@@ -16,9 +16,8 @@ SMALL = ["--data_dir", os.path.join(ROOT, "sample_data"), "--cls", "bottle", "--
 
 
 def run_main(*args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -83,3 +82,15 @@ def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
     proc = run_main(*SMALL, "--mode", "eval", "--output_dir", str(tmp_path), check=False)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_best_on_test_selection_is_explicit_and_labelled(tmp_path):
+    out = str(tmp_path)
+    run_main(*SMALL, "--epochs", "2", "--eval_interval", "1", "--select_best_on_test",
+             "--output_dir", out)
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["checkpoint"] == "best_on_test"
+    assert results["classes"]["bottle"]["selected_epoch"] in (1, 2)
+    assert "ON THE TEST SET" in open(os.path.join(out, "results.md")).read()
+    assert os.path.isfile(os.path.join(out, "bottle", "best.pdparams"))
+    assert os.path.isfile(os.path.join(out, "bottle", "model.pdparams"))  # the last epoch's too

@@ -18,7 +18,7 @@ from reference_weights import deterministic_images, deterministic_state_dicts
 from utils.anomaly import anomaly_map
 from utils.loss import cosine_distillation_loss
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "parity_resnet18.npz")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-4
 
 
@@ -29,58 +29,82 @@ def assert_close(ours, ref, what, rtol=RTOL):
     assert err <= rtol, f"{what}: relative error {err:.2e}"
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return dict(np.load(FIXTURE))
+def load_fixture(arch):
+    return dict(np.load(os.path.join(FIXTURES, f"parity_{arch}.npz")))
 
 
-def _reference_model(dtype="float32"):
-    w = deterministic_state_dicts("resnet18")
-    state = convert_reference_state_dicts("resnet18", w["encoder"], w["bn"], w["decoder"])
+def reference_model(arch="resnet18", dtype="float32"):
+    w = deterministic_state_dicts(arch)
+    state = convert_reference_state_dicts(arch, w["encoder"], w["bn"], w["decoder"])
+    del w
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype(dtype)
     try:
-        model = build_rd4ad("resnet18", teacher_weights="none")
+        model = build_rd4ad(arch, teacher_weights="none")
     finally:
         paddle.set_default_dtype(previous)
     model.set_state_dict({k: v.astype(dtype) for k, v in state.items()})
     return model
 
 
-@pytest.fixture()
-def net():
-    return _reference_model("float32")
-
-
-@pytest.fixture()
-def net64():
-    return _reference_model("float64")
+@pytest.fixture(scope="module")
+def reference():
+    return load_fixture("resnet18")
 
 
 def _check_eval(net, reference, prefix, dtype="float32", rtol=RTOL):
     net.eval()
     size = int(reference["image_size"])
+    channels = int(reference["channels"]) or None  # the fixture may hold the first channels only
     images = paddle.to_tensor(deterministic_images(2, size).astype(dtype))
     with paddle.no_grad():
         teacher_feats, student_feats = net(images)
         loss = cosine_distillation_loss(teacher_feats, student_feats)
         maps = anomaly_map(teacher_feats, student_feats, size)
     for i in range(3):
-        assert_close(teacher_feats[i].numpy(), reference[f"teacher_{i}"], f"teacher scale {i}", rtol)
-        assert_close(student_feats[i].numpy(), reference[f"{prefix}student_{i}"],
+        assert_close(teacher_feats[i][:, :channels].numpy(), reference[f"teacher_{i}"],
+                     f"teacher scale {i}", rtol)
+        assert_close(student_feats[i][:, :channels].numpy(), reference[f"{prefix}student_{i}"],
                      f"student scale {i}", rtol)
     assert_close(float(loss), reference[prefix + "loss"], "loss", rtol)
     assert_close(maps.numpy(), reference[prefix + "anomaly_map"], "anomaly map", rtol)
 
 
-def test_eval_outputs_match_reference(net, reference):
+def _check_buffers(net, reference, rtol):
+    parts = {"bn": net.bottleneck, "decoder": net.student}
+    suffix = {"running_mean": "_mean", "running_var": "_variance"}
+    keys = [k for k in reference if k.startswith("buffer:")]
+    assert keys
+    for key in keys:
+        part, name = key[len("buffer:"):].split(".", 1)
+        layer_name, buf = name.rsplit(".", 1)
+        ours = parts[part].state_dict()[f"{layer_name}.{suffix[buf]}"].numpy()
+        assert_close(ours, reference[key], key, rtol)
+
+
+def test_eval_outputs_match_reference(reference):
+    _check_eval(reference_model("resnet18"), reference, "eval_")
+
+
+def test_wide_resnet50_2_matches_reference():
+    """The default arch uses other blocks (bottleneck blocks, width 128, the student's
+    stride-2 transposed conv in conv2): inference, and one train-mode forward (batch
+    statistics and running-statistics update), in float32."""
+    reference = load_fixture("wide_resnet50_2")
+    net = reference_model("wide_resnet50_2")
     _check_eval(net, reference, "eval_")
+    net.train()
+    images = paddle.to_tensor(deterministic_images(2, int(reference["image_size"])))
+    with paddle.no_grad():
+        loss = cosine_distillation_loss(*net(images))
+    assert_close(float(loss), reference["train_mode_loss"], "train-mode loss")
+    _check_buffers(net, reference, RTOL)
 
 
-def test_training_matches_reference(net64, reference):
+def test_training_matches_reference(reference):
     """Three Adam steps in train mode (float64): losses, BatchNorm running statistics
     (torch's unbiased-variance update) and the trained model's outputs all match."""
-    net = net64
+    net = reference_model("resnet18", "float64")
     size = int(reference["image_size"])
     images = paddle.to_tensor(deterministic_images(2, size).astype("float64"))
     optimizer = paddle.optimizer.Adam(learning_rate=0.005, beta1=0.5, beta2=0.999,
@@ -96,11 +120,5 @@ def test_training_matches_reference(net64, reference):
         optimizer.clear_grad()
         losses.append(float(loss))
     assert_close(losses, reference["train_losses"], "training losses", 1e-6)
-    parts = {"bn": net.bottleneck, "decoder": net.student}
-    suffix = {"running_mean": "_mean", "running_var": "_variance"}
-    for key in (k for k in reference if k.startswith("buffer:")):
-        part, name = key[len("buffer:"):].split(".", 1)
-        layer_name, buf = name.rsplit(".", 1)
-        ours = parts[part].state_dict()[f"{layer_name}.{suffix[buf]}"].numpy()
-        assert_close(ours, reference[key], key, 1e-6)
+    _check_buffers(net, reference, 1e-6)
     _check_eval(net, reference, "trained_", "float64", 1e-6)
