@@ -25,7 +25,6 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
     rows = [HEADERS, ("---",) + ("---:",) * (len(HEADERS) - 1)]
     for cls, r in results.items():
         rows.append((cls,) + tuple(_fmt(r[n]) for n in METRIC_NAMES))
-    if len(results) > 1:
-        m = mean_row(results)
-        rows.append(("**mean**",) + tuple(_fmt(m[n]) for n in METRIC_NAMES))
+    m = mean_row(results)
+    rows.append(("**mean**",) + tuple(_fmt(m[n]) for n in METRIC_NAMES))
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
