@@ -40,7 +40,8 @@ from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
 from utils.config import Config, parse_config  # noqa: E402
-from utils.evaluate import METRIC_NAMES, compute_metrics, predict  # noqa: E402
+from utils.evaluate import (METRIC_NAMES, compute_metrics, good_score_statistics,  # noqa: E402
+                            predict)
 from utils.loss import cosine_distillation_loss  # noqa: E402
 from utils.report import mean_row, results_table  # noqa: E402
 from utils.visualize import side_by_side  # noqa: E402
@@ -80,9 +81,13 @@ def make_loader(samples, cfg: Config, batch_size: int, shuffle: bool) -> DataLoa
                       shuffle=shuffle, drop_last=False, num_workers=cfg.num_workers)
 
 
+def predict_samples(net: RD4AD, samples, cfg: Config, desc: str, progress: bool = True):
+    loader = make_loader(samples, cfg, batch_size=min(cfg.batch_size, 8), shuffle=False)
+    return predict(net, loader, len(samples), cfg.image_size, desc=desc, progress=progress)
+
+
 def evaluate(net: RD4AD, test_samples, cfg: Config, desc: str = "eval", progress: bool = True):
-    loader = make_loader(test_samples, cfg, batch_size=min(cfg.batch_size, 8), shuffle=False)
-    pred = predict(net, loader, len(test_samples), cfg.image_size, desc=desc, progress=progress)
+    pred = predict_samples(net, test_samples, cfg, desc, progress)
     return pred, compute_metrics(pred)
 
 
@@ -130,7 +135,7 @@ def train_class(cfg: Config, cls: str) -> dict:
 
         last_epoch = epoch == cfg.epochs
         periodic = bool(cfg.eval_interval) and epoch % cfg.eval_interval == 0
-        if periodic or last_epoch:
+        if periodic and not last_epoch:
             # Atomic, so a kill mid-write keeps the previous one. Reported: the last epoch's.
             save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch,
                             image_size=cfg.image_size, epoch=epoch, cls=cls,
@@ -142,6 +147,11 @@ def train_class(cfg: Config, cls: str) -> dict:
             if cfg.select_best_on_test:
                 best = _keep_best(cfg, cls, net, epoch, metrics, best)
 
+    # Scores of the (good) training images: what deployment normalises scores with.
+    stats = good_score_statistics(predict_samples(net, train_samples, cfg, f"score stats {cls}"))
+    save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch, image_size=cfg.image_size,
+                    epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
+                    extra={"score_stats": stats})
     _, metrics = evaluate(net, test_samples, cfg, desc=f"eval {cls}")
     log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
     if cfg.select_best_on_test:
@@ -192,7 +202,7 @@ def infer_class(cfg: Config, cls: str) -> dict:
     dataset = MVTecDataset(test_samples, cfg.image_size)
     for i, sample in enumerate(tqdm(test_samples, desc=f"images {cls}", leave=False)):
         image = denormalize(dataset[i][0])
-        mask = pred.masks[i] if sample.mask_path else None
+        mask = pred.masks[i]  # a good test image's ground truth is an empty mask
         caption = f"{sample.defect}/{os.path.basename(sample.image_path)}  score {pred.scores[i]:.4f}"
         picture = side_by_side(image, mask, pred.maps[i], vmin, vmax, caption)
         atomic_write(os.path.join(out_dir, sample.name + ".png"),

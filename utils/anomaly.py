@@ -52,39 +52,84 @@ def gaussian_matrix(size: int, sigma: float = SIGMA, truncate: float = TRUNCATE)
     return m
 
 
-def _separable(x: paddle.Tensor, rows: np.ndarray, cols: np.ndarray) -> paddle.Tensor:
-    """rows @ x @ cols^T over the last two axes of x."""
-    dtype = "float64" if x.dtype == paddle.float64 else "float32"
-    r = paddle.to_tensor(rows.astype(dtype))
-    c = paddle.to_tensor(cols.T.astype(dtype).copy())
-    return paddle.matmul(paddle.matmul(r, x), c)
+def smoothed_upsampling_matrix(in_size: int, out_size: int, sigma: float = SIGMA) -> np.ndarray:
+    """[out_size, in_size]: bilinear upsampling then Gaussian smoothing along one axis.
+
+    Both are linear, so smoothing the sum of upsampled maps equals summing maps upsampled
+    by G @ B: one matrix product per axis and scale instead of two.
+    """
+    return gaussian_matrix(out_size, sigma) @ bilinear_matrix(in_size, out_size)
+
+
+def cosine_distance(teacher: paddle.Tensor, student: paddle.Tensor) -> paddle.Tensor:
+    """[N, h, w] 1 - cosine similarity over channels."""
+    return 1.0 - F.cosine_similarity(teacher, student, axis=1, eps=1e-8)
+
+
+def _to_tensor(matrix: np.ndarray, like: paddle.Tensor) -> paddle.Tensor:
+    dtype = "float64" if like.dtype == paddle.float64 else "float32"
+    return paddle.to_tensor(matrix.astype(dtype))
+
+
+def _separable(x: paddle.Tensor, rows: paddle.Tensor, cols_t: paddle.Tensor) -> paddle.Tensor:
+    """rows @ x @ cols_t over the last two axes of x (cols_t: the column matrix, transposed)."""
+    return paddle.matmul(paddle.matmul(rows, x), cols_t)
+
+
+def _map(teacher_feats, student_feats, out_size, matrix) -> paddle.Tensor:
+    out_h, out_w = (out_size, out_size) if isinstance(out_size, int) else out_size
+    total = None
+    for t, s in zip(teacher_feats, student_feats):
+        distance = cosine_distance(t, s)
+        h, w = distance.shape[-2:]
+        term = _separable(distance, _to_tensor(matrix(h, out_h), distance),
+                          _to_tensor(matrix(w, out_w).T, distance))
+        total = term if total is None else total + term
+    return total
 
 
 def raw_anomaly_map(teacher_feats: list[paddle.Tensor], student_feats: list[paddle.Tensor],
                     out_size: int | tuple[int, int]) -> paddle.Tensor:
-    """[N, H, W] sum over scales of upsampled 1 - cos(teacher, student) over channels."""
-    out_h, out_w = (out_size, out_size) if isinstance(out_size, int) else out_size
-    total = None
-    for t, s in zip(teacher_feats, student_feats):
-        distance = 1.0 - F.cosine_similarity(t, s, axis=1, eps=1e-8)  # [N, h, w]
-        h, w = distance.shape[-2:]
-        up = _separable(distance, bilinear_matrix(h, out_h), bilinear_matrix(w, out_w))
-        total = up if total is None else total + up
-    return total
+    """[N, H, W] sum over scales of upsampled 1 - cos(teacher, student), not smoothed."""
+    return _map(teacher_feats, student_feats, out_size, bilinear_matrix)
 
 
 def gaussian_smooth(maps: paddle.Tensor, sigma: float = SIGMA) -> paddle.Tensor:
     """scipy.ndimage.gaussian_filter(map, sigma) (truncate 4, reflect) over [..., H, W]."""
     h, w = maps.shape[-2:]
-    return _separable(maps, gaussian_matrix(h, sigma), gaussian_matrix(w, sigma))
+    return _separable(maps, _to_tensor(gaussian_matrix(h, sigma), maps),
+                      _to_tensor(gaussian_matrix(w, sigma).T, maps))
 
 
 def anomaly_map(teacher_feats: list[paddle.Tensor], student_feats: list[paddle.Tensor],
                 out_size: int | tuple[int, int], sigma: float = SIGMA) -> paddle.Tensor:
     """Smoothed anomaly map [N, H, W], as the reference's evaluation (amap_mode 'a')."""
-    return gaussian_smooth(raw_anomaly_map(teacher_feats, student_feats, out_size), sigma)
+    return _map(teacher_feats, student_feats, out_size,
+                lambda n_in, n_out: smoothed_upsampling_matrix(n_in, n_out, sigma))
 
 
 def image_scores(maps: paddle.Tensor) -> paddle.Tensor:
     """Image anomaly score [N]: the maximum of each smoothed map."""
     return maps.flatten(1).max(axis=1)
+
+
+class AnomalyMapHead(paddle.nn.Layer):
+    """anomaly_map + image_scores as a Layer with its matrices as fixed buffers, for a
+    static graph: features [f1, f2, f3] of a known image size -> (maps [N,H,W], scores [N])."""
+
+    def __init__(self, feature_sizes: list[int], image_size: int, sigma: float = SIGMA) -> None:
+        super().__init__()
+        self.num_scales = len(feature_sizes)
+        for k, size in enumerate(feature_sizes):
+            m = smoothed_upsampling_matrix(size, image_size, sigma).astype(np.float32)
+            self.register_buffer(f"rows_{k}", paddle.to_tensor(m))
+            self.register_buffer(f"cols_t_{k}", paddle.to_tensor(m.T.copy()))
+
+    def forward(self, teacher_feats: list[paddle.Tensor],
+                student_feats: list[paddle.Tensor]) -> tuple[paddle.Tensor, paddle.Tensor]:
+        total = None
+        for k in range(self.num_scales):
+            term = _separable(cosine_distance(teacher_feats[k], student_feats[k]),
+                              getattr(self, f"rows_{k}"), getattr(self, f"cols_t_{k}"))
+            total = term if total is None else total + term
+        return total, image_scores(total)

@@ -25,6 +25,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file a normal mode
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -59,3 +59,18 @@ def compute_metrics(pred: Predictions) -> dict[str, float]:
         "aupro_per_image": aupro(pred.masks, pred.maps, mode="per_image") if has_defect_pixels else nan,
         "aupro_set": aupro(pred.masks, pred.maps, mode="set") if has_defect_pixels else nan,
     }
+
+
+def good_score_statistics(pred: Predictions) -> dict[str, float]:
+    """Statistics of defect-free images' scores and maps, for normalising scores and
+    colouring heatmaps at deployment, where no test set is at hand."""
+    scores = pred.scores.astype(np.float64)
+    return {
+        "count": int(len(scores)),
+        "mean": float(scores.mean()),
+        "std": float(scores.std()),
+        "min": float(scores.min()),
+        "max": float(scores.max()),
+        "q99": float(np.quantile(scores, 0.99)),
+        "map_min": float(pred.maps.min()),
+    }

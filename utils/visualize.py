@@ -19,13 +19,14 @@ def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: floa
 
 def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, vmin: float,
                  vmax: float, caption: str) -> Image.Image:
-    """[original | ground truth | heatmap] with a caption strip underneath."""
+    """[original | ground truth | heatmap] with a caption strip underneath; without a
+    ground truth (mask None), [original | heatmap]."""
     h, w = amap.shape
-    if mask is None:
-        gt = np.full((h, w, 3), 64, dtype=np.uint8)  # grey: no ground truth
-    else:
-        gt = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
-    panels = np.concatenate([image, gt, heatmap_overlay(image, amap, vmin, vmax)], axis=1)
+    panels = [image]
+    if mask is not None:
+        panels.append(np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2))
+    panels.append(heatmap_overlay(image, amap, vmin, vmax))
+    panels = np.concatenate(panels, axis=1)
     strip = 18
     canvas = Image.new("RGB", (panels.shape[1], h + strip), (255, 255, 255))
     canvas.paste(Image.fromarray(panels), (0, 0))

@@ -1,0 +1,123 @@
+"""Export a trained class to one static graph: image -> (anomaly map, score).
+
+    python export_model.py --output_dir output --cls bottle          # -> output/inference/bottle/
+    python export_model.py --checkpoint PATH/model.pdparams --save_dir DIR --onnx
+
+Writes model.json + model.pdiparams (paddle.jit.save, Paddle 3 / PIR format), deploy.json
+(arch, image size, mean/std, output order, score statistics) and, with --onnx, model.onnx.
+The graph holds teacher (layer1..3), bottleneck, student and the anomaly-map head
+(per-scale 1 - cosine, bilinear upsampling, sum, Gaussian smoothing, max).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddle's import
+
+import paddle  # noqa: E402
+
+from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from model import TeacherWeightsError, build_rd4ad  # noqa: E402
+from model.inference import InferenceModel  # noqa: E402
+from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write_json,  # noqa: E402
+                              load_checkpoint)
+
+DEPLOY_FORMAT = "rd4ad-paddle-inference/1"
+MODEL_FILES = ("model.json", "model.pdiparams")
+
+
+def build_inference_model(checkpoint: str, teacher_weights: str | None = None) -> tuple[InferenceModel, dict]:
+    """Checkpoint -> eval-mode InferenceModel, and the checkpoint's contents."""
+    state = load_checkpoint(checkpoint)
+    if "teacher" in state:  # trained with a random teacher, which the checkpoint carries
+        source = "none"
+    else:
+        source = teacher_weights or state.get("teacher_weights", "imagenet")
+        if source.lower() == "none":
+            raise CheckpointError(f"{checkpoint}: has no teacher and --teacher_weights is none")
+    net = build_rd4ad(state["arch"], source)
+    apply_checkpoint(net, state, checkpoint)
+    return InferenceModel(net, state["image_size"]), state
+
+
+def export_onnx(model_dir: str, onnx_path: str, opset: int = 13) -> None:
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise CheckpointError("--onnx needs paddle2onnx: pip install -r requirements-deploy.txt") from None
+    paddle2onnx.export(os.path.join(model_dir, "model.json"),
+                       os.path.join(model_dir, "model.pdiparams"),
+                       save_file=onnx_path, opset_version=opset, enable_onnx_checker=True)
+
+
+def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
+           onnx: bool = False, opset: int = 13) -> dict:
+    """Write the static graph (and ONNX) to save_dir; return the deploy metadata."""
+    model, state = build_inference_model(checkpoint, teacher_weights)
+    size = state["image_size"]
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
+    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
+    os.makedirs(save_dir, exist_ok=True)
+    # Build everything in a temporary folder beside save_dir, then move file by file: a
+    # kill at any moment leaves each previous file whole.
+    staging = tempfile.mkdtemp(prefix=".export-", dir=save_dir)
+    try:
+        paddle.jit.save(static, os.path.join(staging, "model"))
+        files = list(MODEL_FILES)
+        if onnx:
+            export_onnx(staging, os.path.join(staging, "model.onnx"), opset)
+            files.append("model.onnx")
+        for name in files:
+            os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    meta = {
+        "format": DEPLOY_FORMAT,
+        "arch": state["arch"],
+        "image_size": size,
+        "class": state.get("class"),
+        "epoch": state.get("epoch"),
+        "teacher_weights": state.get("teacher_weights"),
+        "mean": [round(float(v), 6) for v in IMAGENET_MEAN],
+        "std": [round(float(v), 6) for v in IMAGENET_STD],
+        "input": "image",
+        "outputs": ["anomaly_map", "score"],
+        "score_stats": state.get("score_stats"),
+        "onnx": onnx,
+    }
+    atomic_write_json(os.path.join(save_dir, "deploy.json"), meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", default="output", help="training output folder")
+    p.add_argument("--cls", default="bottle", help="class whose OUTPUT_DIR/CLASS/model.pdparams to export")
+    p.add_argument("--checkpoint", help="a checkpoint path (instead of --output_dir/--cls)")
+    p.add_argument("--save_dir", help="default: OUTPUT_DIR/inference/CLASS")
+    p.add_argument("--teacher_weights", help="override the teacher weights the checkpoint names")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (paddle2onnx)")
+    p.add_argument("--opset", type=int, default=13)
+    a = p.parse_args(argv)
+    checkpoint = a.checkpoint or os.path.join(a.output_dir, a.cls, "model.pdparams")
+    save_dir = a.save_dir or os.path.join(a.output_dir, "inference", a.cls)
+    paddle.set_device("cpu")
+    try:
+        meta = export(checkpoint, save_dir, a.teacher_weights, a.onnx, a.opset)
+    except (CheckpointError, TeacherWeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {meta['arch']} ({meta['image_size']}px, class {meta['class']}) to {save_dir}: "
+          + ", ".join(sorted(os.listdir(save_dir))))
+    print(json.dumps({k: meta[k] for k in ("input", "outputs")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""export_model.py -> static graph / ONNX -> infer.py: agreement and files written."""
+import csv
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from scipy.ndimage import gaussian_filter
+
+import export_model
+import infer
+from model import build_rd4ad
+from model.inference import InferenceModel
+from utils.checkpoint import save_checkpoint
+
+SIZE = 96  # not a power of two on purpose: feature maps 24, 12, 6
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    paddle.seed(5)
+    net = build_rd4ad("resnet18", teacher_weights="none")
+    ckpt = str(root / "bottle" / "model.pdparams")
+    stats = {"count": 4, "mean": 1.0, "std": 0.1, "min": 0.9, "max": 1.1, "q99": 1.1, "map_min": 0.5}
+    save_checkpoint(ckpt, net, arch="resnet18", image_size=SIZE, epoch=3, cls="bottle",
+                    teacher_weights="none", extra={"score_stats": stats})
+    save_dir = str(root / "inference" / "bottle")
+    assert export_model.main(["--checkpoint", ckpt, "--save_dir", save_dir, "--onnx"]) == 0
+    net.eval()
+    return net, save_dir, root
+
+
+def images(n=3, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def predictor(save_dir, **overrides):
+    args = infer.parse_args(["--model_dir", save_dir])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    cls = infer.OnnxPredictor if args.backend == "onnxruntime" else infer.PaddlePredictor
+    return cls(save_dir, args)
+
+
+def test_export_writes_graph_onnx_and_metadata(exported):
+    _, save_dir, _ = exported
+    assert sorted(os.listdir(save_dir)) == ["deploy.json", "model.json", "model.onnx", "model.pdiparams"]
+    meta = json.load(open(os.path.join(save_dir, "deploy.json")))
+    assert (meta["arch"], meta["image_size"], meta["class"]) == ("resnet18", SIZE, "bottle")
+    assert meta["outputs"] == ["anomaly_map", "score"] and meta["input"] == "image"
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
+    assert meta["score_stats"]["mean"] == 1.0
+
+
+@pytest.mark.parametrize("mkldnn", [True, False])
+def test_static_graph_matches_dynamic_graph(exported, mkldnn):
+    net, save_dir, _ = exported
+    x = images()
+    with paddle.no_grad():
+        maps, scores = InferenceModel(net, SIZE)(paddle.to_tensor(x))
+    static_maps, static_scores = predictor(save_dir, enable_mkldnn=mkldnn, cpu_threads=2)(x)
+    assert static_maps.shape == (3, SIZE, SIZE) and static_scores.shape == (3,)
+    np.testing.assert_allclose(static_maps, maps.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(static_scores, scores.numpy(), rtol=1e-4, atol=1e-4)
+    # dynamic batch size: one image at a time gives the same answers
+    one_map, one_score = predictor(save_dir, enable_mkldnn=mkldnn)(x[1:2])
+    np.testing.assert_allclose(one_map[0], static_maps[1], rtol=1e-4, atol=1e-4)
+
+
+def test_onnxruntime_matches_paddle_inference(exported):
+    _, save_dir, _ = exported
+    x = images(seed=1)
+    paddle_maps, paddle_scores = predictor(save_dir)(x)
+    ort_maps, ort_scores = predictor(save_dir, backend="onnxruntime")(x)
+    np.testing.assert_allclose(ort_maps, paddle_maps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ort_scores, paddle_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_in_the_graph_matches_scipy(exported):
+    """The graph's map equals scipy.gaussian_filter(sigma 4) of the unsmoothed map that
+    numpy computes from the same features."""
+    net, save_dir, _ = exported
+    x = images(2, seed=2)
+    with paddle.no_grad():
+        teacher_feats, student_feats = net(paddle.to_tensor(x))
+    raw = np.zeros((2, SIZE, SIZE))
+    for t, s in zip(teacher_feats, student_feats):
+        t, s = t.numpy().astype(np.float64), s.numpy().astype(np.float64)
+        cos = (t * s).sum(1) / np.maximum(np.linalg.norm(t, axis=1) * np.linalg.norm(s, axis=1), 1e-8)
+        up = paddle.nn.functional.interpolate(paddle.to_tensor((1 - cos)[:, None]), size=[SIZE, SIZE],
+                                              mode="bilinear", align_corners=True)
+        raw += up.numpy()[:, 0]
+    expected = np.stack([gaussian_filter(m, sigma=4) for m in raw])
+    graph_maps, graph_scores = predictor(save_dir, enable_mkldnn=False)(x)
+    np.testing.assert_allclose(graph_maps, expected, atol=1e-5)
+    np.testing.assert_allclose(graph_scores, expected.reshape(2, -1).max(1), atol=1e-5)
+
+
+def test_infer_cli_writes_pictures_csv_and_benchmark(exported, tmp_path):
+    _, save_dir, root = exported
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+    Image.fromarray(np.full((50, 70), 128, np.uint8)).save(folder / "gray.png")  # any size, grayscale
+    Image.fromarray(np.zeros((30, 30, 4), np.uint8)).save(folder / "rgba.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = str(tmp_path / "out")
+    assert infer.main(["--model_dir", save_dir, "--image", str(folder), "--output_dir", out,
+                       "--benchmark", "True", "--batch_size", "2"]) == 0
+    rows = {os.path.basename(r["image"]): r for r in csv.DictReader(open(os.path.join(out, "scores.csv")))}
+    assert set(rows) == {"gray.png", "rgba.png", "broken.png"}
+    assert "cannot read image" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
+    assert float(rows["gray.png"]["score"]) > 0 and rows["gray.png"]["z_score"] != ""
+    picture = Image.open(os.path.join(out, "gray.png"))
+    assert picture.size[0] == 2 * SIZE  # original | heatmap: no ground truth for this image
+    report = json.load(open(os.path.join(out, "benchmark.json")))
+    assert report["images"] == 2 and report["inference_ms"] > 0 and report["batch_size"] == 2
+    assert report["cpu_rss_mb"] > 0
+
+
+def test_infer_refuses_what_it_cannot_do(exported, tmp_path, capsys):
+    _, save_dir, _ = exported
+    assert infer.main(["--model_dir", save_dir, "--image", str(tmp_path), "--precision", "int8",
+                       "--output_dir", str(tmp_path / "o")]) == 2
+    assert "int8" in capsys.readouterr().err
+    assert infer.main(["--model_dir", str(tmp_path), "--image", str(tmp_path)]) == 2
+    assert "deploy.json: not found" in capsys.readouterr().err
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert export_model.main(["--checkpoint", str(tmp_path / "none.pdparams"),
+                              "--save_dir", str(tmp_path / "x")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
