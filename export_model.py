@@ -29,6 +29,7 @@ from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write_js
                               load_checkpoint)
 
 DEPLOY_FORMAT = "rd4ad-paddle-inference/1"
+OUTPUT_NAMES = ("anomaly_map", "score")  # in the graph's output order
 MODEL_FILES = ("model.json", "model.pdiparams")
 
 
@@ -54,6 +55,27 @@ def export_onnx(model_dir: str, onnx_path: str, opset: int = 13) -> None:
     paddle2onnx.export(os.path.join(model_dir, "model.json"),
                        os.path.join(model_dir, "model.pdiparams"),
                        save_file=onnx_path, opset_version=opset, enable_onnx_checker=True)
+    name_onnx_outputs(onnx_path, OUTPUT_NAMES)
+
+
+def name_onnx_outputs(onnx_path: str, names: tuple[str, ...]) -> None:
+    """Give the ONNX graph's outputs their meaning (paddle2onnx calls them fetch_name_K)
+    and call the batch dimension N."""
+    import onnx
+
+    graph_model = onnx.load(onnx_path)
+    graph = graph_model.graph
+    renames = {out.name: new for out, new in zip(graph.output, names)}
+    for node in graph.node:
+        node.output[:] = [renames.get(n, n) for n in node.output]
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for value in list(graph.output) + list(graph.input):
+        value.name = renames.get(value.name, value.name)
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "N"
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, onnx_path)
 
 
 def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
@@ -87,7 +109,7 @@ def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
         "mean": [round(float(v), 6) for v in IMAGENET_MEAN],
         "std": [round(float(v), 6) for v in IMAGENET_STD],
         "input": "image",
-        "outputs": ["anomaly_map", "score"],
+        "outputs": list(OUTPUT_NAMES),
         "score_stats": state.get("score_stats"),
         "onnx": onnx,
     }

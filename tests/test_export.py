@@ -71,6 +71,11 @@ def test_static_graph_matches_dynamic_graph(exported, mkldnn):
 
 def test_onnxruntime_matches_paddle_inference(exported):
     _, save_dir, _ = exported
+    import onnxruntime as ort
+    session = ort.InferenceSession(os.path.join(save_dir, "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score"]
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert session.get_inputs()[0].shape == ["N", 3, SIZE, SIZE]
     x = images(seed=1)
     paddle_maps, paddle_scores = predictor(save_dir)(x)
     ort_maps, ort_scores = predictor(save_dir, backend="onnxruntime")(x)
