@@ -43,6 +43,7 @@ from utils.config import Config, parse_config  # noqa: E402
 from utils.evaluate import (METRIC_NAMES, compute_metrics, good_score_statistics,  # noqa: E402
                             predict)
 from utils.loss import cosine_distillation_loss  # noqa: E402
+from utils.optim import build_optimizer  # noqa: E402
 from utils.report import mean_row, results_table  # noqa: E402
 from utils.visualize import side_by_side  # noqa: E402
 
@@ -101,8 +102,7 @@ def train_class(cfg: Config, cls: str) -> dict:
     train_samples = index_train(cfg.data_dir, cls)
     test_samples = index_test(cfg.data_dir, cls)
     net = build_rd4ad(cfg.arch, cfg.teacher_weights)
-    optimizer = paddle.optimizer.Adam(learning_rate=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2,
-                                      parameters=net.trainable_parameters())
+    optimizer = build_optimizer(net.trainable_parameters(), cfg.lr, cfg.beta1, cfg.beta2)
     loader = make_loader(train_samples, cfg, cfg.batch_size, shuffle=True)
     log(f"[{cls}] {len(train_samples)} train / {len(test_samples)} test images, arch {cfg.arch}, "
         f"{cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}")

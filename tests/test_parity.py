@@ -17,6 +17,7 @@ from model import build_rd4ad, convert_reference_state_dicts
 from reference_weights import deterministic_images, deterministic_state_dicts
 from utils.anomaly import anomaly_map
 from utils.loss import cosine_distillation_loss
+from utils.optim import build_optimizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-4
@@ -107,8 +108,7 @@ def test_training_matches_reference(reference):
     net = reference_model("resnet18", "float64")
     size = int(reference["image_size"])
     images = paddle.to_tensor(deterministic_images(2, size).astype("float64"))
-    optimizer = paddle.optimizer.Adam(learning_rate=0.005, beta1=0.5, beta2=0.999,
-                                      parameters=net.trainable_parameters())
+    optimizer = build_optimizer(net.trainable_parameters(), lr=0.005, beta1=0.5, beta2=0.999)
     net.train()
     assert not net.teacher.training and net.bottleneck.training and net.student.training
     losses = []
