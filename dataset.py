@@ -114,11 +114,20 @@ def _open(path: str, mode: str) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({err})") from None
 
 
+def load_rgb(path: str, image_size: int) -> np.ndarray:
+    """[S, S, 3] uint8, resized with PIL bilinear. Grayscale and RGBA become RGB."""
+    return np.asarray(_open(path, "RGB").resize((image_size, image_size), Image.BILINEAR))
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """[S, S, 3] uint8 -> [3, S, S] float32, ImageNet mean/std."""
+    x = rgb.astype(np.float32) / 255.0
+    return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
     """[3, S, S] float32, ImageNet-normalised. Grayscale and RGBA become RGB."""
-    img = _open(path, "RGB").resize((image_size, image_size), Image.BILINEAR)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+    return normalize(load_rgb(path, image_size))
 
 
 def load_mask(path: str | None, image_size: int) -> np.ndarray:
@@ -136,18 +145,28 @@ def denormalize(image: np.ndarray) -> np.ndarray:
 
 
 class MVTecDataset(Dataset):
-    """Yields (image [3,S,S] float32, mask [1,S,S] float32, label int64)."""
+    """Yields (image [3,S,S] float32, mask [1,S,S] float32, label int64).
 
-    def __init__(self, samples: list[Sample], image_size: int) -> None:
+    Decoded, resized images (uint8) and masks are kept after the first read, so a test
+    set evaluated every few epochs is decoded once (per loader process).
+    """
+
+    def __init__(self, samples: list[Sample], image_size: int, cache: bool = True) -> None:
         super().__init__()
         self.samples = samples
         self.image_size = image_size
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, idx: int):
         s = self.samples[idx]
-        return (load_image(s.image_path, self.image_size),
-                load_mask(s.mask_path, self.image_size),
-                np.int64(s.label))
+        if self._cache is not None and idx in self._cache:
+            rgb, mask = self._cache[idx]
+        else:
+            rgb = load_rgb(s.image_path, self.image_size)
+            mask = load_mask(s.mask_path, self.image_size).astype(np.uint8)
+            if self._cache is not None:
+                self._cache[idx] = (rgb, mask)
+        return normalize(rgb), mask.astype(np.float32), np.int64(s.label)

@@ -40,6 +40,7 @@ from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
 from utils.config import Config, parse_config  # noqa: E402
+from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache  # noqa: E402
 from utils.evaluate import (METRIC_NAMES, compute_metrics, good_score_statistics,  # noqa: E402
                             predict)
 from utils.loss import cosine_distillation_loss  # noqa: E402
@@ -77,18 +78,19 @@ def check_config(cfg: Config) -> None:
         raise DataError("--epochs and --batch_size must be at least 1")
 
 
-def make_loader(samples, cfg: Config, batch_size: int, shuffle: bool) -> DataLoader:
-    return DataLoader(MVTecDataset(samples, cfg.image_size), batch_size=batch_size,
-                      shuffle=shuffle, drop_last=False, num_workers=cfg.num_workers)
+def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoader:
+    """In file order (training shuffles through EpochBatchSampler instead)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                      num_workers=cfg.num_workers)
 
 
-def predict_samples(net: RD4AD, samples, cfg: Config, desc: str, progress: bool = True):
-    loader = make_loader(samples, cfg, batch_size=min(cfg.batch_size, 8), shuffle=False)
-    return predict(net, loader, len(samples), cfg.image_size, desc=desc, progress=progress)
+def predict_samples(net: RD4AD, dataset: MVTecDataset, cfg: Config, desc: str, progress: bool = True):
+    loader = make_loader(dataset, cfg, batch_size=min(cfg.batch_size, 8))
+    return predict(net, loader, len(dataset), cfg.image_size, desc=desc, progress=progress)
 
 
-def evaluate(net: RD4AD, test_samples, cfg: Config, desc: str = "eval", progress: bool = True):
-    pred = predict_samples(net, test_samples, cfg, desc, progress)
+def evaluate(net: RD4AD, test_set: MVTecDataset, cfg: Config, desc: str = "eval", progress: bool = True):
+    pred = predict_samples(net, test_set, cfg, desc, progress)
     return pred, compute_metrics(pred)
 
 
@@ -101,28 +103,46 @@ def train_class(cfg: Config, cls: str) -> dict:
     seed_everything(cfg.seed)
     train_samples = index_train(cfg.data_dir, cls)
     test_samples = index_test(cfg.data_dir, cls)
+    train_set = MVTecDataset(train_samples, cfg.image_size)
+    test_set = MVTecDataset(test_samples, cfg.image_size)  # decoded once, evaluated often
     net = build_rd4ad(cfg.arch, cfg.teacher_weights)
     optimizer = build_optimizer(net.trainable_parameters(), cfg.lr, cfg.beta1, cfg.beta2)
-    loader = make_loader(train_samples, cfg, cfg.batch_size, shuffle=True)
+    # One seeded batch order for both paths, so the cache changes speed, not results.
+    sampler = EpochBatchSampler(len(train_samples), cfg.batch_size, cfg.seed)
+    cache = None
+    if cfg.feature_cache:
+        cache = TeacherFeatureCache.build(
+            net.teacher, make_loader(train_set, cfg, cfg.batch_size),
+            len(train_samples), cfg.feature_cache_mb, cfg.class_dir(cls),
+            desc=f"teacher features {cls}", dtype=cfg.feature_cache_dtype)
+        log(f"[{cls}] teacher features cached: {cache.nbytes / 2**20:.0f} MB {cfg.feature_cache_dtype} "
+            f"({'memory-mapped file' if cache.on_disk else 'in memory'})")
+        batches = sampler
+    else:
+        batches = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
     log(f"[{cls}] {len(train_samples)} train / {len(test_samples)} test images, arch {cfg.arch}, "
         f"{cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}")
 
     best = {"score": -1.0, "epoch": 0, "metrics": None}
-    step = 0
+    step, loss_history = 0, []
     epochs = tqdm(range(1, cfg.epochs + 1), desc=f"train {cls}", dynamic_ncols=True)
     for epoch in epochs:
         net.train()
         losses, seen, reader_cost, t_start = [], 0, 0.0, time.perf_counter()
         t_read = time.perf_counter()
-        for images, _, _ in loader:
-            reader_cost += time.perf_counter() - t_read
-            teacher_feats, student_feats = net(images)
-            loss = cosine_distillation_loss(teacher_feats, student_feats)
+        for batch in batches:
+            if cache is not None:
+                teacher_feats = cache.batch(batch)
+                reader_cost += time.perf_counter() - t_read
+            else:
+                reader_cost += time.perf_counter() - t_read
+                teacher_feats = net.teacher_features(batch[0])
+            loss = cosine_distillation_loss(teacher_feats, net.student_features(teacher_feats))
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
             losses.append(float(loss))
-            seen += images.shape[0]
+            seen += teacher_feats[0].shape[0]
             step += 1
             if cfg.log_interval and step % cfg.log_interval == 0:
                 elapsed = time.perf_counter() - t_start
@@ -130,6 +150,7 @@ def train_class(cfg: Config, cls: str) -> dict:
                     f"ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(losses):.4f} s")
             t_read = time.perf_counter()
         epochs.set_postfix(loss=f"{np.mean(losses):.4f}")
+        loss_history.append(losses)
         if not np.isfinite(losses).all():
             raise FloatingPointError(f"[{cls}] loss became {losses[-1]} at epoch {epoch}")
 
@@ -142,23 +163,27 @@ def train_class(cfg: Config, cls: str) -> dict:
                             teacher_weights=cfg.teacher_weights)
         if periodic and not last_epoch:
             # no nested bar under the epoch bar
-            _, metrics = evaluate(net, test_samples, cfg, progress=False)
+            _, metrics = evaluate(net, test_set, cfg, progress=False)
             log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
             if cfg.select_best_on_test:
                 best = _keep_best(cfg, cls, net, epoch, metrics, best)
 
+    if cache is not None:
+        cache.close()
     # Scores of the (good) training images: what deployment normalises scores with.
-    stats = good_score_statistics(predict_samples(net, train_samples, cfg, f"score stats {cls}"))
+    stats = good_score_statistics(predict_samples(net, train_set, cfg, f"score stats {cls}"))
     save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch, image_size=cfg.image_size,
                     epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
                     extra={"score_stats": stats})
-    _, metrics = evaluate(net, test_samples, cfg, desc=f"eval {cls}")
+    _, metrics = evaluate(net, test_set, cfg, desc=f"eval {cls}")
     log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
     if cfg.select_best_on_test:
         best = _keep_best(cfg, cls, net, cfg.epochs, metrics, best)
         log(f"[{cls}] best on test: epoch {best['epoch']}")
         metrics = dict(best["metrics"], selected_epoch=best["epoch"])
     atomic_write_json(os.path.join(cfg.class_dir(cls), "metrics.json"), metrics)
+    atomic_write_json(os.path.join(cfg.class_dir(cls), "train_log.json"),
+                      {"loss_per_step": loss_history, "feature_cache": cfg.feature_cache})
     return metrics
 
 
@@ -185,9 +210,9 @@ def load_trained(cfg: Config, cls: str) -> RD4AD:
 
 
 def eval_class(cfg: Config, cls: str) -> dict:
-    test_samples = index_test(cfg.data_dir, cls)
+    test_set = MVTecDataset(index_test(cfg.data_dir, cls), cfg.image_size)
     net = load_trained(cfg, cls)
-    _, metrics = evaluate(net, test_samples, cfg, desc=f"eval {cls}")
+    _, metrics = evaluate(net, test_set, cfg, desc=f"eval {cls}")
     log(f"[{cls}] {_metric_line(metrics)}")
     return metrics
 
@@ -195,11 +220,11 @@ def eval_class(cfg: Config, cls: str) -> dict:
 def infer_class(cfg: Config, cls: str) -> dict:
     """Heatmap beside the ground truth for every test image, and a CSV of image scores."""
     test_samples = index_test(cfg.data_dir, cls)
+    dataset = MVTecDataset(test_samples, cfg.image_size)
     net = load_trained(cfg, cls)
-    pred, metrics = evaluate(net, test_samples, cfg, desc=f"infer {cls}")
+    pred, metrics = evaluate(net, dataset, cfg, desc=f"infer {cls}")
     out_dir = os.path.join(cfg.class_dir(cls), "infer")
     vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
-    dataset = MVTecDataset(test_samples, cfg.image_size)
     for i, sample in enumerate(tqdm(test_samples, desc=f"images {cls}", leave=False)):
         image = denormalize(dataset[i][0])
         mask = pred.masks[i]  # a good test image's ground truth is an empty mask

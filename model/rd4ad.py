@@ -28,11 +28,17 @@ class RD4AD(nn.Layer):
         return [p for p in self.bottleneck.parameters() + self.student.parameters()
                 if not p.stop_gradient]
 
+    @paddle.no_grad()
+    def teacher_features(self, images: paddle.Tensor) -> list[paddle.Tensor]:
+        return self.teacher(images)
+
+    def student_features(self, teacher_feats: list[paddle.Tensor]) -> list[paddle.Tensor]:
+        """Bottleneck + student: what training updates, from (possibly cached) teacher features."""
+        return self.student(self.bottleneck(teacher_feats))
+
     def forward(self, images: paddle.Tensor) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
-        with paddle.no_grad():
-            teacher_feats = self.teacher(images)
-        student_feats = self.student(self.bottleneck(teacher_feats))
-        return teacher_feats, student_feats
+        teacher_feats = self.teacher_features(images)
+        return teacher_feats, self.student_features(teacher_feats)
 
 
 def build_rd4ad(arch: str = "wide_resnet50_2", teacher_weights: str = "imagenet") -> RD4AD:

@@ -26,6 +26,9 @@ class Config:
     seed: int = 111
     num_workers: int = 0
     log_interval: int = 10
+    feature_cache: bool = True
+    feature_cache_mb: float = 8192.0
+    feature_cache_dtype: str = "float16"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes (0: load in the main process)")
     p.add_argument("--log_interval", type=int, default=d.log_interval,
                    help="print a loss/ips line every N training steps")
+    p.add_argument("--no_feature_cache", dest="feature_cache", action="store_false",
+                   help="run the frozen teacher every step instead of caching its features once")
+    p.add_argument("--feature_cache_mb", type=float, default=d.feature_cache_mb,
+                   help="teacher-feature cache above this size goes to a memory-mapped file")
+    p.add_argument("--feature_cache_dtype", default=d.feature_cache_dtype, choices=["float16", "float32"])
     return p
 
 
