@@ -65,12 +65,15 @@ def _check_pair(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.nda
     return masks.astype(bool), maps
 
 
-def _sorted_pixels(masks: np.ndarray, maps: np.ndarray):
+def _sorted_pixels(masks: np.ndarray, maps: np.ndarray, max_fpr: float):
     """Scores ascending, and per pixel its FPR weight and its PRO weight, same order.
 
     A defect-free pixel adds 1 / (defect-free pixels) to the FPR once the threshold falls
     below its score; a pixel of region r adds 1 / (|r| * regions) to the PRO (the mean of
-    the regions' overlaps).
+    the regions' overlaps). Only the curve up to max_fpr matters, so only pixels scoring
+    at least as high as the defect-free pixel that pushes the FPR past max_fpr are sorted
+    (about max_fpr of the image): every pixel above a kept one is kept, so the sums from
+    the top are exact, and thresholds below the cut all have FPR > max_fpr.
     """
     region_ids = np.zeros(masks.shape, dtype=np.int64)
     num_regions = 0
@@ -85,28 +88,38 @@ def _sorted_pixels(masks: np.ndarray, maps: np.ndarray):
     pro_per_region = np.zeros(num_regions + 1)
     pro_per_region[1:] = 1.0 / (areas[1:] * num_regions)
 
-    scores = maps.ravel().astype(np.float64)
-    order = np.argsort(scores, kind="stable")
-    scores = scores[order]
-    ids = region_ids.ravel()[order]
+    scores = maps.ravel()
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    ids = region_ids.ravel()
+    value_range = (float(scores.min()), float(scores.max()))  # the 200-threshold grid's ends
+    needed = int(np.floor(max_fpr * negatives)) + 1  # defect-free pixels to pass max_fpr
+    if needed < negatives:
+        negative_scores = scores[ids == 0]
+        cut = np.partition(negative_scores, negatives - needed)[negatives - needed]
+        keep = scores >= cut
+        scores, ids = scores[keep], ids[keep]
+    order = np.argsort(scores)  # ties need no order: the curve is read at run boundaries
+    scores = scores[order].astype(np.float64)
+    ids = ids[order]
     del order
     fpr_weight = (ids == 0) / float(negatives)
     pro_weight = pro_per_region[ids]
-    return scores, fpr_weight, pro_weight
+    return scores, fpr_weight, pro_weight, value_range
 
 
 def _aupro_of(masks: np.ndarray, maps: np.ndarray, max_fpr: float,
               num_thresholds: int | None) -> float:
-    sorted_pixels = _sorted_pixels(masks, maps)
+    sorted_pixels = _sorted_pixels(masks, maps, max_fpr)
     if sorted_pixels is None:
         return float("nan")
-    scores, fpr_weight, pro_weight = sorted_pixels
+    scores, fpr_weight, pro_weight, value_range = sorted_pixels
     # Suffix sums: above[k] = sum of weights of pixels k.. (the k highest-ranked excluded).
     fpr_above = np.concatenate([np.cumsum(fpr_weight[::-1])[::-1], [0.0]])
     pro_above = np.concatenate([np.cumsum(pro_weight[::-1])[::-1], [0.0]])
     if num_thresholds is None:
         return _exact_area(scores, fpr_above, pro_above, max_fpr)
-    return _thresholded_area(scores, fpr_above, pro_above, max_fpr, num_thresholds)
+    return _thresholded_area(scores, fpr_above, pro_above, max_fpr, num_thresholds, value_range)
 
 
 def _exact_area(scores, fpr_above, pro_above, max_fpr) -> float:
@@ -123,8 +136,8 @@ def _exact_area(scores, fpr_above, pro_above, max_fpr) -> float:
     return float(np.trapezoid(pro, fpr) / max_fpr)
 
 
-def _thresholded_area(scores, fpr_above, pro_above, max_fpr, num_thresholds) -> float:
-    low, high = scores[0], scores[-1]
+def _thresholded_area(scores, fpr_above, pro_above, max_fpr, num_thresholds, value_range) -> float:
+    low, high = value_range
     if high == low:
         return float("nan")
     thresholds = np.arange(low, high, (high - low) / num_thresholds)

@@ -1,0 +1,352 @@
+"""Every speed figure of the project in one process and one run, as a table and JSON.
+
+    python tools/benchmark.py                       # wide_resnet50_2, 256 px (several minutes)
+    python tools/benchmark.py --quick               # resnet18, 64 px, a smoke test (CI)
+    python tools/benchmark.py --arch resnet18 --image_size 128 --repeats 3 --json out.json
+
+Measured, each with warm-up and the median of --repeats runs, random weights (timing does
+not depend on them):
+- inference ms/image at batch 1 and --batch: dynamic graph (what main.py evaluates with),
+  Paddle Inference fp32 with oneDNN, ONNX Runtime, Paddle Inference bf16 (oneDNN, where the
+  CPU has bf16), with the bf16 maps' agreement with fp32 on sample_data;
+- training images/s at --train_batch with and without the teacher-feature cache;
+- evaluation of one class end to end (--eval_images test images, metrics included);
+- AUPRO on 30 maps: exact mode against a 200-threshold loop like the reference's;
+- peak RSS of each stage (reset between stages where Linux allows), threads and flags.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+_THREADS_SET_BY_USER = "OMP_NUM_THREADS" in os.environ
+warnings.filterwarnings("ignore", message="No ccache found")
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+if not _THREADS_SET_BY_USER:  # as main.py: every core, set after paddle's import
+    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+
+import export_model  # noqa: E402
+import infer  # noqa: E402
+from dataset import MVTecDataset, index_test, load_image  # noqa: E402
+from model import build_rd4ad  # noqa: E402
+from model.inference import InferenceModel  # noqa: E402
+from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.evaluate import compute_metrics, predict  # noqa: E402
+from utils.loss import cosine_distillation_loss  # noqa: E402
+from utils.metrics import aupro  # noqa: E402
+from utils.optim import build_optimizer  # noqa: E402
+
+
+# ---------------------------------------------------------------- helpers
+
+def reset_peak_rss() -> bool:
+    """Linux resets VmHWM when 5 is written to clear_refs; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+RSS_RESETS = reset_peak_rss()  # else per-stage peaks cannot be told apart: report the run's
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def median_seconds(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def predictor_args(**kw) -> argparse.Namespace:
+    args = infer.parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def reference_style_pro_loop(masks: np.ndarray, maps: np.ndarray, num_th: int = 200) -> float:
+    """The reference's compute_pro, step by step as it runs (what exact mode replaces):
+    per threshold, binarise every map, label every mask and read each region's overlap
+    through regionprops, then FPR; keep FPR < 0.3, rescale, trapezoid."""
+    from skimage import measure
+    masks = masks.astype(int)
+    inverse = 1 - masks
+    lo, hi = maps.min(), maps.max()
+    pros, fprs = [], []
+    for th in np.arange(lo, hi, (hi - lo) / num_th):
+        binary = maps > th
+        overlaps = []
+        for b, m in zip(binary, masks):
+            for region in measure.regionprops(measure.label(m)):
+                overlaps.append(b[region.coords[:, 0], region.coords[:, 1]].sum() / region.area)
+        pros.append(np.mean(overlaps))
+        fprs.append(np.logical_and(inverse, binary).sum() / inverse.sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs < 0.3
+    fprs, pros = fprs[keep] / fprs[keep].max(), pros[keep]
+    return float(-np.trapezoid(pros, fprs))
+
+
+# ---------------------------------------------------------------- stages
+
+def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], dict]:
+    size = args.image_size
+    rows, agreement, notes = [], {}, []
+    model = InferenceModel(net, size)
+    backends = [("dynamic graph", "dygraph", None)]
+    backends.append(("Paddle Inference fp32 oneDNN", "paddle",
+                     predictor_args(enable_mkldnn=True, cpu_threads=args.threads, precision="fp32")))
+    try:
+        import onnxruntime  # noqa: F401
+        backends.append(("ONNX Runtime fp32", "onnxruntime",
+                         predictor_args(backend="onnxruntime", cpu_threads=args.threads)))
+    except ImportError:
+        notes.append({"path": "ONNX Runtime fp32", "note": "onnxruntime not installed"})
+    if infer.cpu_has_bf16():
+        backends.append(("Paddle Inference bf16 oneDNN", "paddle",
+                         predictor_args(enable_mkldnn=True, cpu_threads=args.threads, precision="bf16")))
+    else:
+        notes.append({"path": "Paddle Inference bf16 oneDNN", "note": "CPU has no bf16 instructions"})
+    outputs = {}
+    for name, kind, pargs in backends:
+        reset_peak_rss()
+        if kind == "dygraph":
+            def run(x):
+                with paddle.no_grad():
+                    m, s = model(paddle.to_tensor(x))
+                return m.numpy(), s.numpy()
+        else:
+            predictor = (infer.OnnxPredictor if kind == "onnxruntime" else infer.PaddlePredictor)(model_dir, pargs)
+            run = predictor
+        row = {"path": name}
+        for batch in sorted({1, args.batch}):
+            x = np.random.default_rng(batch).normal(size=(batch, 3, size, size)).astype(np.float32)
+            seconds = median_seconds(lambda: run(x), args.repeats, args.warmup)
+            row[f"ms/img b{batch}"] = round(1000 * seconds / batch, 1)
+        row["peak RSS MB"] = peak_rss_mb() if RSS_RESETS else None
+        outputs[name] = np.concatenate([run(img[None])[0] for img in sample_images]) if sample_images is not None else None
+        rows.append(row)
+        print(f"  {name}: {row}", flush=True)
+
+    notes.append({"path": "int8", "note": "not measured: no post-training quantisation path yet"})
+    base = next(r for r in rows if r["path"] == "dynamic graph")
+    for row in rows:
+        for key in [k for k in row if k.startswith("ms/img")]:
+            row[key.replace("ms/img", "x vs dygraph")] = round(base[key] / row[key], 2)
+    rows += notes
+
+    fp32 = outputs.get("Paddle Inference fp32 oneDNN")
+    for name in ("Paddle Inference bf16 oneDNN", "ONNX Runtime fp32"):
+        other = outputs.get(name)
+        if fp32 is None or other is None:
+            continue
+        pearson = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(fp32, other)]
+        same_ranking = bool((np.argsort(fp32.reshape(len(fp32), -1).max(1))
+                             == np.argsort(other.reshape(len(other), -1).max(1))).all())
+        agreement[name] = {"images": len(fp32), "min_pearson_per_map": round(min(pearson), 5),
+                           "scores_rank_the_same": same_ranking}
+    return rows, agreement
+
+
+def bench_training(args, net) -> list[dict]:
+    rows = []
+    size, batch = args.image_size, args.train_batch
+    images = paddle.to_tensor(np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32))
+    with paddle.no_grad():
+        cached = net.teacher(images)  # what the cache hands over (float16 round trip below)
+    cached = [paddle.to_tensor(f.numpy().astype(np.float16).astype(np.float32)) for f in cached]
+    for name, uses_cache in (("train, teacher every step", False), ("train, teacher-feature cache", True)):
+        reset_peak_rss()
+        net.train()
+        optimizer = build_optimizer(net.trainable_parameters())
+
+        def step():
+            feats = cached if uses_cache else net.teacher_features(images)
+            loss = cosine_distillation_loss(feats, net.student_features(feats))
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+        seconds = median_seconds(step, args.train_repeats, 1)
+        rows.append({"path": name, "images/s": round(batch / seconds, 3), "batch": batch,
+                     "peak RSS MB": peak_rss_mb()})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def bench_evaluation(args, net, work) -> dict:
+    """One class end to end as main.py evaluates it: decode, resize, model, maps, metrics."""
+    src = os.path.join(ROOT, "sample_data", "bottle")
+    dst = os.path.join(work, "eval_data", "bottle")
+    files = sorted(glob.glob(os.path.join(src, "test", "*", "*.png")))
+    for k in range(args.eval_images):  # copies of the sample test set, masks with them
+        path = files[k % len(files)]
+        defect = os.path.basename(os.path.dirname(path))
+        name = f"{k:03d}.png"
+        os.makedirs(os.path.join(dst, "test", defect), exist_ok=True)
+        shutil.copy(path, os.path.join(dst, "test", defect, name))
+        if defect != "good":
+            os.makedirs(os.path.join(dst, "ground_truth", defect), exist_ok=True)
+            mask = os.path.join(src, "ground_truth", defect, os.path.basename(path)[:-4] + "_mask.png")
+            shutil.copy(mask, os.path.join(dst, "ground_truth", defect, f"{k:03d}_mask.png"))
+    reset_peak_rss()
+    start = time.perf_counter()
+    dataset = MVTecDataset(index_test(os.path.dirname(dst), "bottle"), args.image_size)
+    loader = paddle.io.DataLoader(dataset, batch_size=8, shuffle=False)
+    metrics = compute_metrics(predict(net, loader, len(dataset), args.image_size, progress=False))
+    seconds = time.perf_counter() - start
+    row = {"path": f"evaluate one class ({len(dataset)} test images, metrics included)",
+           "seconds": round(seconds, 2), "peak RSS MB": peak_rss_mb(),
+           "metrics finite": bool(all(np.isfinite(v) for v in metrics.values()))}
+    print(f"  {row}", flush=True)
+    return row
+
+
+def bench_aupro(args) -> dict:
+    rng = np.random.default_rng(0)
+    n, size = 30, 256
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx, r = rng.integers(20, size - 20, 2).tolist() + [int(rng.integers(4, 20))]
+            masks[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    from scipy.ndimage import gaussian_filter
+    maps = np.stack([gaussian_filter(rng.random((size, size)) + masks[i] * rng.random((size, size)), 4)
+                     for i in range(n)]).astype(np.float32)
+    reset_peak_rss()
+    exact_s = median_seconds(lambda: aupro(masks, maps, mode="set"), args.repeats, 1)
+    start = time.perf_counter()
+    loop_value = reference_style_pro_loop(masks, maps)  # slow: timed once
+    loop_s = time.perf_counter() - start
+    row = {"path": f"AUPRO, {n} maps of {size}x{size} (set)",
+           "exact s": round(exact_s, 3), "200-threshold loop s": round(loop_s, 3),
+           "speed-up": round(loop_s / exact_s, 1),
+           "exact value": round(aupro(masks, maps, mode="set"), 4),
+           "200-threshold value": round(aupro(masks, maps, mode="set", num_thresholds=200), 4),
+           "loop value": round(loop_value, 4),
+           "peak RSS MB": peak_rss_mb()}
+    print(f"  {row}", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------- report
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="wide_resnet50_2")
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="the larger inference batch")
+    p.add_argument("--train_batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train_repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--eval_images", type=int, default=83)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--quick", action="store_true", help="resnet18, 64 px, few repeats: a smoke test")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.arch, a.image_size, a.batch, a.train_batch = "resnet18", 64, 4, 4
+        a.repeats, a.train_repeats, a.warmup, a.eval_images = 2, 1, 1, 12
+
+    paddle.set_device("cpu")
+    paddle.seed(0)
+    info = {"arch": a.arch, "image_size": a.image_size, "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "predictor threads": a.threads, "paddle": paddle.__version__,
+            "FLAGS_use_mkldnn": os.environ.get("FLAGS_use_mkldnn", "unset"),
+            "bf16 CPU": infer.cpu_has_bf16(), "weights": "random"}
+    print("benchmark:", json.dumps(info), flush=True)
+    work = tempfile.mkdtemp(prefix="rd4ad-bench-")
+    try:
+        net = build_rd4ad(a.arch, teacher_weights="none")
+        net.eval()
+        ckpt = os.path.join(work, "model.pdparams")
+        save_checkpoint(ckpt, net, arch=a.arch, image_size=a.image_size, epoch=0, cls="bench",
+                        teacher_weights="none")
+        model_dir = os.path.join(work, "inference")
+        export_model.export(ckpt, model_dir, onnx=_has("paddle2onnx") and _has("onnxruntime"))
+        samples = index_test(os.path.join(ROOT, "sample_data"), "bottle")
+        sample_images = np.stack([load_image(s.image_path, a.image_size) for s in samples])
+
+        print("inference", flush=True)
+        inference_rows, agreement = bench_inference(a, net, model_dir, sample_images)
+        print("training", flush=True)
+        training_rows = bench_training(a, net)
+        print("evaluation", flush=True)
+        net.eval()
+        evaluation_row = bench_evaluation(a, net, work)
+        print("aupro", flush=True)
+        aupro_row = bench_aupro(a)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = {"info": info, "inference": inference_rows, "agreement_with_fp32": agreement,
+              "training": training_rows, "evaluation": evaluation_row, "aupro": aupro_row}
+    print("\n## Inference (ms per image; ratio: dynamic graph time / this path's)\n")
+    print(markdown_table(inference_rows))
+    print("\n## Agreement with Paddle Inference fp32 on sample_data\n")
+    print(json.dumps(agreement, indent=1))
+    print("\n## Training\n")
+    print(markdown_table(training_rows))
+    print("\n## Evaluation and AUPRO\n")
+    print(markdown_table([evaluation_row]))
+    print()
+    print(markdown_table([aupro_row]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
