@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from dataset import (DataError, MVTecDataset, denormalize, index_test, index_train,  # noqa: E402
                      resolve_classes)
 from model import RD4AD, TeacherWeightsError, build_rd4ad  # noqa: E402
+from model.inference import StaticGraphRunner  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  # noqa: E402
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
@@ -86,7 +87,16 @@ def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoad
 
 def predict_samples(net: RD4AD, dataset: MVTecDataset, cfg: Config, desc: str, progress: bool = True):
     loader = make_loader(dataset, cfg, batch_size=min(cfg.batch_size, 8))
-    return predict(net, loader, len(dataset), cfg.image_size, desc=desc, progress=progress)
+    # Building the predictor costs seconds; it pays back from a few dozen images on a CPU.
+    static = cfg.eval_backend == "static" or (
+        cfg.eval_backend == "auto" and paddle.get_device() == "cpu" and len(dataset) >= 32)
+    runner = StaticGraphRunner(net, cfg.image_size, os.cpu_count() or 1) if static else None
+    try:
+        return predict(net, loader, len(dataset), cfg.image_size, desc=desc, progress=progress,
+                       runner=runner)
+    finally:
+        if runner is not None:
+            runner.close()
 
 
 def evaluate(net: RD4AD, test_set: MVTecDataset, cfg: Config, desc: str = "eval", progress: bool = True):

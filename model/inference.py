@@ -34,3 +34,44 @@ class InferenceModel(nn.Layer):
         teacher_feats = self.teacher(image)
         student_feats = self.student(self.bottleneck(teacher_feats))
         return self.head(teacher_feats, student_feats)
+
+
+def save_static(model: InferenceModel, path_prefix: str) -> None:
+    """paddle.jit.save the whole pipeline: input `image` [N, 3, S, S], any N."""
+    size = model.image_size
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
+    paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), path_prefix)
+
+
+class StaticGraphRunner:
+    """The current weights as a Paddle Inference predictor (oneDNN on CPU): evaluation
+    runs about 5x faster than the dynamic graph on a 2-core CPU (tools/benchmark.py).
+    Build it again after the weights change."""
+
+    def __init__(self, net: RD4AD, image_size: int, threads: int) -> None:
+        import tempfile
+
+        import paddle.inference as pi
+
+        self._dir = tempfile.TemporaryDirectory(prefix="rd4ad-static-")
+        prefix = f"{self._dir.name}/model"
+        save_static(InferenceModel(net, image_size), prefix)
+        config = pi.Config(prefix + ".json", prefix + ".pdiparams")
+        config.disable_glog_info()
+        config.disable_gpu()
+        config.enable_mkldnn()
+        config.set_cpu_math_library_num_threads(threads)
+        self.predictor = pi.create_predictor(config)
+        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
+        net.eval()  # InferenceModel put the shared sublayers in eval mode; say so for the caller
+
+    def __call__(self, images) -> tuple:
+        array = images.numpy() if isinstance(images, paddle.Tensor) else images
+        self.input.reshape(list(array.shape))
+        self.input.copy_from_cpu(array.astype("float32"))
+        self.predictor.run()
+        return tuple(h.copy_to_cpu() for h in self.outputs)
+
+    def close(self) -> None:
+        self._dir.cleanup()

@@ -94,3 +94,13 @@ def test_best_on_test_selection_is_explicit_and_labelled(tmp_path):
     assert "ON THE TEST SET" in open(os.path.join(out, "results.md")).read()
     assert os.path.isfile(os.path.join(out, "bottle", "best.pdparams"))
     assert os.path.isfile(os.path.join(out, "bottle", "model.pdparams"))  # the last epoch's too
+
+
+def test_static_and_dynamic_evaluation_agree(trained):
+    out, _ = trained
+    scores = {}
+    for backend in ("dygraph", "static"):
+        run_main(*SMALL, "--mode", "eval", "--eval_backend", backend, "--output_dir", out)
+        scores[backend] = json.load(open(os.path.join(out, "results.json")))["classes"]["bottle"]
+    for name, value in scores["dygraph"].items():
+        assert scores["static"][name] == pytest.approx(value, abs=1e-4), name

@@ -43,7 +43,7 @@ import export_model  # noqa: E402
 import infer  # noqa: E402
 from dataset import MVTecDataset, index_test, load_image  # noqa: E402
 from model import build_rd4ad  # noqa: E402
-from model.inference import InferenceModel  # noqa: E402
+from model.inference import InferenceModel, StaticGraphRunner  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.evaluate import compute_metrics, predict  # noqa: E402
 from utils.loss import cosine_distillation_loss  # noqa: E402
@@ -204,7 +204,7 @@ def bench_training(args, net) -> list[dict]:
     return rows
 
 
-def bench_evaluation(args, net, work) -> dict:
+def bench_evaluation(args, net, work) -> list[dict]:
     """One class end to end as main.py evaluates it: decode, resize, model, maps, metrics."""
     src = os.path.join(ROOT, "sample_data", "bottle")
     dst = os.path.join(work, "eval_data", "bottle")
@@ -219,17 +219,22 @@ def bench_evaluation(args, net, work) -> dict:
             os.makedirs(os.path.join(dst, "ground_truth", defect), exist_ok=True)
             mask = os.path.join(src, "ground_truth", defect, os.path.basename(path)[:-4] + "_mask.png")
             shutil.copy(mask, os.path.join(dst, "ground_truth", defect, f"{k:03d}_mask.png"))
-    reset_peak_rss()
-    start = time.perf_counter()
-    dataset = MVTecDataset(index_test(os.path.dirname(dst), "bottle"), args.image_size)
-    loader = paddle.io.DataLoader(dataset, batch_size=8, shuffle=False)
-    metrics = compute_metrics(predict(net, loader, len(dataset), args.image_size, progress=False))
-    seconds = time.perf_counter() - start
-    row = {"path": f"evaluate one class ({len(dataset)} test images, metrics included)",
-           "seconds": round(seconds, 2), "peak RSS MB": peak_rss_mb(),
-           "metrics finite": bool(all(np.isfinite(v) for v in metrics.values()))}
-    print(f"  {row}", flush=True)
-    return row
+    rows = []
+    for backend in ("dygraph", "static"):
+        reset_peak_rss()
+        start = time.perf_counter()
+        dataset = MVTecDataset(index_test(os.path.dirname(dst), "bottle"), args.image_size)
+        loader = paddle.io.DataLoader(dataset, batch_size=8, shuffle=False)
+        runner = StaticGraphRunner(net, args.image_size, args.threads) if backend == "static" else None
+        pred = predict(net, loader, len(dataset), args.image_size, progress=False, runner=runner)
+        metrics = compute_metrics(pred)
+        seconds = time.perf_counter() - start
+        rows.append({"path": f"evaluate one class, {backend} ({len(dataset)} test images, "
+                             f"decoding, predictor build and metrics included)",
+                     "seconds": round(seconds, 2), "peak RSS MB": peak_rss_mb(),
+                     "metrics finite": bool(all(np.isfinite(v) for v in metrics.values()))})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
 
 
 def bench_aupro(args) -> dict:
@@ -316,14 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         training_rows = bench_training(a, net)
         print("evaluation", flush=True)
         net.eval()
-        evaluation_row = bench_evaluation(a, net, work)
+        evaluation_rows = bench_evaluation(a, net, work)
         print("aupro", flush=True)
         aupro_row = bench_aupro(a)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     report = {"info": info, "inference": inference_rows, "agreement_with_fp32": agreement,
-              "training": training_rows, "evaluation": evaluation_row, "aupro": aupro_row}
+              "training": training_rows, "evaluation": evaluation_rows, "aupro": aupro_row}
     print("\n## Inference (ms per image; ratio: dynamic graph time / this path's)\n")
     print(markdown_table(inference_rows))
     print("\n## Agreement with Paddle Inference fp32 on sample_data\n")
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Training\n")
     print(markdown_table(training_rows))
     print("\n## Evaluation and AUPRO\n")
-    print(markdown_table([evaluation_row]))
+    print(markdown_table(evaluation_rows))
     print()
     print(markdown_table([aupro_row]))
     if a.json:

@@ -29,6 +29,7 @@ class Config:
     feature_cache: bool = True
     feature_cache_mb: float = 8192.0
     feature_cache_dtype: str = "float16"
+    eval_backend: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature_cache_mb", type=float, default=d.feature_cache_mb,
                    help="teacher-feature cache above this size goes to a memory-mapped file")
     p.add_argument("--feature_cache_dtype", default=d.feature_cache_dtype, choices=["float16", "float32"])
+    p.add_argument("--eval_backend", default=d.eval_backend, choices=["auto", "dygraph", "static"],
+                   help="evaluate with the dynamic graph or a Paddle Inference predictor built "
+                        "from the current weights (auto: static on CPU for 32 images or more, else dygraph)")
     return p
 
 

@@ -26,7 +26,9 @@ class Predictions:
 
 @paddle.no_grad()
 def predict(net: paddle.nn.Layer, loader: DataLoader, num_samples: int, image_size: int,
-            desc: str = "eval", progress: bool = True) -> Predictions:
+            desc: str = "eval", progress: bool = True, runner=None) -> Predictions:
+    """One pass over `loader`. `runner` (images -> (maps, scores) as numpy), e.g. a
+    StaticGraphRunner, replaces the dynamic graph when given."""
     net.eval()
     maps = np.empty((num_samples, image_size, image_size), dtype=np.float32)
     masks = np.empty((num_samples, image_size, image_size), dtype=np.uint8)
@@ -35,11 +37,15 @@ def predict(net: paddle.nn.Layer, loader: DataLoader, num_samples: int, image_si
     i = 0
     for images, gt, label in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                   disable=not progress):
-        teacher_feats, student_feats = net(images)
-        batch_maps = anomaly_map(teacher_feats, student_feats, image_size)
+        if runner is None:
+            teacher_feats, student_feats = net(images)
+            batch_maps = anomaly_map(teacher_feats, student_feats, image_size)
+            batch_maps, batch_scores = batch_maps.numpy(), image_scores(batch_maps).numpy()
+        else:
+            batch_maps, batch_scores = runner(images)
         n = batch_maps.shape[0]
-        maps[i:i + n] = batch_maps.numpy()
-        scores[i:i + n] = image_scores(batch_maps).numpy()
+        maps[i:i + n] = batch_maps
+        scores[i:i + n] = batch_scores
         masks[i:i + n] = gt.numpy()[:, 0] > 0.5
         labels[i:i + n] = label.numpy()
         i += n
