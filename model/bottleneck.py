@@ -9,7 +9,7 @@ import paddle
 import paddle.nn as nn
 from paddle.vision.models.resnet import BasicBlock, BottleneckBlock
 
-from .layers import TorchBatchNorm2D, conv1x1, conv3x3, reference_init_
+from .layers import TorchBatchNorm2D, conv1x1, conv3x3, reference_init_, use_inplace_relu
 
 
 class OCBE(nn.Layer):
@@ -42,6 +42,7 @@ class OCBE(nn.Layer):
         blocks += [block(planes * e, planes, 1, None, 1, width_per_group, 1, norm)
                    for _ in range(1, num_blocks)]
         self.bn_layer = nn.Sequential(*blocks)
+        use_inplace_relu(self)
         reference_init_(self)
 
     def forward(self, feats: list[paddle.Tensor]) -> paddle.Tensor:

@@ -5,10 +5,13 @@ import warnings
 
 import paddle
 import paddle.nn as nn
+import paddle.nn.functional as F
 
 # Paddle warns on every training-mode BatchNorm call that it tracks running statistics,
 # which is exactly what we want; keep logs readable.
 warnings.filterwarnings("ignore", message="When training, we now always track global mean")
+# In an exported static graph relu_ is plain relu, which is what we want there.
+warnings.filterwarnings("ignore", message=r"In static graph mode, relu_\(\) is the same as relu\(\)")
 
 
 class TorchBatchNorm2D(nn.BatchNorm2D):
@@ -32,6 +35,26 @@ class TorchBatchNorm2D(nn.BatchNorm2D):
                 batch_part = self._variance - old_variance * m
                 self._variance.set_value(old_variance * m + batch_part * (float(n) / (n - 1)))
         return out
+
+
+class InplaceReLU(nn.Layer):
+    """ReLU that overwrites its input, as the reference's nn.ReLU(inplace=True).
+
+    Paddle's out-of-place ReLU allocates a fresh tensor per call; on a CPU that was 14x
+    slower than in place (8M floats: 13.6 ms vs 1.0 ms) and a sixth of a training step.
+    Safe where the input is not needed for backward (after BatchNorm or an addition).
+    """
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return F.relu_(x)
+
+
+def use_inplace_relu(layer: nn.Layer) -> None:
+    """Swap every nn.ReLU under `layer` (e.g. in paddle.vision's ResNet blocks) for InplaceReLU."""
+    for sub in layer.sublayers(include_self=True):
+        for name, child in list(sub.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(sub, name, InplaceReLU())
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2D:

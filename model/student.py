@@ -8,7 +8,7 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
-from .layers import TorchBatchNorm2D, conv1x1, conv3x3, deconv2x2, reference_init_
+from .layers import InplaceReLU, TorchBatchNorm2D, conv1x1, conv3x3, deconv2x2, reference_init_
 
 
 class DeBasicBlock(nn.Layer):
@@ -21,7 +21,7 @@ class DeBasicBlock(nn.Layer):
         self.bn1 = TorchBatchNorm2D(planes)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = TorchBatchNorm2D(planes)
-        self.relu = nn.ReLU()
+        self.relu = InplaceReLU()
         self.upsample = upsample
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -44,7 +44,7 @@ class DeBottleneck(nn.Layer):
         self.bn2 = TorchBatchNorm2D(width)
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = TorchBatchNorm2D(planes * self.expansion)
-        self.relu = nn.ReLU()
+        self.relu = InplaceReLU()
         self.upsample = upsample
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:

@@ -8,6 +8,8 @@ import paddle
 import paddle.nn as nn
 from paddle.vision.models import resnet as paddle_resnet
 
+from .layers import use_inplace_relu
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2")
 
 
@@ -31,6 +33,7 @@ class Teacher(nn.Layer):
             backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
         self.layer1, self.layer2, self.layer3 = backbone.layer1, backbone.layer2, backbone.layer3
         self.arch = arch
+        use_inplace_relu(self)
         for p in self.parameters():
             p.stop_gradient = True
         self.eval()
