@@ -40,7 +40,7 @@ from model.inference import StaticGraphRunner  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  # noqa: E402
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
-from utils.config import Config, parse_config  # noqa: E402
+from utils.config import Config, ConfigError, parse_config  # noqa: E402
 from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache  # noqa: E402
 from utils.evaluate import (METRIC_NAMES, compute_metrics, good_score_statistics,  # noqa: E402
                             predict)
@@ -49,7 +49,7 @@ from utils.optim import build_optimizer  # noqa: E402
 from utils.report import mean_row, results_table  # noqa: E402
 from utils.visualize import side_by_side  # noqa: E402
 
-USER_ERRORS = (DataError, CheckpointError, TeacherWeightsError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherWeightsError)
 
 
 def log(msg: str) -> None:
@@ -67,16 +67,16 @@ def set_device(cfg: Config) -> str:
     if device == "auto":
         device = "gpu" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else "cpu"
     elif device == "gpu" and not paddle.device.is_compiled_with_cuda():
-        raise DataError("--device gpu: this Paddle build has no CUDA (pip install paddlepaddle-gpu)")
+        raise ConfigError("--device gpu: this Paddle build has no CUDA (pip install paddlepaddle-gpu)")
     paddle.set_device(device)
     return device
 
 
 def check_config(cfg: Config) -> None:
     if cfg.image_size < 64 or cfg.image_size % 32:
-        raise DataError(f"--image_size {cfg.image_size}: must be a multiple of 32, at least 64")
+        raise ConfigError(f"--image_size {cfg.image_size}: must be a multiple of 32, at least 64")
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise DataError("--epochs and --batch_size must be at least 1")
+        raise ConfigError("--epochs and --batch_size must be at least 1")
 
 
 def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoader:

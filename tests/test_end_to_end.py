@@ -104,3 +104,9 @@ def test_static_and_dynamic_evaluation_agree(trained):
         scores[backend] = json.load(open(os.path.join(out, "results.json")))["classes"]["bottle"]
     for name, value in scores["dygraph"].items():
         assert scores["static"][name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_bad_image_size_is_refused_before_any_work(tmp_path):
+    proc = run_main(*SMALL, "--image_size", "100", "--output_dir", str(tmp_path), check=False)  # last wins
+    assert proc.returncode == 2 and "--image_size 100: must be a multiple of 32" in proc.stderr
+    assert not os.listdir(tmp_path)

@@ -6,6 +6,10 @@ import os
 from dataclasses import asdict, dataclass
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work (checked before any work starts)."""
+
+
 @dataclass
 class Config:
     mode: str = "train"
