@@ -24,7 +24,7 @@ import paddle  # noqa: E402
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from model import TeacherWeightsError, build_rd4ad  # noqa: E402
-from model.inference import InferenceModel  # noqa: E402
+from model.inference import InferenceModel, save_static  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write_json,  # noqa: E402
                               load_checkpoint)
 
@@ -83,14 +83,12 @@ def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
     """Write the static graph (and ONNX) to save_dir; return the deploy metadata."""
     model, state = build_inference_model(checkpoint, teacher_weights)
     size = state["image_size"]
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
     os.makedirs(save_dir, exist_ok=True)
     # Build everything in a temporary folder beside save_dir, then move file by file: a
     # kill at any moment leaves each previous file whole.
     staging = tempfile.mkdtemp(prefix=".export-", dir=save_dir)
     try:
-        paddle.jit.save(static, os.path.join(staging, "model"))
+        save_static(model, os.path.join(staging, "model"))
         files = list(MODEL_FILES)
         if onnx:
             export_onnx(staging, os.path.join(staging, "model.onnx"), opset)

@@ -25,6 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset import (IMAGE_EXTENSIONS, DataError, denormalize, index_test, load_image,  # noqa: E402
                      load_mask)
+from model.inference import PredictorSession  # noqa: E402
 from utils.benchmark import StageTimer, benchmark_report, format_report  # noqa: E402
 from utils.checkpoint import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from utils.visualize import side_by_side  # noqa: E402
@@ -56,7 +57,7 @@ def cpu_has_bf16() -> bool:
 # ---------------------------------------------------------------- predictors
 
 
-class PaddlePredictor:
+class PaddlePredictor(PredictorSession):
     """Paddle Inference on CPU (oneDNN) or GPU (optionally TensorRT)."""
 
     def __init__(self, model_dir: str, args: argparse.Namespace) -> None:
@@ -90,16 +91,7 @@ class PaddlePredictor:
                     config.enable_mkldnn_bfloat16()
             elif args.precision == "bf16":
                 raise UsageError("--precision bf16 needs --enable_mkldnn True")
-        self.predictor = pi.create_predictor(config)
-        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.input.reshape(list(images.shape))
-        self.input.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
-        self.predictor.run()
-        maps, scores = (h.copy_to_cpu() for h in self.outputs)
-        return maps, scores
+        super().__init__(config)
 
 
 class OnnxPredictor:

@@ -1,6 +1,7 @@
 """The deployable pipeline: image batch -> (anomaly map, image score), one Layer."""
 from __future__ import annotations
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 
@@ -43,7 +44,25 @@ def save_static(model: InferenceModel, path_prefix: str) -> None:
     paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), path_prefix)
 
 
-class StaticGraphRunner:
+class PredictorSession:
+    """A Paddle Inference predictor of an exported pipeline: images -> (maps, scores)."""
+
+    def __init__(self, config) -> None:
+        import paddle.inference as pi
+
+        self.predictor = pi.create_predictor(config)
+        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
+
+    def __call__(self, images) -> tuple:
+        array = images.numpy() if isinstance(images, paddle.Tensor) else images
+        self.input.reshape(list(array.shape))
+        self.input.copy_from_cpu(np.ascontiguousarray(array, dtype=np.float32))
+        self.predictor.run()
+        return tuple(h.copy_to_cpu() for h in self.outputs)
+
+
+class StaticGraphRunner(PredictorSession):
     """The current weights as a Paddle Inference predictor (oneDNN on CPU): evaluation
     runs about 5x faster than the dynamic graph on a 2-core CPU (tools/benchmark.py).
     Build it again after the weights change."""
@@ -56,22 +75,13 @@ class StaticGraphRunner:
         self._dir = tempfile.TemporaryDirectory(prefix="rd4ad-static-")
         prefix = f"{self._dir.name}/model"
         save_static(InferenceModel(net, image_size), prefix)
+        net.eval()  # InferenceModel put the shared sublayers in eval mode; say so for the caller
         config = pi.Config(prefix + ".json", prefix + ".pdiparams")
         config.disable_glog_info()
         config.disable_gpu()
         config.enable_mkldnn()
         config.set_cpu_math_library_num_threads(threads)
-        self.predictor = pi.create_predictor(config)
-        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
-        net.eval()  # InferenceModel put the shared sublayers in eval mode; say so for the caller
-
-    def __call__(self, images) -> tuple:
-        array = images.numpy() if isinstance(images, paddle.Tensor) else images
-        self.input.reshape(list(array.shape))
-        self.input.copy_from_cpu(array.astype("float32"))
-        self.predictor.run()
-        return tuple(h.copy_to_cpu() for h in self.outputs)
+        super().__init__(config)
 
     def close(self) -> None:
         self._dir.cleanup()

@@ -15,7 +15,7 @@ import os
 import shutil
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 DEFECTS = ("scratch", "crack", "missing", "stain")
 
