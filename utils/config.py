@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature_cache_dtype", default=d.feature_cache_dtype, choices=["float16", "float32"])
     p.add_argument("--eval_backend", default=d.eval_backend, choices=["auto", "dygraph", "static"],
                    help="evaluate with the dynamic graph or a Paddle Inference predictor built "
-                        "from the current weights (auto: static on CPU for 32 images or more, else dygraph)")
+                        "from the current weights (auto: static in --mode eval/infer on CPU for 32+ images; dygraph when training, "
+                        "as a predictor slows later eager training in the same process)")
     return p
 
 
