@@ -10,17 +10,8 @@ anomaly map -> scores / metrics -> report.
 from __future__ import annotations
 
 import os
-import warnings
 
-_THREADS_SET_BY_USER = "OMP_NUM_THREADS" in os.environ
-warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddle's import
-
-import paddle  # noqa: E402
-
-if not _THREADS_SET_BY_USER:
-    # Paddle pins OMP_NUM_THREADS to 1 at import (and warns when it is larger); raising it
-    # now, before the first operator runs, lets the CPU kernels use every core quietly.
-    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+import utils.runtime  # noqa: F401  (first: quiet paddle import, every CPU core)
 
 import csv  # noqa: E402
 import io  # noqa: E402
@@ -30,6 +21,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+import paddle  # noqa: E402
 from paddle.io import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 

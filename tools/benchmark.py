@@ -26,18 +26,13 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-_THREADS_SET_BY_USER = "OMP_NUM_THREADS" in os.environ
-warnings.filterwarnings("ignore", message="No ccache found")
+import utils.runtime  # noqa: E402,F401  (first: quiet paddle import, every CPU core)
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
-
-if not _THREADS_SET_BY_USER:  # as main.py: every core, set after paddle's import
-    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
 
 import export_model  # noqa: E402
 import infer  # noqa: E402

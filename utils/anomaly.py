@@ -52,6 +52,7 @@ def gaussian_matrix(size: int, sigma: float = SIGMA, truncate: float = TRUNCATE)
     return m
 
 
+@functools.lru_cache(maxsize=32)
 def smoothed_upsampling_matrix(in_size: int, out_size: int, sigma: float = SIGMA) -> np.ndarray:
     """[out_size, in_size]: bilinear upsampling then Gaussian smoothing along one axis.
 

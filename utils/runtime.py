@@ -1,0 +1,16 @@
+"""Import this before anything else that imports paddle: quiet import, every CPU core.
+
+Paddle pins OMP_NUM_THREADS to 1 at import (and warns when it is larger), so its eager CPU
+kernels use one core. Raising it right after the import, before the first operator runs,
+lets them use every core without the warning. A value the user set is left alone.
+"""
+import os
+import warnings
+
+_THREADS_SET_BY_USER = "OMP_NUM_THREADS" in os.environ
+warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddle's import
+
+import paddle  # noqa: E402,F401
+
+if not _THREADS_SET_BY_USER:
+    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
