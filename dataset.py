@@ -7,6 +7,7 @@ way and binarised at 0.5. No augmentation.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -28,19 +29,34 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Sample:
     image_path: str
-    mask_path: str | None  # None: a good image (all-zero mask)
-    label: int             # 0 good, 1 defective
-    defect: str            # "good" or the defect folder's name
+    mask_path: str | None  # None: a good image (all-zero mask), or no mask known
+    label: int             # 0 good, 1 defective, -1 unlabelled
+    defect: str            # "good", the defect folder's name, or "unlabeled"
 
     @property
     def name(self) -> str:
         return f"{self.defect}_{os.path.splitext(os.path.basename(self.image_path))[0]}"
 
+    @property
+    def has_mask(self) -> bool:
+        """The pixel labels are known: a good image, or a defect image with its mask."""
+        return self.label == 0 or self.mask_path is not None
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where one class's images are: good training images, test images, masks."""
+    name: str
+    train_dir: str
+    test_dir: str | None = None  # None or missing: no test set (train and calibrate only)
+    gt_dir: str | None = None    # None or missing: no masks (pixel metrics skipped)
+
 
 def _images_in(folder: str) -> list[str]:
     """Image files of a folder, sorted by name; hidden and non-image files are skipped."""
     names = sorted(n for n in os.listdir(folder)
-                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
+                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(folder, n)))
     return [os.path.join(folder, n) for n in names]
 
 
@@ -72,8 +88,38 @@ def resolve_classes(root: str, cls: str) -> list[str]:
     return wanted
 
 
-def index_train(root: str, cls: str) -> list[Sample]:
-    folder = os.path.join(root, cls, "train", "good")
+def mvtec_source(root: str, cls: str) -> DataSource:
+    base = os.path.join(root, cls)
+    return DataSource(cls, os.path.join(base, "train", "good"), os.path.join(base, "test"),
+                      os.path.join(base, "ground_truth"))
+
+
+def folder_class_name(train_dir: str) -> str:
+    """A class name for a plain folder: its name, or its parent's for .../train/good."""
+    parts = [p for p in os.path.normpath(os.path.abspath(train_dir)).split(os.sep) if p]
+    while len(parts) > 1 and parts[-1] in ("good", "train"):
+        parts.pop()
+    return parts[-1] if parts else "custom"
+
+
+def resolve_sources(data_dir: str, cls: str, train_dir: str = "", test_dir: str = "") -> list[DataSource]:
+    """The classes to run: the MVTec layout under data_dir, or one class from plain folders."""
+    if test_dir and not train_dir:
+        raise DataError(f"{test_dir}: --test_dir needs --train_dir (or use --data_dir)")
+    if not train_dir:
+        return [mvtec_source(data_dir, c) for c in resolve_classes(data_dir, cls)]
+    if not os.path.isdir(train_dir):
+        raise DataError(f"{train_dir}: training folder not found")
+    if test_dir and not os.path.isdir(test_dir):
+        raise DataError(f"{test_dir}: test folder not found")
+    if cls not in (None, "", "all") and "," in cls:
+        raise DataError(f"--cls {cls}: --train_dir holds one class; give one name")
+    name = cls if cls not in (None, "", "all") else folder_class_name(train_dir)
+    gt_dir = os.path.join(os.path.dirname(os.path.normpath(test_dir)), "ground_truth") if test_dir else None
+    return [DataSource(name, train_dir, test_dir or None, gt_dir)]
+
+
+def index_train_dir(folder: str) -> list[Sample]:
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: training folder not found")
     samples = [Sample(p, None, 0, "good") for p in _images_in(folder)]
@@ -82,27 +128,60 @@ def index_train(root: str, cls: str) -> list[Sample]:
     return samples
 
 
-def index_test(root: str, cls: str) -> list[Sample]:
-    """Test images with their masks, paired by file name (<name>_mask.png), never by order."""
-    test_dir = os.path.join(root, cls, "test")
-    gt_dir = os.path.join(root, cls, "ground_truth")
-    if not os.path.isdir(test_dir):
-        raise DataError(f"{test_dir}: test folder not found")
-    samples = []
+def index_test_dir(test_dir: str | None, gt_dir: str | None) -> list[Sample]:
+    """Test images, labelled by subfolder (good/ or a defect name; loose images: unlabelled),
+    with masks paired by file name (<name>_mask.png), never by order. Where gt_dir exists,
+    every defect image must have its mask; without gt_dir, masks are unknown."""
+    if not test_dir or not os.path.isdir(test_dir):
+        return []
+    has_gt = bool(gt_dir) and os.path.isdir(gt_dir)
+    samples = [Sample(p, None, -1, "unlabeled") for p in _images_in(test_dir)]
     for defect in _subdirs(test_dir):
         for image_path in _images_in(os.path.join(test_dir, defect)):
             if defect == "good":
                 samples.append(Sample(image_path, None, 0, defect))
                 continue
-            stem = os.path.splitext(os.path.basename(image_path))[0]
-            mask_path = os.path.join(gt_dir, defect, f"{stem}_mask.png")
-            if not os.path.isfile(mask_path):
-                raise DataError(f"{image_path}: defective test image has no mask "
-                                f"(expected {mask_path})")
+            mask_path = None
+            if has_gt:
+                stem = os.path.splitext(os.path.basename(image_path))[0]
+                mask_path = os.path.join(gt_dir, defect, f"{stem}_mask.png")
+                if not os.path.isfile(mask_path):
+                    raise DataError(f"{image_path}: defective test image has no mask "
+                                    f"(expected {mask_path})")
             samples.append(Sample(image_path, mask_path, 1, defect))
-    if not samples:
-        raise DataError(f"{test_dir}: no test images")
     return samples
+
+
+def index_train(root: str, cls: str) -> list[Sample]:
+    return index_train_dir(mvtec_source(root, cls).train_dir)
+
+
+def index_test(root: str, cls: str) -> list[Sample]:
+    """The MVTec layout's test images; error when there are none."""
+    source = mvtec_source(root, cls)
+    if not os.path.isdir(source.test_dir):
+        raise DataError(f"{source.test_dir}: test folder not found")
+    samples = index_test_dir(source.test_dir, source.gt_dir)
+    if not samples:
+        raise DataError(f"{source.test_dir}: no test images")
+    return samples
+
+
+def split_validation(samples: list[Sample], ratio: float) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation): a deterministic share of good images held out for calibration.
+
+    Chosen by a hash of each file name, not by position or a seed, so the split is the same
+    on every run and machine and adding images never moves one already held out to training.
+    At least one image is held out when ratio > 0 (and one always stays in training).
+    """
+    if ratio <= 0 or len(samples) < 2:
+        return list(samples), []
+    count = min(len(samples) - 1, max(1, round(len(samples) * ratio)))
+    def key(s: Sample) -> str:
+        return hashlib.sha1(os.path.basename(s.image_path).encode("utf-8")).hexdigest()
+    held = {s.image_path for s in sorted(samples, key=key)[:count]}
+    return ([s for s in samples if s.image_path not in held],
+            [s for s in samples if s.image_path in held])
 
 
 def _open(path: str, mode: str) -> Image.Image:

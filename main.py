@@ -14,6 +14,7 @@ import os
 import utils.runtime  # noqa: F401  (first: quiet paddle import, every CPU core)
 
 import csv  # noqa: E402
+import importlib.util  # noqa: E402
 import io  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
@@ -25,21 +26,27 @@ import paddle  # noqa: E402
 from paddle.io import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset import (DataError, MVTecDataset, denormalize, index_test, index_train,  # noqa: E402
-                     resolve_classes)
+from dataset import (DataError, DataSource, MVTecDataset, Sample, denormalize,  # noqa: E402
+                     index_test_dir, index_train_dir, resolve_sources, split_validation)
 from model import RD4AD, TeacherWeightsError, build_rd4ad  # noqa: E402
 from model.inference import StaticGraphRunner  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  # noqa: E402
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
-from utils.config import Config, ConfigError, parse_config  # noqa: E402
+from utils import distributed  # noqa: E402
+from utils.config import Config, ConfigError, config_yaml, parse_config  # noqa: E402
+from utils.decision import Calibration, calibrate  # noqa: E402
 from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache  # noqa: E402
-from utils.evaluate import (METRIC_NAMES, compute_metrics, good_score_statistics,  # noqa: E402
-                            predict)
+from utils.evaluate import (METRIC_NAMES, Predictions, compute_metrics,  # noqa: E402
+                            good_score_statistics, predict)
 from utils.loss import cosine_distillation_loss  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
+from utils.html_report import write_class_report, write_summary_report  # noqa: E402
 from utils.report import mean_row, results_table  # noqa: E402
-from utils.visualize import side_by_side  # noqa: E402
+from utils.tracking import ScalarLogger  # noqa: E402
+from utils.train_state import (finished_metrics, load_train_state, mark_finished,  # noqa: E402
+                               restore_train_state, save_train_state, state_path)
+from utils.visualize import binary_mask_image, side_by_side  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherWeightsError)
 
@@ -54,21 +61,35 @@ def seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def set_device(cfg: Config) -> str:
+def set_device(cfg: Config, ctx: distributed.Context) -> str:
     device = cfg.device
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     if device == "auto":
-        device = "gpu" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else "cpu"
+        device = "gpu" if has_gpu else "cpu"
     elif device == "gpu" and not paddle.device.is_compiled_with_cuda():
         raise ConfigError("--device gpu: this Paddle build has no CUDA (pip install paddlepaddle-gpu)")
-    paddle.set_device(device)
+    if cfg.amp and device != "gpu":
+        raise ConfigError("--amp: automatic mixed precision (float16) needs a GPU; on CPU train in float32")
+    # Under paddle.distributed.launch each rank sees its own device as gpu:0... or its id.
+    paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}" if device == "gpu" and ctx.parallel
+                      else device)
     return device
 
 
 def check_config(cfg: Config) -> None:
+    """Settings that cannot work, refused before any work starts."""
     if cfg.image_size < 64 or cfg.image_size % 32:
         raise ConfigError(f"--image_size {cfg.image_size}: must be a multiple of 32, at least 64")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("--epochs and --batch_size must be at least 1")
+    if not 0.0 <= cfg.val_ratio < 1.0:
+        raise ConfigError(f"--val_ratio {cfg.val_ratio}: must lie in [0, 1)")
+    if not 0.0 < cfg.threshold_quantile <= 1.0:
+        raise ConfigError(f"--threshold_quantile {cfg.threshold_quantile}: must lie in (0, 1]")
+    if cfg.save_interval < 1:
+        raise ConfigError("--save_interval must be at least 1")
+    if cfg.visualdl and importlib.util.find_spec("visualdl") is None:
+        raise ConfigError("--visualdl needs VisualDL: pip install visualdl")
 
 
 def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoader:
@@ -77,7 +98,14 @@ def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoad
                       num_workers=cfg.num_workers)
 
 
-def predict_samples(net: RD4AD, dataset: MVTecDataset, cfg: Config, desc: str, progress: bool = True):
+def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
+                    ctx: distributed.Context = distributed.Context(), progress: bool = True,
+                    dataset: MVTecDataset | None = None) -> Predictions:
+    """Maps and scores of `samples` (sharded over ranks and gathered when data-parallel)."""
+    if ctx.parallel:
+        dataset = MVTecDataset(ctx.shard(samples), cfg.image_size)
+    elif dataset is None:
+        dataset = MVTecDataset(samples, cfg.image_size)
     loader = make_loader(dataset, cfg, batch_size=min(cfg.batch_size, 8))
     # Building the predictor costs seconds; it pays back from a few dozen images on a CPU.
     # Not in train mode: once a Paddle Inference predictor has run, eager training in the
@@ -87,71 +115,126 @@ def predict_samples(net: RD4AD, dataset: MVTecDataset, cfg: Config, desc: str, p
         and len(dataset) >= 32)
     runner = StaticGraphRunner(net, cfg.image_size, os.cpu_count() or 1) if static else None
     try:
-        return predict(net, loader, len(dataset), cfg.image_size, desc=desc, progress=progress,
-                       runner=runner)
+        pred = predict(net, loader, len(dataset), cfg.image_size, desc=desc,
+                       progress=progress and ctx.is_main, runner=runner)
     finally:
         if runner is not None:
             runner.close()
-
-
-def evaluate(net: RD4AD, test_set: MVTecDataset, cfg: Config, desc: str = "eval", progress: bool = True):
-    pred = predict_samples(net, test_set, cfg, desc, progress)
-    return pred, compute_metrics(pred)
+    if ctx.parallel:
+        full = distributed.gather_shards(ctx, len(samples), {
+            "maps": pred.maps, "scores": pred.scores, "masks": pred.masks, "labels": pred.labels})
+        pred = Predictions(full["maps"], full["scores"], full["masks"], full["labels"])
+    pred.mask_known = np.array([s.has_mask for s in samples], dtype=bool)
+    return pred
 
 
 def _metric_line(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def train_class(cfg: Config, cls: str) -> dict:
-    """Train one class from scratch; save its checkpoint(s); return the reported metrics."""
+class TrainData:
+    """One class's images: training, validation (calibration) and test samples."""
+
+    def __init__(self, source: DataSource, cfg: Config) -> None:
+        all_train = index_train_dir(source.train_dir)
+        self.train, self.val = split_validation(all_train, cfg.val_ratio)
+        self.test = index_test_dir(source.test_dir, source.gt_dir)
+        if not self.val:
+            self.val_note = "no validation image held out: thresholds from training images (optimistic)"
+        else:
+            self.val_note = ""
+        self.pixel_note = pixel_note(self.test, source)
+
+
+def pixel_note(samples: list[Sample], source: DataSource) -> str:
+    if any(s.label == 1 and s.mask_path is None for s in samples):
+        return (f"{source.gt_dir or 'ground_truth'}: no masks, pixel metrics skipped "
+                f"(image metrics still computed)")
+    return ""
+
+
+def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
+    """Train one class (or resume it, or skip it when finished); calibrate thresholds on
+    validation-good images; evaluate on the test set; save checkpoint, metrics, report."""
+    cls = source.name
+    if not cfg.force:
+        done = finished_metrics(cfg, cls)
+        if done is not None:
+            log(f"[{cls}] already finished with these settings: skipped (--force retrains)")
+            return done
     seed_everything(cfg.seed)
-    train_samples = index_train(cfg.data_dir, cls)
-    test_samples = index_test(cfg.data_dir, cls)
-    train_set = MVTecDataset(train_samples, cfg.image_size)
-    test_set = MVTecDataset(test_samples, cfg.image_size)  # decoded once, evaluated often
+    data = TrainData(source, cfg)
+    if cfg.batch_size > len(data.train):
+        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {len(data.train)} "
+                          f"training images of {source.train_dir}")
+    train_set = MVTecDataset(data.train, cfg.image_size)
+    test_set = MVTecDataset(data.test, cfg.image_size)  # decoded once, evaluated often
     net = build_rd4ad(cfg.arch, cfg.teacher_weights)
-    optimizer = build_optimizer(net.trainable_parameters(), cfg.lr, cfg.beta1, cfg.beta2)
-    # One seeded batch order for both paths, so the cache changes speed, not results.
-    sampler = EpochBatchSampler(len(train_samples), cfg.batch_size, cfg.seed)
-    cache = None
-    if cfg.feature_cache:
-        cache = TeacherFeatureCache.build(
-            net.teacher, make_loader(train_set, cfg, cfg.batch_size),
-            len(train_samples), cfg.feature_cache_mb, cfg.class_dir(cls),
-            desc=f"teacher features {cls}", dtype=cfg.feature_cache_dtype)
-        log(f"[{cls}] teacher features cached: {cache.nbytes / 2**20:.0f} MB {cfg.feature_cache_dtype} "
-            f"({'memory-mapped file' if cache.on_disk else 'in memory'})")
-        batches = sampler
-    else:
-        batches = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
-    log(f"[{cls}] {len(train_samples)} train / {len(test_samples)} test images, arch {cfg.arch}, "
-        f"{cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}")
+    params = net.trainable_parameters()
+    optimizer = build_optimizer(params, cfg.lr, cfg.beta1, cfg.beta2)
+    branch = net.student_branch()  # bottleneck + student: what the optimizer trains
+    if ctx.parallel:
+        branch = paddle.DataParallel(branch)
+    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if cfg.amp else None
+    # One seeded batch order for every path (cache or not, one rank or many, resumed or not).
+    sampler = EpochBatchSampler(len(data.train), cfg.batch_size, cfg.seed)
 
-    best = {"score": -1.0, "epoch": 0, "metrics": None}
-    step, loss_history = 0, []
-    epochs = tqdm(range(1, cfg.epochs + 1), desc=f"train {cls}", dynamic_ncols=True)
+    first_epoch, loss_history, best = 1, [], {"score": -1.0, "epoch": 0, "metrics": None}
+    if cfg.resume:
+        state = load_train_state(cfg, cls)
+        if state is None:
+            log(f"[{cls}] --resume: no training state yet, starting at epoch 1")
+        else:
+            epoch, loss_history, extra = restore_train_state(state, net, optimizer, params, sampler.rng)
+            best = extra.get("best", best)
+            first_epoch = epoch + 1
+            log(f"[{cls}] resumed after epoch {epoch} from {state_path(cfg, cls)}")
+    elif os.path.isfile(state_path(cfg, cls)):
+        log(f"[{cls}] starting again at epoch 1 ({state_path(cfg, cls)} exists: --resume continues it)")
+
+    log(f"[{cls}] {len(data.train)} train / {len(data.val)} validation / {len(data.test)} test images, "
+        f"arch {cfg.arch}, {cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}"
+        + (f", {ctx.world_size} ranks" if ctx.parallel else ""))
+    for note in (data.val_note, data.pixel_note):
+        if note:
+            log(f"[{cls}] note: {note}")
+
+    cache, batches = None, sampler
+    if first_epoch <= cfg.epochs:
+        if cfg.feature_cache:
+            cache = TeacherFeatureCache.build(
+                net.teacher, make_loader(train_set, cfg, cfg.batch_size), len(data.train),
+                cfg.feature_cache_mb, cfg.class_dir(cls), desc=f"teacher features {cls}",
+                dtype=cfg.feature_cache_dtype)
+            log(f"[{cls}] teacher features cached: {cache.nbytes / 2**20:.0f} MB {cfg.feature_cache_dtype} "
+                f"({'memory-mapped file' if cache.on_disk else 'in memory'})")
+        else:
+            batches = DataLoader(train_set, batch_sampler=ShardedBatches(sampler, ctx),
+                                 num_workers=cfg.num_workers)
+
+    tracker = ScalarLogger(os.path.join(cfg.output_dir, "visualdl", cls) if cfg.visualdl and ctx.is_main else None)
+    step = sum(len(e) for e in loss_history)
+    epochs = tqdm(range(first_epoch, cfg.epochs + 1), desc=f"train {cls}", dynamic_ncols=True,
+                  initial=first_epoch - 1, total=cfg.epochs, disable=not ctx.is_main)
     for epoch in epochs:
         net.train()
         losses, seen, reader_cost, t_start = [], 0, 0.0, time.perf_counter()
         t_read = time.perf_counter()
         for batch in batches:
             if cache is not None:
-                teacher_feats = cache.batch(batch)
+                teacher_feats = cache.batch(ctx.shard(batch))
                 reader_cost += time.perf_counter() - t_read
             else:
                 reader_cost += time.perf_counter() - t_read
                 teacher_feats = net.teacher_features(batch[0])
-            loss = cosine_distillation_loss(teacher_feats, net.student_features(teacher_feats))
-            loss.backward()
-            optimizer.step()
-            optimizer.clear_grad()
-            losses.append(float(loss))
-            seen += teacher_feats[0].shape[0]
+            loss = train_step(branch, optimizer, teacher_feats, scaler)
+            losses.append(loss)
+            seen += teacher_feats[0].shape[0] * ctx.world_size
             step += 1
-            if cfg.log_interval and step % cfg.log_interval == 0:
+            tracker.add_scalar("train/loss", loss, step)
+            if cfg.log_interval and step % cfg.log_interval == 0 and ctx.is_main:
                 elapsed = time.perf_counter() - t_start
-                log(f"[{cls}] epoch {epoch} step {step} loss {losses[-1]:.5f} "
+                log(f"[{cls}] epoch {epoch} step {step} loss {loss:.5f} "
                     f"ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(losses):.4f} s")
             t_read = time.perf_counter()
         epochs.set_postfix(loss=f"{np.mean(losses):.4f}")
@@ -160,36 +243,110 @@ def train_class(cfg: Config, cls: str) -> dict:
             raise FloatingPointError(f"[{cls}] loss became {losses[-1]} at epoch {epoch}")
 
         last_epoch = epoch == cfg.epochs
-        periodic = bool(cfg.eval_interval) and epoch % cfg.eval_interval == 0
-        if periodic and not last_epoch:
-            # Atomic, so a kill mid-write keeps the previous one. Reported: the last epoch's.
-            save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch,
-                            image_size=cfg.image_size, epoch=epoch, cls=cls,
-                            teacher_weights=cfg.teacher_weights)
-        if periodic and not last_epoch:
-            # no nested bar under the epoch bar
-            _, metrics = evaluate(net, test_set, cfg, progress=False)
-            log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
-            if cfg.select_best_on_test:
-                best = _keep_best(cfg, cls, net, epoch, metrics, best)
-
+        if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
+            if ctx.is_main:  # an intermediate model to look at; the reported one is the last
+                save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch,
+                                image_size=cfg.image_size, epoch=epoch, cls=cls,
+                                teacher_weights=cfg.teacher_weights)
+            if data.test:
+                pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=test_set)
+                metrics = compute_metrics(pred)
+                log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
+                for name, value in metrics.items():
+                    tracker.add_scalar(f"test/{name}", value, epoch)
+                if cfg.select_best_on_test and ctx.is_main:
+                    best = _keep_best(cfg, cls, net, epoch, metrics, best)
+        if (epoch % cfg.save_interval == 0 or last_epoch) and ctx.is_main:
+            save_train_state(cfg, cls, epoch=epoch, net=net, optimizer=optimizer, params=params,
+                             sampler_rng=sampler.rng, loss_history=loss_history, extra={"best": best})
+    epochs.close()
     if cache is not None:
         cache.close()
-    # Scores of the (good) training images: what deployment normalises scores with.
-    stats = good_score_statistics(predict_samples(net, train_set, cfg, f"score stats {cls}"))
-    save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch, image_size=cfg.image_size,
-                    epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
-                    extra={"score_stats": stats})
-    _, metrics = evaluate(net, test_set, cfg, desc=f"eval {cls}")
-    log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
-    if cfg.select_best_on_test:
-        best = _keep_best(cfg, cls, net, cfg.epochs, metrics, best)
+    return finish_class(cfg, source, ctx, net, data, test_set, best, loss_history, tracker)
+
+
+class ShardedBatches:
+    """This rank's share of each global batch of an EpochBatchSampler (for a DataLoader)."""
+
+    def __init__(self, sampler: EpochBatchSampler, ctx: distributed.Context) -> None:
+        self.sampler, self.ctx = sampler, ctx
+
+    def __iter__(self):
+        for batch in self.sampler:
+            yield self.ctx.shard(batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def train_step(branch: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
+               teacher_feats: list[paddle.Tensor], scaler: paddle.amp.GradScaler | None) -> float:
+    """One optimizer step of bottleneck + student on a batch of teacher features."""
+    if scaler is None:
+        loss = cosine_distillation_loss(teacher_feats, branch(teacher_feats))
+        loss.backward()
+        optimizer.step()
+    else:  # float16 compute where Paddle's O1 lists allow it; the loss in float32
+        with paddle.amp.auto_cast(level="O1", dtype="float16"):
+            student_feats = branch(teacher_feats)
+        loss = cosine_distillation_loss(teacher_feats, [f.astype("float32") for f in student_feats])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.clear_grad()
+    return float(loss)
+
+
+def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net: RD4AD,
+                 data: TrainData, test_set: MVTecDataset, best: dict, loss_history: list,
+                 tracker: ScalarLogger) -> dict:
+    """Calibrate, save the final checkpoint, evaluate, write metrics and the report."""
+    cls = source.name
+    # Thresholds and score statistics from validation-good images (training ones if none).
+    calib_samples = data.val or data.train
+    calib_pred = predict_samples(net, calib_samples, cfg, f"calibrate {cls}", ctx)
+    calibration = calibrate(calib_pred.scores, calib_pred.maps, cfg.threshold_quantile,
+                            "validation" if data.val else "training")
+    stats = good_score_statistics(calib_pred)
+    del calib_pred
+    if ctx.is_main:
+        save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch, image_size=cfg.image_size,
+                        epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
+                        extra={"score_stats": stats, "calibration": calibration.to_dict()})
+    log(f"[{cls}] thresholds from {calibration.count} {calibration.source} image(s) at the "
+        f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
+        f"pixel {calibration.pixel_threshold:.5f}")
+    metrics = {n: float("nan") for n in METRIC_NAMES}
+    if data.test:
+        pred = predict_samples(net, data.test, cfg, f"eval {cls}", ctx, dataset=test_set)
+        metrics = compute_metrics(pred, calibration)
+        log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
+        if cfg.report and ctx.is_main:
+            report = write_class_report(cfg.output_dir, cls, pred, data.test, _image_reader(test_set), metrics,
+                                        calibration, data.pixel_note)
+            log(f"[{cls}] report: {report}")
+        del pred
+    else:
+        log(f"[{cls}] no test images: training and calibration only, no metrics")
+    for name, value in metrics.items():
+        tracker.add_scalar(f"final/{name}", value, cfg.epochs)
+    tracker.close()
+    if cfg.select_best_on_test and data.test:
+        if ctx.is_main:
+            best = _keep_best(cfg, cls, net, cfg.epochs, metrics, best)
         log(f"[{cls}] best on test: epoch {best['epoch']}")
         metrics = dict(best["metrics"], selected_epoch=best["epoch"])
-    atomic_write_json(os.path.join(cfg.class_dir(cls), "metrics.json"), metrics)
-    atomic_write_json(os.path.join(cfg.class_dir(cls), "train_log.json"),
-                      {"loss_per_step": loss_history, "feature_cache": cfg.feature_cache})
+    if ctx.is_main:
+        atomic_write_json(os.path.join(cfg.class_dir(cls), "metrics.json"), metrics)
+        atomic_write_json(os.path.join(cfg.class_dir(cls), "train_log.json"),
+                          {"loss_per_step": loss_history, "feature_cache": cfg.feature_cache})
+        mark_finished(cfg, cls, metrics)
+    distributed.barrier(ctx)
     return metrics
+
+
+def _image_reader(dataset: MVTecDataset):
+    return lambda i: denormalize(dataset[i][0])
 
 
 def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, best: dict) -> dict:
@@ -198,11 +355,11 @@ def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, bes
         save_checkpoint(cfg.checkpoint_path(cls, best=True), net, arch=cfg.arch,
                         image_size=cfg.image_size, epoch=epoch, cls=cls,
                         teacher_weights=cfg.teacher_weights)
-        return {"score": score, "epoch": epoch, "metrics": metrics}
+        return {"score": float(score), "epoch": epoch, "metrics": metrics}
     return best
 
 
-def load_trained(cfg: Config, cls: str) -> RD4AD:
+def load_trained(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None]:
     path = cfg.checkpoint_path(cls, best=cfg.select_best_on_test)
     state = load_checkpoint(path, arch=cfg.arch, image_size=cfg.image_size)
     if "teacher" not in state and cfg.teacher_weights.lower() == "none":
@@ -211,41 +368,82 @@ def load_trained(cfg: Config, cls: str) -> RD4AD:
     # A checkpoint trained with a random teacher carries that teacher.
     net = build_rd4ad(cfg.arch, "none" if "teacher" in state else cfg.teacher_weights)
     apply_checkpoint(net, state, path)
-    return net
+    calibration = Calibration.from_dict(state["calibration"]) if "calibration" in state else None
+    if calibration is None:
+        log(f"[{cls}] note: {path} has no calibrated thresholds (trained by an older version): "
+            f"no verdicts or F1")
+    return net, calibration
 
 
-def eval_class(cfg: Config, cls: str) -> dict:
-    test_set = MVTecDataset(index_test(cfg.data_dir, cls), cfg.image_size)
-    net = load_trained(cfg, cls)
-    _, metrics = evaluate(net, test_set, cfg, desc=f"eval {cls}")
-    log(f"[{cls}] {_metric_line(metrics)}")
+def _test_samples(source: DataSource) -> list[Sample]:
+    samples = index_test_dir(source.test_dir, source.gt_dir)
+    if not samples:
+        raise DataError(f"{source.test_dir or '--test_dir'}: no test images to evaluate")
+    return samples
+
+
+def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
+    samples = _test_samples(source)
+    dataset = MVTecDataset(samples, cfg.image_size)
+    net, calibration = load_trained(cfg, source.name)
+    pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset)
+    metrics = compute_metrics(pred, calibration)
+    log(f"[{source.name}] {_metric_line(metrics)}")
+    if cfg.report and ctx.is_main:
+        log(f"[{source.name}] report: " + write_class_report(
+            cfg.output_dir, source.name, pred, samples, _image_reader(dataset), metrics, calibration,
+            pixel_note(samples, source)))
     return metrics
 
 
-def infer_class(cfg: Config, cls: str) -> dict:
-    """Heatmap beside the ground truth for every test image, and a CSV of image scores."""
-    test_samples = index_test(cfg.data_dir, cls)
-    dataset = MVTecDataset(test_samples, cfg.image_size)
-    net = load_trained(cfg, cls)
-    pred, metrics = evaluate(net, dataset, cfg, desc=f"infer {cls}")
+def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
+    """For every test image: heatmap beside the ground truth and the predicted mask, the
+    binary mask as a PNG, and a row of scores.csv with the verdict."""
+    cls = source.name
+    samples = _test_samples(source)
+    dataset = MVTecDataset(samples, cfg.image_size)
+    net, calibration = load_trained(cfg, cls)
+    pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset)
+    metrics = compute_metrics(pred, calibration)
+    if not ctx.is_main:
+        return metrics
     out_dir = os.path.join(cfg.class_dir(cls), "infer")
-    vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
-    for i, sample in enumerate(tqdm(test_samples, desc=f"images {cls}", leave=False)):
+    if calibration is not None:  # heatmap colours: blue at the lowest good value, red at 2x threshold
+        vmin, vmax = calibration.pixel_low, 2 * calibration.pixel_threshold - calibration.pixel_low
+    else:
+        vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
+    rows = []
+    for i, sample in enumerate(tqdm(samples, desc=f"images {cls}", leave=False)):
         image = denormalize(dataset[i][0])
-        mask = pred.masks[i]  # a good test image's ground truth is an empty mask
-        caption = f"{sample.defect}/{os.path.basename(sample.image_path)}  score {pred.scores[i]:.4f}"
-        picture = side_by_side(image, mask, pred.maps[i], vmin, vmax, caption)
+        mask = pred.masks[i] if sample.has_mask else None
+        predicted = calibration.masks(pred.maps[i]) if calibration is not None else None
+        verdict = ("DEFECT" if calibration.verdicts(pred.scores[i]) else "OK") if calibration else ""
+        norm = float(calibration.normalize_scores(pred.scores[i])) if calibration else float("nan")
+        caption = (f"{sample.defect}/{os.path.basename(sample.image_path)}  score {pred.scores[i]:.4f}"
+                   + (f"  {norm:.2f} {verdict}" if calibration else ""))
+        picture = side_by_side(image, mask, pred.maps[i], vmin, vmax, caption, predicted)
         atomic_write(os.path.join(out_dir, sample.name + ".png"),
                      lambda tmp, p=picture: p.save(tmp, format="PNG"))
+        if predicted is not None:
+            atomic_write(os.path.join(out_dir, "masks", sample.name + ".png"),
+                         lambda tmp, m=predicted: binary_mask_image(m).save(tmp, format="PNG"))
+        rows.append([_display_path(sample.image_path, cfg), sample.defect, sample.label,
+                     f"{pred.scores[i]:.6f}", "" if calibration is None else f"{norm:.4f}", verdict])
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "defect", "label", "score"])
-    for sample, score in zip(test_samples, pred.scores):
-        writer.writerow([os.path.relpath(sample.image_path, cfg.data_dir), sample.defect,
-                         sample.label, f"{score:.6f}"])
+    writer.writerow(["image", "defect", "label", "score", "normalized_score", "verdict"])
+    writer.writerows(rows)
     atomic_write_text(os.path.join(out_dir, "scores.csv"), buf.getvalue())
-    log(f"[{cls}] wrote {len(test_samples)} heatmaps and scores.csv to {out_dir}")
+    defects = sum(r[5] == "DEFECT" for r in rows)
+    log(f"[{cls}] wrote {len(samples)} heatmaps, masks and scores.csv to {out_dir}"
+        + (f": {defects} DEFECT / {len(rows) - defects} OK" if calibration else ""))
     return metrics
+
+
+def _display_path(path: str, cfg: Config) -> str:
+    base = cfg.data_dir if not cfg.train_dir else os.path.dirname(os.path.normpath(cfg.test_dir))
+    rel = os.path.relpath(path, base)
+    return path if rel.startswith("..") else rel
 
 
 def write_results(cfg: Config, results: dict[str, dict]) -> str:
@@ -256,7 +454,8 @@ def write_results(cfg: Config, results: dict[str, dict]) -> str:
     md = (f"# RD4AD results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
           f"Command: `{command}`\n\nCheckpoint: {selection}. Values in percent; "
           f"AUPRO up to FPR 0.3 (per image: the reference's and paper's protocol; "
-          f"set: MVTec AD's).\n\n{table}\n")
+          f"set: MVTec AD's). F1, precision and recall at the thresholds calibrated on "
+          f"validation-good images ({100 * cfg.threshold_quantile:g}% quantile).\n\n{table}\n")
     atomic_write_text(os.path.join(cfg.output_dir, "results.md"), md)
     atomic_write_json(os.path.join(cfg.output_dir, "results.json"), {
         "config": cfg.to_dict(), "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
@@ -266,24 +465,29 @@ def write_results(cfg: Config, results: dict[str, dict]) -> str:
 
 def run(cfg: Config) -> dict[str, dict]:
     check_config(cfg)
-    device = set_device(cfg)
-    classes = resolve_classes(cfg.data_dir, cfg.cls)
-    log(f"mode {cfg.mode}, device {device}, classes: {', '.join(classes)}")
+    ctx = distributed.init()
+    device = set_device(cfg, ctx)
+    sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+    if ctx.is_main:
+        # The settings actually used (flags over --config over defaults), readable by --config.
+        name = "config.yaml" if cfg.mode == "train" else f"config_{cfg.mode}.yaml"
+        atomic_write_text(os.path.join(cfg.output_dir, name), config_yaml(cfg))
+    log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     step = {"train": train_class, "eval": eval_class, "infer": infer_class}[cfg.mode]
     results = {}
-    for cls in classes:
-        results[cls] = {k: v for k, v in step(cfg, cls).items()}
-        if cfg.mode != "infer":
+    for source in sources:
+        results[source.name] = dict(step(cfg, source, ctx))
+        if cfg.mode != "infer" and ctx.is_main:
             write_results(cfg, results)  # after every class: nothing finished is lost
-    table = results_table({c: {n: r[n] for n in METRIC_NAMES} for c, r in results.items()})
-    log("\n" + table)
+    if cfg.mode != "infer" and cfg.report and ctx.is_main:
+        log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict())}")
+    log("\n" + results_table(results))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
     try:
-        run(cfg)
+        run(parse_config(argv))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

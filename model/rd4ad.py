@@ -36,9 +36,23 @@ class RD4AD(nn.Layer):
         """Bottleneck + student: what training updates, from (possibly cached) teacher features."""
         return self.student(self.bottleneck(teacher_feats))
 
+    def student_branch(self) -> nn.Layer:
+        """Bottleneck + student as one Layer (teacher features -> student features), the
+        part that trains: what paddle.DataParallel wraps."""
+        return StudentBranch(self.bottleneck, self.student)
+
     def forward(self, images: paddle.Tensor) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
         teacher_feats = self.teacher_features(images)
         return teacher_feats, self.student_features(teacher_feats)
+
+
+class StudentBranch(nn.Layer):
+    def __init__(self, bottleneck: nn.Layer, student: nn.Layer) -> None:
+        super().__init__()
+        self.bottleneck, self.student = bottleneck, student
+
+    def forward(self, teacher_feats: list[paddle.Tensor]) -> list[paddle.Tensor]:
+        return self.student(self.bottleneck(teacher_feats))
 
 
 def build_rd4ad(arch: str = "wide_resnet50_2", teacher_weights: str = "imagenet") -> RD4AD:

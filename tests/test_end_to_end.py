@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import ROOT
 
 SMALL = ["--data_dir", os.path.join(ROOT, "sample_data"), "--cls", "bottle", "--arch", "resnet18",
-         "--image_size", "64", "--teacher_weights", "none", "--batch_size", "4"]
+         "--image_size", "64", "--teacher_weights", "none", "--batch_size", "3"]
 
 
 def run_main(*args, check=True):
@@ -63,11 +63,19 @@ def test_infer_writes_side_by_side_pictures_and_scores(trained):
     assert {r["defect"] for r in rows} == {"good", "scratch", "crack", "missing", "stain"}
     assert all(float(r["score"]) >= 0 for r in rows)
     assert {r["label"] for r in rows} == {"0", "1"}
+    assert {r["verdict"] for r in rows} <= {"OK", "DEFECT"}
+    for r in rows:  # 0.5 is the threshold: verdict and normalised score agree
+        assert 0.0 <= float(r["normalized_score"]) <= 1.0
+        assert (float(r["normalized_score"]) > 0.5) == (r["verdict"] == "DEFECT"), r
     picture = Image.open(os.path.join(infer_dir, "crack_000.png"))
-    assert picture.size[0] == 3 * 64 and picture.size[1] > 64
+    # original | ground truth | heatmap | predicted mask
+    assert picture.size[0] == 4 * 64 and picture.size[1] > 64
     panels = np.asarray(picture.convert("RGB"))[:64]
     gt = panels[:, 64:128, 0]
     assert set(np.unique(gt)) == {0, 255}  # the ground-truth panel is the binary mask
+    predicted = np.asarray(Image.open(os.path.join(infer_dir, "masks", "crack_000.png")))
+    assert predicted.shape == (64, 64) and set(np.unique(predicted)) <= {0, 255}
+    assert np.array_equal(panels[:, 192:256, 0], predicted)
 
 
 def test_unknown_class_is_one_line_and_exit_2(tmp_path):

@@ -12,7 +12,7 @@ from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache
 
 def losses_of(tmp_path, name, *flags):
     out = str(tmp_path / name)
-    run_main(*SMALL, "--epochs", "3", "--batch_size", "3", "--eval_interval", "0", "--output_dir", out, *flags)
+    run_main(*SMALL, "--epochs", "3", "--batch_size", "3", "--val_ratio", "0", "--eval_interval", "0", "--output_dir", out, *flags)
     log = json.load(open(os.path.join(out, "bottle", "train_log.json")))
     return np.array([loss for epoch in log["loss_per_step"] for loss in epoch]), log["feature_cache"]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 
@@ -34,6 +35,19 @@ class Config:
     feature_cache_mb: float = 8192.0
     feature_cache_dtype: str = "float16"
     eval_backend: str = "auto"
+    # own data and decisions
+    train_dir: str = ""
+    test_dir: str = ""
+    val_ratio: float = 0.1
+    threshold_quantile: float = 0.995
+    # long runs and reports
+    config: str = ""
+    resume: bool = False
+    force: bool = False
+    save_interval: int = 5
+    report: bool = True
+    visualdl: bool = False
+    amp: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature_cache_mb", type=float, default=d.feature_cache_mb,
                    help="teacher-feature cache above this size goes to a memory-mapped file")
     p.add_argument("--feature_cache_dtype", default=d.feature_cache_dtype, choices=["float16", "float32"])
+    g = p.add_argument_group("own data and decisions")
+    g.add_argument("--train_dir", default=d.train_dir,
+                   help="a folder of good training images (instead of --data_dir's MVTec layout)")
+    g.add_argument("--test_dir", default=d.test_dir,
+                   help="test images: subfolders good/ and <defect>/ are labelled, loose images unlabelled")
+    g.add_argument("--val_ratio", type=float, default=d.val_ratio,
+                   help="share of train-good images held out (deterministically) to calibrate "
+                        "thresholds; 0: calibrate on the training images")
+    g.add_argument("--threshold_quantile", type=float, default=d.threshold_quantile,
+                   help="image threshold = this quantile of validation-good scores")
+    g = p.add_argument_group("long runs and reports")
+    g.add_argument("--config", default=d.config,
+                   help="YAML file of flag values; flags on the command line override it")
+    g.add_argument("--resume", action="store_true",
+                   help="continue each class from its last training state (OUTPUT_DIR/CLASS/train_state.pdparams)")
+    g.add_argument("--force", action="store_true",
+                   help="retrain classes that already finished (default: skip them)")
+    g.add_argument("--save_interval", type=int, default=d.save_interval,
+                   help="save the training state (for --resume) every N epochs")
+    g.add_argument("--no_report", dest="report", action="store_false",
+                   help="skip the HTML/PNG report after evaluation")
+    g.add_argument("--visualdl", action="store_true",
+                   help="log loss and metrics with VisualDL (pip install visualdl) to OUTPUT_DIR/visualdl")
+    g.add_argument("--amp", action="store_true",
+                   help="automatic mixed precision (float16) training on GPU")
     p.add_argument("--eval_backend", default=d.eval_backend, choices=["auto", "dygraph", "static"],
                    help="evaluate with the dynamic graph or a Paddle Inference predictor built "
                         "from the current weights (auto: static in --mode eval/infer on CPU for 32+ images; dygraph when training, "
@@ -85,6 +124,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Flag values of a YAML file, checked against the flags' names, types and choices."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag: value")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    out = {}
+    for key, value in values.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name == "no_feature_cache":  # the flag's own spelling
+            name, value = "feature_cache", not value
+        if name == "no_report":
+            name, value = "report", not value
+        if name not in fields or name == "config":
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        default = getattr(Config(), name)
+        kind = type(default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+        if name in choices and value not in choices[name]:
+            raise ConfigError(f"{path}: {key} must be one of {', '.join(map(str, choices[name]))}, got {value!r}")
+        out[name] = value
+    return out
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    args = build_parser().parse_args(argv)
+    """Defaults < YAML file (--config) < flags given on the command line."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_config(pre.config, parser))
+    args = parser.parse_args(argv)
     return Config(**vars(args))
+
+
+def config_yaml(cfg: Config) -> str:
+    """The config actually used, as YAML that --config reads back."""
+    import yaml
+
+    values = {k: v for k, v in cfg.to_dict().items() if k != "config"}
+    return yaml.safe_dump(values, sort_keys=False)

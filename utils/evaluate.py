@@ -10,9 +10,11 @@ from paddle.io import DataLoader
 from tqdm import tqdm
 
 from .anomaly import anomaly_map, image_scores
+from .decision import Calibration, decision_metrics
 from .metrics import aupro, pixel_auroc, sample_auroc
 
 METRIC_NAMES = ("pixel_auroc", "sample_auroc", "aupro_per_image", "aupro_set")
+DECISION_NAMES = ("image_f1", "image_precision", "image_recall", "pixel_f1")
 
 
 @dataclass
@@ -21,7 +23,12 @@ class Predictions:
     maps: np.ndarray    # [N, H, W] float32, smoothed anomaly maps
     scores: np.ndarray  # [N] float32, max of each map
     masks: np.ndarray   # [N, H, W] uint8 ground truth
-    labels: np.ndarray  # [N] int64, 1 = defective
+    labels: np.ndarray  # [N] int64, 1 = defective, 0 = good, -1 = unlabelled
+    mask_known: np.ndarray | None = None  # [N] bool; None: every labelled image's mask
+
+    def known_masks(self) -> np.ndarray:
+        labelled = self.labels >= 0
+        return labelled if self.mask_known is None else labelled & self.mask_known
 
 
 @paddle.no_grad()
@@ -53,18 +60,33 @@ def predict(net: paddle.nn.Layer, loader: DataLoader, num_samples: int, image_si
     return Predictions(maps, scores, masks, labels)
 
 
-def compute_metrics(pred: Predictions) -> dict[str, float]:
-    """The four metrics of the results table; nan where the test set cannot define one
-    (e.g. no defective images)."""
-    has_both_labels = 0 < pred.labels.sum() < len(pred.labels)
-    has_defect_pixels = bool(pred.masks.any()) and not bool(pred.masks.all())
+def compute_metrics(pred: Predictions, calibration: Calibration | None = None) -> dict[str, float]:
+    """The metrics of the results table; nan where the test set cannot define one (no
+    defective images, or defect masks unknown). Unlabelled images count in none.
+    With a calibration, also F1 / precision / recall at its thresholds."""
+    labelled = pred.labels >= 0
+    labels, scores = pred.labels[labelled], pred.scores[labelled]
+    has_both_labels = 0 < labels.sum() < len(labels)
+    # Pixel metrics need every labelled defect's mask, else they would be biased.
+    pixel_ok = bool(np.all(pred.known_masks()[labelled]))
+    masks = maps = None
+    if pixel_ok and labelled.any():
+        if labelled.all():  # no copy in the common case
+            masks, maps = pred.masks, pred.maps
+        else:
+            masks, maps = pred.masks[labelled], pred.maps[labelled]
+    has_defect_pixels = masks is not None and bool(masks.any()) and not bool(masks.all())
     nan = math.nan
-    return {
-        "pixel_auroc": pixel_auroc(pred.masks, pred.maps) if has_defect_pixels else nan,
-        "sample_auroc": sample_auroc(pred.labels, pred.scores) if has_both_labels else nan,
-        "aupro_per_image": aupro(pred.masks, pred.maps, mode="per_image") if has_defect_pixels else nan,
-        "aupro_set": aupro(pred.masks, pred.maps, mode="set") if has_defect_pixels else nan,
+    out = {
+        "pixel_auroc": pixel_auroc(masks, maps) if has_defect_pixels else nan,
+        "sample_auroc": sample_auroc(labels, scores) if has_both_labels else nan,
+        "aupro_per_image": aupro(masks, maps, mode="per_image") if has_defect_pixels else nan,
+        "aupro_set": aupro(masks, maps, mode="set") if has_defect_pixels else nan,
     }
+    if calibration is not None:
+        out.update(decision_metrics(labels, scores, masks if has_defect_pixels else None,
+                                    maps, calibration))
+    return out
 
 
 def good_score_statistics(pred: Predictions) -> dict[str, float]:

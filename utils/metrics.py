@@ -122,7 +122,20 @@ def _aupro_of(masks: np.ndarray, maps: np.ndarray, max_fpr: float,
     return _thresholded_area(scores, fpr_above, pro_above, max_fpr, num_thresholds, value_range)
 
 
-def _exact_area(scores, fpr_above, pro_above, max_fpr) -> float:
+def pro_curve(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, pro) of the whole set (MVTec AD's curve), exact, from FPR 0 up to max_fpr;
+    aupro(mode="set") is its area divided by max_fpr. Empty arrays without defects."""
+    masks, maps = _check_pair(masks, maps)
+    sorted_pixels = _sorted_pixels(masks, maps, max_fpr)
+    if sorted_pixels is None:
+        return np.zeros(0), np.zeros(0)
+    scores, fpr_weight, pro_weight, _ = sorted_pixels
+    fpr_above = np.concatenate([np.cumsum(fpr_weight[::-1])[::-1], [0.0]])
+    pro_above = np.concatenate([np.cumsum(pro_weight[::-1])[::-1], [0.0]])
+    return _exact_curve(scores, fpr_above, pro_above, max_fpr)
+
+
+def _exact_curve(scores, fpr_above, pro_above, max_fpr) -> tuple[np.ndarray, np.ndarray]:
     # Threshold at each distinct score s: positives are pixels >= s, i.e. from the first
     # index of s onwards. Walk thresholds downwards so FPR rises.
     first_of_run = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])[::-1]
@@ -133,6 +146,11 @@ def _exact_area(scores, fpr_above, pro_above, max_fpr) -> float:
         t = (max_fpr - fpr[cut - 1]) / (fpr[cut] - fpr[cut - 1])
         fpr = np.r_[fpr[:cut], max_fpr]
         pro = np.r_[pro[:cut], pro[cut - 1] + t * (pro[cut] - pro[cut - 1])]
+    return fpr, pro
+
+
+def _exact_area(scores, fpr_above, pro_above, max_fpr) -> float:
+    fpr, pro = _exact_curve(scores, fpr_above, pro_above, max_fpr)
     return float(np.trapezoid(pro, fpr) / max_fpr)
 
 

@@ -1,4 +1,4 @@
-"""Pictures: original | ground truth | heatmap overlay, side by side."""
+"""Pictures: original | ground truth | heatmap overlay | predicted mask, side by side."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,15 +17,27 @@ def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: floa
     return (alpha * colour + (1 - alpha) * image.astype(np.float32)).astype(np.uint8)
 
 
+def binary_mask_image(mask: np.ndarray) -> Image.Image:
+    """[H, W] bool/0-1 -> 8-bit PNG-ready image, 255 = defect (MVTec's mask convention)."""
+    return Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L")
+
+
+def _mask_panel(mask: np.ndarray) -> np.ndarray:
+    return np.repeat(((np.asarray(mask) > 0).astype(np.uint8) * 255)[..., None], 3, axis=2)
+
+
 def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, vmin: float,
-                 vmax: float, caption: str) -> Image.Image:
-    """[original | ground truth | heatmap] with a caption strip underneath; without a
-    ground truth (mask None), [original | heatmap]."""
+                 vmax: float, caption: str, predicted: np.ndarray | None = None) -> Image.Image:
+    """[original | ground truth | heatmap | predicted mask] with a caption strip
+    underneath; panels without data (mask None: no ground truth; predicted None: no
+    threshold) are left out."""
     h, w = amap.shape
     panels = [image]
     if mask is not None:
-        panels.append(np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2))
+        panels.append(_mask_panel(mask))
     panels.append(heatmap_overlay(image, amap, vmin, vmax))
+    if predicted is not None:
+        panels.append(_mask_panel(predicted))
     panels = np.concatenate(panels, axis=1)
     strip = 18
     canvas = Image.new("RGB", (panels.shape[1], h + strip), (255, 255, 255))

@@ -1,0 +1,68 @@
+"""Data-parallel training through Paddle's own engine (paddle.distributed.launch).
+
+    python -m paddle.distributed.launch --devices 0,1,2,3 main.py ...      # GPUs
+    python -m paddle.distributed.launch --nproc_per_node 2 main.py ...     # CPU (gloo)
+
+Every rank draws the same seeded global batch order and trains on its share of each batch
+(DistributedBatchSampler's split, kept in step with the single-process order); gradients
+are averaged by paddle.DataParallel. Evaluation is sharded the same way and the
+predictions are gathered on every rank, so all ranks compute the same metrics; rank 0
+alone writes checkpoints, training states, results and reports.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: list) -> list:
+        """This rank's share: every world_size-th item from its rank."""
+        return items[self.rank::self.world_size] if self.parallel else items
+
+
+def init() -> Context:
+    """Join the process group when started by paddle.distributed.launch (or alone)."""
+    if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) <= 1:
+        return Context()
+    import paddle.distributed as dist
+
+    dist.init_parallel_env()
+    return Context(dist.get_rank(), dist.get_world_size())
+
+
+def gather_shards(ctx: Context, total: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reassemble arrays sharded by Context.shard (rank r holds items r, r+W, ...)."""
+    if not ctx.parallel:
+        return arrays
+    import paddle.distributed as dist
+
+    parts: list = []
+    dist.all_gather_object(parts, arrays)
+    out = {}
+    for key, first in arrays.items():
+        full = np.empty((total, *first.shape[1:]), dtype=first.dtype)
+        for rank, part in enumerate(parts):
+            full[rank::ctx.world_size] = part[key]
+        out[key] = full
+    return out
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.parallel:
+        paddle.distributed.barrier()

@@ -1,0 +1,158 @@
+"""Everything needed to continue a class's training exactly where it stopped (--resume).
+
+OUTPUT_DIR/CLASS/train_state.pdparams holds the epoch, bottleneck and student weights,
+the optimizer's moments, the batch sampler's RNG state, Python's and NumPy's RNG states,
+the loss history and the settings that shaped the run (its fingerprint). It is written
+atomically every --save_interval epochs and at the last epoch; a resumed run then takes
+the same batches in the same order with the same optimizer state, so it ends with the
+same weights as an unbroken run (tests/test_resume.py kills a run and checks this).
+
+OUTPUT_DIR/CLASS/status.json marks a finished class (its fingerprint and metrics), so a
+second run over all classes skips it unless --force.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any
+
+import numpy as np
+import paddle
+
+from .checkpoint import CheckpointError, atomic_write, atomic_write_json
+from .config import Config, ConfigError
+
+STATE_FORMAT = "rd4ad-paddle-train-state/1"
+# Settings that change the trained weights; paths are left out so data can move.
+FINGERPRINT_KEYS = ("arch", "image_size", "epochs", "batch_size", "lr", "beta1", "beta2", "seed",
+                    "teacher_weights", "val_ratio", "feature_cache", "feature_cache_dtype", "amp")
+
+
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    d = cfg.to_dict()
+    out = {k: d[k] for k in FINGERPRINT_KEYS}
+    if not cfg.feature_cache:
+        out.pop("feature_cache_dtype")
+    return out
+
+
+def state_path(cfg: Config, cls: str) -> str:
+    return os.path.join(cfg.class_dir(cls), "train_state.pdparams")
+
+
+def status_path(cfg: Config, cls: str) -> str:
+    return os.path.join(cfg.class_dir(cls), "status.json")
+
+
+def _differences(saved: dict, current: dict) -> str:
+    keys = sorted(set(saved) | set(current))
+    return ", ".join(f"{k}={saved.get(k)!r} (now {current.get(k)!r})"
+                     for k in keys if saved.get(k) != current.get(k))
+
+
+def finished_metrics(cfg: Config, cls: str) -> dict | None:
+    """The metrics of a finished class with the same settings; None when not finished.
+    A class finished with other settings is an error unless --force (it would be mixed
+    into the results table otherwise)."""
+    path = status_path(cfg, cls)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            status = json.load(f)
+        saved, metrics = status["fingerprint"], status["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable marker: train again
+    if not os.path.isfile(cfg.checkpoint_path(cls)):
+        return None
+    diff = _differences(saved, fingerprint(cfg))
+    if diff:
+        raise ConfigError(f"{path}: class {cls!r} already finished with other settings ({diff}); "
+                          f"use --force to retrain it, or another --output_dir")
+    return metrics
+
+
+def mark_finished(cfg: Config, cls: str, metrics: dict) -> None:
+    atomic_write_json(status_path(cfg, cls), {"finished": True, "fingerprint": fingerprint(cfg),
+                                              "metrics": metrics})
+    path = state_path(cfg, cls)
+    if os.path.exists(path):
+        os.remove(path)  # the final checkpoint replaces it; it holds the optimizer too (large)
+
+
+def save_train_state(cfg: Config, cls: str, *, epoch: int, net: paddle.nn.Layer,
+                     optimizer: paddle.optimizer.Optimizer, params: list, sampler_rng: np.random.Generator,
+                     loss_history: list, extra: dict | None = None) -> None:
+    state = {
+        "format": STATE_FORMAT,
+        "fingerprint": json.dumps(fingerprint(cfg), sort_keys=True),
+        "epoch": int(epoch),
+        "bottleneck": net.bottleneck.state_dict(),
+        "student": net.student.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "param_names": [p.name for p in params],
+        "sampler_rng": json.dumps(sampler_rng.bit_generator.state),
+        "python_rng": json.dumps(random.getstate()),
+        "numpy_rng": json.dumps(_numpy_state_to_json(np.random.get_state())),
+        "loss_history": json.dumps(loss_history),
+        "extra": json.dumps(extra or {}),
+    }
+    atomic_write(state_path(cfg, cls), lambda tmp: paddle.save(state, tmp))
+
+
+def load_train_state(cfg: Config, cls: str) -> dict | None:
+    """The saved state, checked against the current settings; None when there is none."""
+    path = state_path(cfg, cls)
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = paddle.load(path)
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable or truncated training state "
+                              f"({type(err).__name__}); delete it to start the class again") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not an RD4AD-Paddle training state")
+    diff = _differences(json.loads(state["fingerprint"]), fingerprint(cfg))
+    if diff:
+        raise ConfigError(f"{path}: saved with other settings ({diff}); resume with the same "
+                          f"settings, or drop --resume to start again")
+    return state
+
+
+def restore_train_state(state: dict, net: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
+                        params: list, sampler_rng: np.random.Generator) -> tuple[int, list, dict]:
+    """Load weights, optimizer moments and RNG states; return (epoch, loss_history, extra)."""
+    net.bottleneck.set_state_dict(state["bottleneck"])
+    net.student.set_state_dict(state["student"])
+    optimizer.set_state_dict(_rename_optimizer_state(state["optimizer"], state["param_names"],
+                                                     [p.name for p in params]))
+    sampler_rng.bit_generator.state = json.loads(state["sampler_rng"])
+    version, internal, gauss = json.loads(state["python_rng"])
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(state["numpy_rng"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state["epoch"], json.loads(state["loss_history"]), json.loads(state["extra"])
+
+
+def _numpy_state_to_json(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _rename_optimizer_state(opt_state: dict, old_names: list[str], new_names: list[str]) -> dict:
+    """Optimizer accumulators are keyed '<parameter name>_<moment>_0', and parameter names
+    come from a global counter: map them by position so a state from another process (or
+    a second model in this one) lands on the right parameters."""
+    if len(old_names) != len(new_names):
+        raise CheckpointError("training state: parameter count differs from this model")
+    rename = dict(zip(old_names, new_names))
+    by_length = sorted(old_names, key=len, reverse=True)
+    out = {}
+    for key, value in opt_state.items():
+        for old in by_length:
+            if key.startswith(old + "_"):
+                key = rename[old] + key[len(old):]
+                break
+        out[key] = value
+    return out
