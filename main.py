@@ -162,6 +162,8 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         if done is not None:
             log(f"[{cls}] already finished with these settings: skipped (--force retrains)")
             return done
+    if ctx.is_main:
+        remove_stale_temporaries(cfg.class_dir(cls))
     seed_everything(cfg.seed)
     data = TrainData(source, cfg)
     if cfg.batch_size > len(data.train):
@@ -263,6 +265,14 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     if cache is not None:
         cache.close()
     return finish_class(cfg, source, ctx, net, data, test_set, best, loss_history, tracker)
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Temporary files of atomic writes that a killed run left behind (never a finished file)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
 
 
 class ShardedBatches:
