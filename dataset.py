@@ -168,18 +168,23 @@ def index_test(root: str, cls: str) -> list[Sample]:
 
 
 def split_validation(samples: list[Sample], ratio: float) -> tuple[list[Sample], list[Sample]]:
-    """(train, validation): a deterministic share of good images held out for calibration.
+    """(train, validation): good images held out for calibration, chosen by file name.
 
-    Chosen by a hash of each file name, not by position or a seed, so the split is the same
-    on every run and machine and adding images never moves one already held out to training.
-    At least one image is held out when ratio > 0 (and one always stays in training).
+    An image is held out when a hash of its file name falls in the lowest `ratio` of the
+    hash range: the same split on every run and machine, about `ratio` of the images, and
+    adding images never moves one already held out back to training. At least one image
+    is held out when ratio > 0 (the lowest hash) and at least one stays in training.
     """
     if ratio <= 0 or len(samples) < 2:
         return list(samples), []
-    count = min(len(samples) - 1, max(1, round(len(samples) * ratio)))
-    def key(s: Sample) -> str:
-        return hashlib.sha1(os.path.basename(s.image_path).encode("utf-8")).hexdigest()
-    held = {s.image_path for s in sorted(samples, key=key)[:count]}
+
+    def position(s: Sample) -> float:  # in [0, 1)
+        digest = hashlib.sha1(os.path.basename(s.image_path).encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+    ranked = sorted(samples, key=position)
+    count = sum(position(s) < ratio for s in ranked)
+    held = {s.image_path for s in ranked[:min(len(samples) - 1, max(1, count))]}
     return ([s for s in samples if s.image_path not in held],
             [s for s in samples if s.image_path in held])
 

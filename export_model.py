@@ -109,6 +109,8 @@ def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
         "input": "image",
         "outputs": list(OUTPUT_NAMES),
         "score_stats": state.get("score_stats"),
+        # thresholds calibrated on validation-good images: verdicts and masks at deployment
+        "calibration": state.get("calibration"),
         "onnx": onnx,
     }
     atomic_write_json(os.path.join(save_dir, "deploy.json"), meta)

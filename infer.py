@@ -5,8 +5,10 @@
     python infer.py ... --device gpu --precision fp16 [--use_tensorrt True]
     python infer.py ... --benchmark True        # AutoLog-style timing table + benchmark.json
 
-Writes under --output_dir: one PNG per image (original | ground truth | heatmap, or
-original | heatmap where no ground truth exists), scores.csv, and a summary line.
+Writes under --output_dir: one PNG per image (original | ground truth | heatmap | predicted
+mask; panels without data left out), masks/NAME.png (binary defect mask at the calibrated
+pixel threshold), scores.csv (score, normalised score in [0, 1] with 0.5 at the threshold,
+verdict OK / DEFECT), and a summary line.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from dataset import (IMAGE_EXTENSIONS, DataError, denormalize, index_test, load_
 from model.inference import PredictorSession  # noqa: E402
 from utils.benchmark import StageTimer, benchmark_report, format_report  # noqa: E402
 from utils.checkpoint import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from utils.visualize import side_by_side  # noqa: E402
+from utils.decision import Calibration  # noqa: E402
+from utils.visualize import binary_mask_image, side_by_side  # noqa: E402
 
 
 class UsageError(ValueError):
@@ -180,6 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--benchmark", type=str2bool, nargs="?", const=True, default=False,
                    help="print AutoLog-style timings and save benchmark.json")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before a benchmark")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="raw-score threshold for verdicts and masks (default: the calibrated one "
+                        "in deploy.json)")
     p.add_argument("--save_images", type=str2bool, nargs="?", const=True, default=True)
     return p.parse_args(argv)
 
@@ -204,6 +210,11 @@ def run(args: argparse.Namespace) -> dict:
     meta = load_deploy_meta(args.model_dir)
     size = meta["image_size"]
     stats = meta.get("score_stats") or {}
+    calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+    if args.threshold is not None:
+        if calibration is None:
+            raise UsageError("--threshold needs a model exported with calibrated thresholds")
+        calibration.image_threshold = calibration.pixel_threshold = args.threshold
     predictor = (OnnxPredictor if args.backend == "onnxruntime" else PaddlePredictor)(args.model_dir, args)
     items = collect_inputs(args)
     timer = StageTimer()
@@ -223,7 +234,8 @@ def run(args: argparse.Namespace) -> dict:
                     images.append(load_image(item["path"], size))
                     loaded.append(item)
                 except DataError as err:  # one bad file: say why in its row, go on
-                    rows.append({"image": item["path"], "score": "", "z_score": "", "error": str(err)})
+                    rows.append({"image": item["path"], "score": "", "normalized_score": "",
+                                 "verdict": "", "z_score": "", "error": str(err)})
             if not images:
                 continue
             batch = np.stack(images)
@@ -233,13 +245,23 @@ def run(args: argparse.Namespace) -> dict:
         with timer.stage("postprocess"):
             for item, image, amap, score in zip(loaded, images, maps, scores):
                 z = (score - stats["mean"]) / stats["std"] if stats.get("std") else None
-                rows.append({"image": item["path"], "score": f"{score:.6f}",
-                             "z_score": "" if z is None else f"{z:.3f}", "error": ""})
+                row = {"image": item["path"], "score": f"{score:.6f}", "normalized_score": "",
+                       "verdict": "", "z_score": "" if z is None else f"{z:.3f}", "error": ""}
+                predicted = None
+                if calibration is not None:
+                    row["normalized_score"] = f"{float(calibration.normalize_scores(score)):.4f}"
+                    row["verdict"] = "DEFECT" if calibration.verdicts(score) else "OK"
+                    predicted = calibration.masks(amap)
+                    atomic_write(os.path.join(args.output_dir, "masks", item["name"] + ".png"),
+                                 lambda tmp, m=predicted: binary_mask_image(m).save(tmp, format="PNG"))
+                rows.append(row)
                 if args.save_images:
-                    _save_picture(args, item, image, amap, float(score), stats, size)
+                    _save_picture(args, item, image, amap, float(score), stats, size, predicted,
+                                  row["verdict"], calibration)
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", "score", "z_score", "error"])
+    writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "verdict",
+                                             "z_score", "error"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(os.path.join(args.output_dir, "scores.csv"), buf.getvalue())
@@ -247,8 +269,10 @@ def run(args: argparse.Namespace) -> dict:
     ok = [float(r["score"]) for r in rows if r["score"] != ""]
     failed = len(rows) - len(ok)
     ms = timer.per_image_ms()
+    defects = sum(r["verdict"] == "DEFECT" for r in rows)
+    verdicts = f"{defects} DEFECT / {len(ok) - defects} OK, " if calibration is not None else ""
     summary = (f"{len(ok)} images ({failed} failed) with {args.backend} on {args.device} "
-               f"({args.precision}): scores {min(ok):.4f}..{max(ok):.4f}, "
+               f"({args.precision}): {verdicts}scores {min(ok):.4f}..{max(ok):.4f}, "
                f"{ms['inference']:.1f} ms/image inference; results in {args.output_dir}"
                if ok else f"no image could be processed ({failed} failed); see scores.csv")
     print(summary)
@@ -264,10 +288,12 @@ def run(args: argparse.Namespace) -> dict:
     return {"rows": rows, "benchmark": report}
 
 
-def _save_picture(args, item, image, amap, score, stats, size) -> None:
+def _save_picture(args, item, image, amap, score, stats, size, predicted, verdict, calibration) -> None:
     # One colour scale for every image: from the lowest value seen on good images (blue)
-    # to as far again above the highest good score (red). Without statistics: per image.
-    if stats.get("map_min") is not None and stats.get("max") is not None:
+    # to as far again above the threshold (red). Without statistics: per image.
+    if calibration is not None:
+        vmin, vmax = calibration.pixel_low, 2 * calibration.pixel_threshold - calibration.pixel_low
+    elif stats.get("map_min") is not None and stats.get("max") is not None:
         vmin, vmax = stats["map_min"], 2 * stats["max"] - stats["map_min"]
     else:
         vmin, vmax = float(amap.min()), float(amap.max())
@@ -277,7 +303,7 @@ def _save_picture(args, item, image, amap, score, stats, size) -> None:
     elif item["good"] and args.data_dir:
         mask = np.zeros((size, size), dtype=np.float32)  # a good test image: empty ground truth
     picture = side_by_side(denormalize(image), mask, amap, vmin, vmax,
-                           f"{os.path.basename(item['path'])}  score {score:.4f}")
+                           f"{os.path.basename(item['path'])}  score {score:.4f} {verdict}", predicted)
     atomic_write(os.path.join(args.output_dir, item["name"] + ".png"),
                  lambda tmp: picture.save(tmp, format="PNG"))
 

@@ -15,6 +15,8 @@ from model.inference import InferenceModel
 from utils.checkpoint import save_checkpoint
 
 SIZE = 96  # not a power of two on purpose: feature maps 24, 12, 6
+CALIBRATION = {"image_threshold": 1.0, "pixel_threshold": 1.0, "image_low": 0.8, "pixel_low": 0.2,
+               "quantile": 0.995, "count": 20, "source": "validation"}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def exported(tmp_path_factory):
     ckpt = str(root / "bottle" / "model.pdparams")
     stats = {"count": 4, "mean": 1.0, "std": 0.1, "min": 0.9, "max": 1.1, "q99": 1.1, "map_min": 0.5}
     save_checkpoint(ckpt, net, arch="resnet18", image_size=SIZE, epoch=3, cls="bottle",
-                    teacher_weights="none", extra={"score_stats": stats})
+                    teacher_weights="none", extra={"score_stats": stats, "calibration": CALIBRATION})
     save_dir = str(root / "inference" / "bottle")
     assert export_model.main(["--checkpoint", ckpt, "--save_dir", save_dir, "--onnx"]) == 0
     net.eval()
@@ -52,6 +54,7 @@ def test_export_writes_graph_onnx_and_metadata(exported):
     assert meta["outputs"] == ["anomaly_map", "score"] and meta["input"] == "image"
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["score_stats"]["mean"] == 1.0
+    assert meta["calibration"] == CALIBRATION  # thresholds travel with the exported model
 
 
 @pytest.mark.parametrize("mkldnn", [True, False])
@@ -118,8 +121,14 @@ def test_infer_cli_writes_pictures_csv_and_benchmark(exported, tmp_path):
     assert set(rows) == {"gray.png", "rgba.png", "broken.png"}
     assert "cannot read image" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
     assert float(rows["gray.png"]["score"]) > 0 and rows["gray.png"]["z_score"] != ""
+    for name in ("gray.png", "rgba.png"):  # verdicts and masks at the exported threshold
+        score, mask = float(rows[name]["score"]), np.asarray(Image.open(os.path.join(out, "masks", name)))
+        assert rows[name]["verdict"] == ("DEFECT" if score > 1.0 else "OK")
+        assert float(rows[name]["normalized_score"]) == pytest.approx(
+            min(1.0, max(0.0, 0.5 + 0.5 * (score - 1.0) / 0.2)), abs=1e-4)
+        assert mask.shape == (SIZE, SIZE) and mask.any() == (rows[name]["verdict"] == "DEFECT")
     picture = Image.open(os.path.join(out, "gray.png"))
-    assert picture.size[0] == 2 * SIZE  # original | heatmap: no ground truth for this image
+    assert picture.size[0] == 3 * SIZE  # original | heatmap | predicted mask: no ground truth
     report = json.load(open(os.path.join(out, "benchmark.json")))
     assert report["images"] == 2 and report["inference_ms"] > 0 and report["batch_size"] == 2
     assert report["cpu_rss_mb"] > 0
