@@ -224,7 +224,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         t_read = time.perf_counter()
         for batch in batches:
             if cache is not None:
-                teacher_feats = cache.batch(ctx.shard(batch))
+                teacher_feats = cache.batch(ctx.shard_batch(batch))
                 reader_cost += time.perf_counter() - t_read
             else:
                 reader_cost += time.perf_counter() - t_read
@@ -251,6 +251,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
                                 image_size=cfg.image_size, epoch=epoch, cls=cls,
                                 teacher_weights=cfg.teacher_weights)
             if data.test:
+                distributed.sync_buffers(ctx, net.student_branch())
                 pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=test_set)
                 metrics = compute_metrics(pred)
                 log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
@@ -283,7 +284,7 @@ class ShardedBatches:
 
     def __iter__(self):
         for batch in self.sampler:
-            yield self.ctx.shard(batch)
+            yield self.ctx.shard_batch(batch)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -312,6 +313,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
                  tracker: ScalarLogger) -> dict:
     """Calibrate, save the final checkpoint, evaluate, write metrics and the report."""
     cls = source.name
+    distributed.sync_buffers(ctx, net.student_branch())
     # Thresholds and score statistics from validation-good images (training ones if none).
     calib_samples = data.val or data.train
     calib_pred = predict_samples(net, calib_samples, cfg, f"calibrate {cls}", ctx)

@@ -32,8 +32,18 @@ class Context:
         return self.world_size > 1
 
     def shard(self, items: list) -> list:
-        """This rank's share: every world_size-th item from its rank."""
+        """This rank's share: every world_size-th item from its rank (may be empty)."""
         return items[self.rank::self.world_size] if self.parallel else items
+
+    def shard_batch(self, batch: list) -> list:
+        """This rank's share of a training batch, equal on every rank: the batch is padded
+        by repeating its first items up to a multiple of world_size (as
+        DistributedBatchSampler pads an epoch), since every rank must take every step."""
+        if not self.parallel:
+            return batch
+        short = -len(batch) % self.world_size
+        padded = list(batch) + [batch[i % len(batch)] for i in range(short)]
+        return padded[self.rank::self.world_size]
 
 
 def init() -> Context:
@@ -66,3 +76,16 @@ def gather_shards(ctx: Context, total: int, arrays: dict[str, np.ndarray]) -> di
 def barrier(ctx: Context) -> None:
     if ctx.parallel:
         paddle.distributed.barrier()
+
+
+def sync_buffers(ctx: Context, layer: paddle.nn.Layer) -> None:
+    """Give every rank rank 0's BatchNorm running statistics. Gradients are averaged, but
+    each rank's BatchNorm tracks its own shards' statistics, and the model rank 0 saves
+    must be the one every rank evaluates (tests/test_distributed.py fails without this)."""
+    if not ctx.parallel:
+        return
+    # Paddle keeps BatchNorm's running statistics as parameters with stop_gradient=True.
+    frozen = [p for p in layer.parameters() if p.stop_gradient] + list(layer.buffers())
+    with paddle.no_grad():
+        for tensor in frozen:
+            paddle.distributed.broadcast(tensor, src=0)

@@ -1,0 +1,90 @@
+"""Fan out a multi-class run: one class per device at a time, the common case on a
+multi-GPU box (each class trains alone on its GPU; no gradient traffic at all).
+
+    python tools/train_all.py --devices 0,1,2,3 -- --data_dir mvtec --config configs/rd4ad_wrn50.yaml
+
+Everything after `--` goes to main.py unchanged (the class list comes from its --cls, or
+every class under --data_dir). Each class runs as `main.py ... --cls CLASS` with
+CUDA_VISIBLE_DEVICES set to its device, logging to OUTPUT_DIR/logs/CLASS.log. Classes that
+already finished are skipped by main.py itself, so a killed fan-out is simply started
+again (add --resume to continue unfinished classes from their training state). When every
+class is done, one last `main.py` pass (all classes skipped) writes the combined
+results.md / results.json / report.html.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dataset import DataError, resolve_sources  # noqa: E402
+from utils.config import ConfigError, parse_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, main_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default="0", help="comma list of GPU ids; one class runs on each at a time")
+    args = p.parse_args(ours)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    try:
+        cfg = parse_config(main_args)
+        if cfg.mode != "train":
+            raise ConfigError("tools/train_all.py runs training; use main.py for --mode eval/infer")
+        classes = [s.name for s in resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)]
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log_dir = os.path.join(cfg.output_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    print(f"{len(classes)} classes on devices {', '.join(devices)}; logs in {log_dir}")
+
+    queue, running, outcome = list(classes), {}, {}
+    started = time.time()
+    while queue or running:
+        for device in devices:
+            if device not in running and queue:
+                cls = queue.pop(0)
+                log = open(os.path.join(log_dir, f"{cls}.log"), "w", encoding="utf-8")
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+                cmd = [sys.executable, os.path.join(ROOT, "main.py"), *main_args, "--cls", cls]
+                running[device] = (cls, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                         env=env), log, time.time())
+                print(f"  start {cls} on device {device}")
+        time.sleep(0.2)
+        for device, (cls, proc, log, t0) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                outcome[cls] = (proc.returncode, time.time() - t0, device)
+                print(f"  {'done  ' if proc.returncode == 0 else 'FAILED'} {cls} on device {device} "
+                      f"({time.time() - t0:.0f} s)")
+                del running[device]
+
+    print(f"\n| Class | Device | Seconds | Exit |\n| --- | --- | ---: | ---: |")
+    for cls in classes:
+        code, seconds, device = outcome[cls]
+        print(f"| {cls} | {device} | {seconds:.0f} | {code} |")
+    failed = [c for c in classes if outcome[c][0] != 0]
+    if failed:
+        print(f"\n{len(failed)} class(es) failed: {', '.join(failed)} (see {log_dir}); "
+              f"run again to retry them (finished classes are skipped)", file=sys.stderr)
+        return 1
+    # Every class finished: main.py skips them all and writes the combined table and report.
+    final = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *main_args], cwd=ROOT,
+                           capture_output=True, text=True)
+    if final.returncode != 0:
+        print(final.stderr, file=sys.stderr)
+        return final.returncode
+    print(final.stdout.strip().split("\n\n")[-1])
+    print(f"all {len(classes)} classes in {time.time() - started:.0f} s; results in {cfg.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
