@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from paddle.io import Dataset
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -189,18 +189,44 @@ def split_validation(samples: list[Sample], ratio: float) -> tuple[list[Sample],
             [s for s in samples if s.image_path in held])
 
 
-def _open(path: str, mode: str) -> Image.Image:
+def _decode(path: str) -> Image.Image:
+    """Open and fully decode an image, upright (EXIF orientation applied)."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from None
+            return ImageOps.exif_transpose(img)
+    except PermissionError:
+        raise DataError(f"{path}: cannot read image (permission denied)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = "empty file" if os.path.isfile(path) and os.path.getsize(path) == 0 else str(err)
+        raise DataError(f"{path}: cannot read image ({reason})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16/32-bit grayscale scaled by its range (PIL's own
+    conversion would clip it at 255), transparency dropped, CMYK and palettes converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return img.convert("RGB")
 
 
 def load_rgb(path: str, image_size: int) -> np.ndarray:
-    """[S, S, 3] uint8, resized with PIL bilinear. Grayscale and RGBA become RGB."""
-    return np.asarray(_open(path, "RGB").resize((image_size, image_size), Image.BILINEAR))
+    """[S, S, 3] uint8, resized with PIL bilinear. Every mode PIL reads becomes RGB."""
+    return np.asarray(_to_rgb(_decode(path)).resize((image_size, image_size), Image.BILINEAR))
+
+
+def image_size_of(path: str) -> tuple[int, int]:
+    """(width, height) as stored, upright; reads the header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def normalize(rgb: np.ndarray) -> np.ndarray:
@@ -215,11 +241,47 @@ def load_image(path: str, image_size: int) -> np.ndarray:
 
 
 def load_mask(path: str | None, image_size: int) -> np.ndarray:
-    """[1, S, S] float32 in {0, 1}: bilinear resize, then > 0.5 (as the reference)."""
+    """[1, S, S] float32 in {0, 1}: scaled by its maximum, bilinear resize, then > 0.5.
+    For MVTec's 0/255 masks this is the reference's rule (resize, /255, > 0.5); a mask of
+    other values (0/1, soft edges, JPEG noise) is binarised at half its maximum."""
     if path is None:
         return np.zeros((1, image_size, image_size), dtype=np.float32)
-    mask = _open(path, "L").resize((image_size, image_size), Image.BILINEAR)
-    return (np.asarray(mask, dtype=np.float32)[None] / 255.0 > 0.5).astype(np.float32)
+    img = _decode(path)
+    values = _to_gray_values(img)
+    top = float(values.max())
+    if top <= 0:
+        return np.zeros((1, image_size, image_size), dtype=np.float32)
+    if top == 255 and values.dtype == np.uint8:  # the reference's path, bit for bit
+        resized = np.asarray(Image.fromarray(values, mode="L").resize((image_size, image_size),
+                                                                      Image.BILINEAR), dtype=np.float32) / 255.0
+    else:
+        scaled = Image.fromarray(values.astype(np.float32) / top, mode="F")
+        resized = np.asarray(scaled.resize((image_size, image_size), Image.BILINEAR))
+    return (resized[None] > 0.5).astype(np.float32)
+
+
+def _to_gray_values(img: Image.Image) -> np.ndarray:
+    """A mask's values as stored (8/16/32-bit or float); colour masks via luminance."""
+    if img.mode == "1":
+        return np.asarray(img, dtype=np.uint8) * 255
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
+        return np.asarray(img)
+    return np.asarray(img.convert("L"))
+
+
+def mask_problems(image_path: str, mask_path: str) -> list[str]:
+    """Warnings for a mask that will be fixed on reading: size differs from its image,
+    values not binary."""
+    problems = []
+    image_wh, mask_wh = image_size_of(image_path), image_size_of(mask_path)
+    if image_wh != mask_wh:
+        problems.append(f"{mask_path}: mask is {mask_wh[0]}x{mask_wh[1]}, its image "
+                        f"{image_wh[0]}x{image_wh[1]}: resized to the image")
+    values = np.unique(_to_gray_values(_decode(mask_path)))
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        problems.append(f"{mask_path}: mask is not binary ({len(values)} values): "
+                        f"binarised at half its maximum")
+    return problems
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
@@ -244,13 +306,43 @@ class MVTecDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.samples[idx]
+        return load_rgb(s.image_path, self.image_size), load_mask(s.mask_path, self.image_size).astype(np.uint8)
+
     def __getitem__(self, idx: int):
         s = self.samples[idx]
         if self._cache is not None and idx in self._cache:
             rgb, mask = self._cache[idx]
         else:
-            rgb = load_rgb(s.image_path, self.image_size)
-            mask = load_mask(s.mask_path, self.image_size).astype(np.uint8)
+            rgb, mask = self._read(idx)
             if self._cache is not None:
                 self._cache[idx] = (rgb, mask)
         return normalize(rgb), mask.astype(np.float32), np.int64(s.label)
+
+
+def load_checked(samples: list[Sample], image_size: int, progress: bool = False,
+                 desc: str = "read images") -> tuple[MVTecDataset, list[tuple[Sample, str]], list[str]]:
+    """Decode every sample once (into the returned dataset's cache) so that unreadable
+    files are found before any work: (dataset of the readable samples, [(sample, reason)]
+    for the others, warnings about masks that will be fixed on reading)."""
+    from tqdm import tqdm
+
+    probe = MVTecDataset(samples, image_size)
+    good: list[Sample] = []
+    decoded: list[tuple[np.ndarray, np.ndarray]] = []
+    failed: list[tuple[Sample, str]] = []
+    warnings: list[str] = []
+    for idx, sample in enumerate(tqdm(samples, desc=desc, leave=False, disable=not progress)):
+        try:
+            item = probe._read(idx)
+            if sample.mask_path is not None:
+                warnings += mask_problems(sample.image_path, sample.mask_path)
+        except DataError as err:
+            failed.append((sample, str(err)))
+            continue
+        good.append(sample)
+        decoded.append(item)
+    dataset = MVTecDataset(good, image_size)
+    dataset._cache = dict(enumerate(decoded))
+    return dataset, failed, warnings

@@ -19,6 +19,7 @@ import io  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -27,7 +28,8 @@ from paddle.io import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import (DataError, DataSource, MVTecDataset, Sample, denormalize,  # noqa: E402
-                     index_test_dir, index_train_dir, resolve_sources, split_validation)
+                     index_test_dir, index_train_dir, load_checked, resolve_sources,
+                     split_validation)
 from model import RD4AD, TeacherWeightsError, build_rd4ad  # noqa: E402
 from model.inference import StaticGraphRunner  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  # noqa: E402
@@ -92,6 +94,32 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("--visualdl needs VisualDL: pip install visualdl")
 
 
+def check_batch_size(cfg: Config, source: DataSource, count: int, what: str = "") -> None:
+    if cfg.batch_size > count:
+        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {count} {what}training "
+                          f"images of {source.train_dir} (after holding out --val_ratio "
+                          f"{cfg.val_ratio:g}); use --batch_size {count} or less")
+
+
+def check_before_work(cfg: Config, sources: list[DataSource]) -> None:
+    """What can be checked for every class before the first one starts: a writable
+    output folder, training images and batch size, checkpoints to evaluate."""
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.output_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{cfg.output_dir}: output directory is not writable ({err.strerror})") from None
+    for source in sources:
+        if cfg.mode == "train":
+            if cfg.force or finished_metrics(cfg, source.name) is None:
+                train, _ = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)
+                check_batch_size(cfg, source, len(train))
+        else:
+            load_checkpoint(cfg.checkpoint_path(source.name, best=cfg.select_best_on_test),
+                            arch=cfg.arch, image_size=cfg.image_size)
+
+
 def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoader:
     """In file order (training shuffles through EpochBatchSampler instead)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
@@ -133,17 +161,32 @@ def _metric_line(metrics: dict) -> str:
 
 
 class TrainData:
-    """One class's images: training, validation (calibration) and test samples."""
+    """One class's images, listed and decoded once: training, validation (calibration)
+    and test samples. Unreadable files are skipped with a warning naming them."""
 
-    def __init__(self, source: DataSource, cfg: Config) -> None:
-        all_train = index_train_dir(source.train_dir)
-        self.train, self.val = split_validation(all_train, cfg.val_ratio)
-        self.test = index_test_dir(source.test_dir, source.gt_dir)
-        if not self.val:
-            self.val_note = "no validation image held out: thresholds from training images (optimistic)"
-        else:
-            self.val_note = ""
+    def __init__(self, source: DataSource, cfg: Config, ctx: distributed.Context) -> None:
+        train, val = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)
+        test = index_test_dir(source.test_dir, source.gt_dir)
+        self.train_set, bad_train, _ = load_checked(train, cfg.image_size, ctx.is_main, f"read {source.name} train")
+        self.val_set, bad_val, _ = load_checked(val, cfg.image_size)
+        self.test_set, bad_test, mask_warnings = load_checked(test, cfg.image_size, ctx.is_main,
+                                                              f"read {source.name} test")
+        for sample, reason in bad_train + bad_val:
+            warn(f"{reason}: skipped (training continues without it)")
+        for sample, reason in bad_test:
+            warn(f"{reason}: skipped (not in the metrics)")
+        for message in mask_warnings:
+            warn(message)
+        self.train, self.val, self.test = self.train_set.samples, self.val_set.samples, self.test_set.samples
+        if not self.train:
+            raise DataError(f"{source.train_dir}: no readable training images")
+        self.val_note = ("" if self.val else
+                         "no validation image held out: thresholds from training images (optimistic)")
         self.pixel_note = pixel_note(self.test, source)
+
+
+def warn(message: str) -> None:
+    log(f"warning: {message}")
 
 
 def pixel_note(samples: list[Sample], source: DataSource) -> str:
@@ -165,12 +208,9 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     if ctx.is_main:
         remove_stale_temporaries(cfg.class_dir(cls))
     seed_everything(cfg.seed)
-    data = TrainData(source, cfg)
-    if cfg.batch_size > len(data.train):
-        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {len(data.train)} "
-                          f"training images of {source.train_dir}")
-    train_set = MVTecDataset(data.train, cfg.image_size)
-    test_set = MVTecDataset(data.test, cfg.image_size)  # decoded once, evaluated often
+    data = TrainData(source, cfg, ctx)
+    check_batch_size(cfg, source, len(data.train), "readable ")
+    train_set, test_set = data.train_set, data.test_set  # decoded once, read every epoch
     net = build_rd4ad(cfg.arch, cfg.teacher_weights)
     params = net.trainable_parameters()
     optimizer = build_optimizer(params, cfg.lr, cfg.beta1, cfg.beta2)
@@ -315,8 +355,8 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     cls = source.name
     distributed.sync_buffers(ctx, net.student_branch())
     # Thresholds and score statistics from validation-good images (training ones if none).
-    calib_samples = data.val or data.train
-    calib_pred = predict_samples(net, calib_samples, cfg, f"calibrate {cls}", ctx)
+    calib_set = data.val_set if data.val else data.train_set
+    calib_pred = predict_samples(net, calib_set.samples, cfg, f"calibrate {cls}", ctx, dataset=calib_set)
     calibration = calibrate(calib_pred.scores, calib_pred.maps, cfg.threshold_quantile,
                             "validation" if data.val else "training")
     stats = good_score_statistics(calib_pred)
@@ -394,9 +434,22 @@ def _test_samples(source: DataSource) -> list[Sample]:
     return samples
 
 
+def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
+                      ) -> tuple[MVTecDataset, list[tuple[Sample, str]]]:
+    dataset, failed, mask_warnings = load_checked(_test_samples(source), cfg.image_size, ctx.is_main,
+                                                  f"read {source.name} test")
+    for message in mask_warnings:
+        warn(message)
+    return dataset, failed
+
+
 def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
-    samples = _test_samples(source)
-    dataset = MVTecDataset(samples, cfg.image_size)
+    dataset, failed = _checked_test_set(cfg, source, ctx)
+    for _, reason in failed:
+        warn(f"{reason}: skipped (not in the metrics)")
+    samples = dataset.samples
+    if not samples:
+        raise DataError(f"{source.test_dir}: no readable test images")
     net, calibration = load_trained(cfg, source.name)
     pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset)
     metrics = compute_metrics(pred, calibration)
@@ -412,17 +465,20 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     """For every test image: heatmap beside the ground truth and the predicted mask, the
     binary mask as a PNG, and a row of scores.csv with the verdict."""
     cls = source.name
-    samples = _test_samples(source)
-    dataset = MVTecDataset(samples, cfg.image_size)
+    dataset, failed = _checked_test_set(cfg, source, ctx)
+    samples = dataset.samples
     net, calibration = load_trained(cfg, cls)
-    pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset)
-    metrics = compute_metrics(pred, calibration)
+    if samples:
+        pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset)
+        metrics = compute_metrics(pred, calibration)
+    else:
+        metrics = {n: float("nan") for n in METRIC_NAMES}
     if not ctx.is_main:
         return metrics
     out_dir = os.path.join(cfg.class_dir(cls), "infer")
     if calibration is not None:  # heatmap colours: blue at the lowest good value, red at 2x threshold
         vmin, vmax = calibration.pixel_low, 2 * calibration.pixel_threshold - calibration.pixel_low
-    else:
+    elif samples:
         vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
     rows = []
     for i, sample in enumerate(tqdm(samples, desc=f"images {cls}", leave=False)):
@@ -440,15 +496,19 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
             atomic_write(os.path.join(out_dir, "masks", sample.name + ".png"),
                          lambda tmp, m=predicted: binary_mask_image(m).save(tmp, format="PNG"))
         rows.append([_display_path(sample.image_path, cfg), sample.defect, sample.label,
-                     f"{pred.scores[i]:.6f}", "" if calibration is None else f"{norm:.4f}", verdict])
+                     f"{pred.scores[i]:.6f}", "" if calibration is None else f"{norm:.4f}", verdict, ""])
+    for sample, reason in failed:  # an unreadable image: its row says why; the others went on
+        warn(reason)
+        rows.append([_display_path(sample.image_path, cfg), sample.defect, sample.label, "", "", "", reason])
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "defect", "label", "score", "normalized_score", "verdict"])
+    writer.writerow(["image", "defect", "label", "score", "normalized_score", "verdict", "error"])
     writer.writerows(rows)
     atomic_write_text(os.path.join(out_dir, "scores.csv"), buf.getvalue())
     defects = sum(r[5] == "DEFECT" for r in rows)
     log(f"[{cls}] wrote {len(samples)} heatmaps, masks and scores.csv to {out_dir}"
-        + (f": {defects} DEFECT / {len(rows) - defects} OK" if calibration else ""))
+        + (f": {defects} DEFECT / {len(samples) - defects} OK" if calibration else "")
+        + (f", {len(failed)} unreadable" if failed else ""))
     return metrics
 
 
@@ -480,6 +540,7 @@ def run(cfg: Config) -> dict[str, dict]:
     ctx = distributed.init()
     device = set_device(cfg, ctx)
     sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+    check_before_work(cfg, sources)
     if ctx.is_main:
         # The settings actually used (flags over --config over defaults), readable by --config.
         name = "config.yaml" if cfg.mode == "train" else f"config_{cfg.mode}.yaml"

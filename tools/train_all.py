@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({time.time() - t0:.0f} s)")
                 del running[device]
 
-    print(f"\n| Class | Device | Seconds | Exit |\n| --- | --- | ---: | ---: |")
+    print("\n| Class | Device | Seconds | Exit |\n| --- | --- | ---: | ---: |")
     for cls in classes:
         code, seconds, device = outcome[cls]
         print(f"| {cls} | {device} | {seconds:.0f} | {code} |")
