@@ -16,6 +16,7 @@ import utils.runtime  # noqa: F401  (first: quiet paddle import, every CPU core)
 import csv  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
@@ -51,6 +52,10 @@ from utils.train_state import (finished_metrics, load_train_state, mark_finished
 from utils.visualize import binary_mask_image, side_by_side  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherWeightsError)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: that class stops, the others go on."""
 
 
 def log(msg: str) -> None:
@@ -134,7 +139,6 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
         dataset = MVTecDataset(ctx.shard(samples), cfg.image_size)
     elif dataset is None:
         dataset = MVTecDataset(samples, cfg.image_size)
-    loader = make_loader(dataset, cfg, batch_size=min(cfg.batch_size, 8))
     # Building the predictor costs seconds; it pays back from a few dozen images on a CPU.
     # Not in train mode: once a Paddle Inference predictor has run, eager training in the
     # same process ran ~1.7x slower on CPU (measured: resnet50 RD4AD, 1.28 -> 0.73 img/s).
@@ -142,9 +146,21 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
         cfg.eval_backend == "auto" and cfg.mode != "train" and paddle.get_device() == "cpu"
         and len(dataset) >= 32)
     runner = StaticGraphRunner(net, cfg.image_size, os.cpu_count() or 1) if static else None
+    batch_size = min(cfg.batch_size, 8)
     try:
-        pred = predict(net, loader, len(dataset), cfg.image_size, desc=desc,
-                       progress=progress and ctx.is_main, runner=runner)
+        while True:
+            try:
+                pred = predict(net, make_loader(dataset, cfg, batch_size), len(dataset), cfg.image_size,
+                               desc=desc, progress=progress and ctx.is_main, runner=runner)
+                break
+            except (MemoryError, RuntimeError) as err:
+                if not _out_of_memory(err) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                warn(f"{desc}: out of memory ({str(err).splitlines()[0][:120]}); "
+                     f"evaluating again with batch size {batch_size}")
+                if paddle.device.is_compiled_with_cuda():
+                    paddle.device.cuda.empty_cache()
     finally:
         if runner is not None:
             runner.close()
@@ -154,6 +170,11 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
         pred = Predictions(full["maps"], full["scores"], full["masks"], full["labels"])
     pred.mask_known = np.array([s.has_mask for s in samples], dtype=bool)
     return pred
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    # Paddle raises MemoryError for its RESOURCE_EXHAUSTED errors (GPU or host).
+    return isinstance(err, MemoryError) or "out of memory" in str(err).lower()
 
 
 def _metric_line(metrics: dict) -> str:
@@ -269,7 +290,15 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
             else:
                 reader_cost += time.perf_counter() - t_read
                 teacher_feats = net.teacher_features(batch[0])
-            loss = train_step(branch, optimizer, teacher_feats, scaler)
+            try:
+                loss = train_step(branch, optimizer, teacher_feats, scaler)
+            except TrainingDiverged as err:
+                saved = state_path(cfg, cls)
+                raise TrainingDiverged(
+                    f"[{cls}] {err} at epoch {epoch} step {step + 1}: class stopped; "
+                    + (f"last good training state kept: {saved}" if os.path.isfile(saved)
+                       else "no training state was saved before it")
+                    + " (try a lower --lr)") from None
             losses.append(loss)
             seen += teacher_feats[0].shape[0] * ctx.world_size
             step += 1
@@ -281,8 +310,6 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
             t_read = time.perf_counter()
         epochs.set_postfix(loss=f"{np.mean(losses):.4f}")
         loss_history.append(losses)
-        if not np.isfinite(losses).all():
-            raise FloatingPointError(f"[{cls}] loss became {losses[-1]} at epoch {epoch}")
 
         last_epoch = epoch == cfg.epochs
         if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
@@ -335,17 +362,23 @@ def train_step(branch: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
     """One optimizer step of bottleneck + student on a batch of teacher features."""
     if scaler is None:
         loss = cosine_distillation_loss(teacher_feats, branch(teacher_feats))
-        loss.backward()
-        optimizer.step()
     else:  # float16 compute where Paddle's O1 lists allow it; the loss in float32
         with paddle.amp.auto_cast(level="O1", dtype="float16"):
             student_feats = branch(teacher_feats)
         loss = cosine_distillation_loss(teacher_feats, [f.astype("float32") for f in student_feats])
+    value = float(loss)
+    if not math.isfinite(value):  # before the update: the weights stay as they were
+        optimizer.clear_grad()
+        raise TrainingDiverged(f"loss became {value}")
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     optimizer.clear_grad()
-    return float(loss)
+    return value
 
 
 def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net: RD4AD,
@@ -547,15 +580,27 @@ def run(cfg: Config) -> dict[str, dict]:
         atomic_write_text(os.path.join(cfg.output_dir, name), config_yaml(cfg))
     log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     step = {"train": train_class, "eval": eval_class, "infer": infer_class}[cfg.mode]
-    results = {}
+    results, failed = {}, {}
     for source in sources:
-        results[source.name] = dict(step(cfg, source, ctx))
+        try:
+            results[source.name] = dict(step(cfg, source, ctx))
+        except TrainingDiverged as err:
+            log(f"error: {err}")
+            failed[source.name] = str(err)
+            results[source.name] = {n: float("nan") for n in METRIC_NAMES} | {"error": str(err)}
         if cfg.mode != "infer" and ctx.is_main:
             write_results(cfg, results)  # after every class: nothing finished is lost
     if cfg.mode != "infer" and cfg.report and ctx.is_main:
         log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict())}")
     log("\n" + results_table(results))
+    if failed:
+        raise ClassesFailed(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
+                            f"(see the error lines above; the others finished)")
     return results
+
+
+class ClassesFailed(RuntimeError):
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ClassesFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -155,3 +155,11 @@ def test_regions_are_eight_connected():
 def test_aupro_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="differ in shape"):
         aupro(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+
+
+def test_pixel_auroc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(11)
+    masks = rng.random((3, 20, 20)) < 0.2
+    maps = np.round(rng.random((3, 20, 20)) + masks * 0.3, 1).astype(np.float32)  # many ties
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)

@@ -14,9 +14,23 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # skimage.measure.label's defaul
 
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
-    """AUROC over every pixel of the set: masks [N, H, W] (0/1), maps [N, H, W]."""
+    """AUROC over every pixel of the set: masks [N, H, W] (0/1), maps [N, H, W].
+
+    The Mann-Whitney form, P(defect pixel > good pixel) + P(tie) / 2, equal to sklearn's
+    roc_auc_score (tests/test_metrics.py) but with one sorted copy of the good pixels as
+    the largest allocation, where roc_auc_score holds several float64 and index arrays
+    of every pixel (about 6x the float32 maps).
+    """
     masks, maps = _check_pair(masks, maps)
-    return float(roc_auc_score(masks.ravel(), maps.ravel()))
+    negatives = maps[~masks]                # the only full-size copy, sorted in place
+    negatives.sort()
+    positives = maps[masks]
+    if negatives.size == 0 or positives.size == 0:
+        raise ValueError("pixel AUROC needs both defect and defect-free pixels")
+    below = np.searchsorted(negatives, positives, side="left").astype(np.float64)
+    at_or_below = np.searchsorted(negatives, positives, side="right").astype(np.float64)
+    wins = below.sum() + 0.5 * (at_or_below - below).sum()
+    return float(wins / (float(positives.size) * float(negatives.size)))
 
 
 def sample_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -65,47 +79,70 @@ def _check_pair(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.nda
     return masks.astype(bool), maps
 
 
+def _regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    return ndimage.label(mask, structure=_EIGHT_CONNECTED)
+
+
 def _sorted_pixels(masks: np.ndarray, maps: np.ndarray, max_fpr: float):
-    """Scores ascending, and per pixel its FPR weight and its PRO weight, same order.
+    """Scores descending, each pixel's region id (0 = defect-free), the PRO weight of each
+    region id, the number of defect-free pixels, and the maps' value range.
 
     A defect-free pixel adds 1 / (defect-free pixels) to the FPR once the threshold falls
     below its score; a pixel of region r adds 1 / (|r| * regions) to the PRO (the mean of
     the regions' overlaps). Only the curve up to max_fpr matters, so only pixels scoring
-    at least as high as the defect-free pixel that pushes the FPR past max_fpr are sorted
-    (about max_fpr of the image): every pixel above a kept one is kept, so the sums from
-    the top are exact, and thresholds below the cut all have FPR > max_fpr.
+    at least as high as the defect-free pixel that pushes the FPR past max_fpr are kept
+    (about max_fpr of the set): every pixel above a kept one is kept, so the sums from
+    the top are exact, and thresholds below the cut all have FPR > max_fpr. Regions are
+    labelled image by image (twice, rather than holding a label array of the whole set),
+    so the largest allocation is one copy of the defect-free scores.
     """
-    region_ids = np.zeros(masks.shape, dtype=np.int64)
-    num_regions = 0
-    for i, mask in enumerate(masks):
-        labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        region_ids[i] = np.where(labels > 0, labels + num_regions, 0)
-        num_regions += count
-    negatives = int((~masks).sum())
+    areas = [np.zeros(1)]
+    for mask in masks:
+        labels, count = _regions(mask)
+        if count:
+            areas.append(np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.float64))
+    num_regions = sum(len(a) for a in areas) - 1
+    negatives = int(masks.size - np.count_nonzero(masks))
     if num_regions == 0 or negatives == 0:
         return None
-    areas = np.bincount(region_ids.ravel(), minlength=num_regions + 1).astype(np.float64)
-    pro_per_region = np.zeros(num_regions + 1)
-    pro_per_region[1:] = 1.0 / (areas[1:] * num_regions)
+    pro_per_region = np.concatenate(areas)
+    pro_per_region[1:] = 1.0 / (pro_per_region[1:] * num_regions)
+    value_range = (float(maps.min()), float(maps.max()))  # the 200-threshold grid's ends
 
-    scores = maps.ravel()
+    needed = int(np.floor(max_fpr * negatives)) + 1  # defect-free pixels to pass max_fpr
+    cut = None
+    if needed < negatives:
+        negative_scores = maps[~masks]
+        negative_scores.partition(negatives - needed)  # in place: no second copy
+        cut = negative_scores[negatives - needed]
+        del negative_scores
+    kept_scores, kept_ids, offset = [], [], 0
+    for mask, amap in zip(masks, maps):
+        labels, count = _regions(mask)
+        keep = slice(None) if cut is None else amap >= cut
+        ids = labels[keep].astype(np.int32).ravel()
+        ids[ids > 0] += offset
+        offset += count
+        kept_scores.append(amap[keep].ravel())
+        kept_ids.append(ids)
+    scores = np.concatenate(kept_scores)
+    ids = np.concatenate(kept_ids)
+    del kept_scores, kept_ids
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
-    ids = region_ids.ravel()
-    value_range = (float(scores.min()), float(scores.max()))  # the 200-threshold grid's ends
-    needed = int(np.floor(max_fpr * negatives)) + 1  # defect-free pixels to pass max_fpr
-    if needed < negatives:
-        negative_scores = scores[ids == 0]
-        cut = np.partition(negative_scores, negatives - needed)[negatives - needed]
-        keep = scores >= cut
-        scores, ids = scores[keep], ids[keep]
-    order = np.argsort(scores)  # ties need no order: the curve is read at run boundaries
-    scores = scores[order].astype(np.float64)
-    ids = ids[order]
+    order = np.argsort(scores)[::-1]  # highest first; ties need no order: the curve is
+    scores, ids = scores[order], ids[order]  # read at run boundaries
     del order
-    fpr_weight = (ids == 0) / float(negatives)
-    pro_weight = pro_per_region[ids]
-    return scores, fpr_weight, pro_weight, value_range
+    return scores, ids, pro_per_region, negatives, value_range
+
+
+def _cumulative(ids: np.ndarray, pro_per_region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over pixels 0..k, highest-scoring first: defect-free pixels (int32) and PRO weight
+    (float64), accumulated in place."""
+    negatives_upto = np.cumsum(ids == 0, dtype=np.int32)  # < 2**31 kept pixels
+    pro_upto = pro_per_region[ids]
+    np.cumsum(pro_upto, out=pro_upto)
+    return negatives_upto, pro_upto
 
 
 def _aupro_of(masks: np.ndarray, maps: np.ndarray, max_fpr: float,
@@ -113,13 +150,18 @@ def _aupro_of(masks: np.ndarray, maps: np.ndarray, max_fpr: float,
     sorted_pixels = _sorted_pixels(masks, maps, max_fpr)
     if sorted_pixels is None:
         return float("nan")
-    scores, fpr_weight, pro_weight, value_range = sorted_pixels
-    # Suffix sums: above[k] = sum of weights of pixels k.. (the k highest-ranked excluded).
-    fpr_above = np.concatenate([np.cumsum(fpr_weight[::-1])[::-1], [0.0]])
-    pro_above = np.concatenate([np.cumsum(pro_weight[::-1])[::-1], [0.0]])
+    scores, ids, pro_per_region, negatives, value_range = sorted_pixels
+    del sorted_pixels
+    negatives_upto, pro_upto = _cumulative(ids, pro_per_region)
+    del ids
     if num_thresholds is None:
-        return _exact_area(scores, fpr_above, pro_above, max_fpr)
-    return _thresholded_area(scores, fpr_above, pro_above, max_fpr, num_thresholds, value_range)
+        last_of_run = _last_of_runs(scores)
+        del scores  # memory: the curve's arrays are as long as the kept pixels
+        fpr, pro = _exact_curve(last_of_run, negatives_upto, negatives, pro_upto, max_fpr)
+        del last_of_run, negatives_upto, pro_upto
+        return _trapezoid(pro, fpr) / max_fpr
+    return _thresholded_area(scores, negatives_upto, negatives, pro_upto, max_fpr,
+                             num_thresholds, value_range)
 
 
 def pro_curve(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -129,39 +171,52 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> tupl
     sorted_pixels = _sorted_pixels(masks, maps, max_fpr)
     if sorted_pixels is None:
         return np.zeros(0), np.zeros(0)
-    scores, fpr_weight, pro_weight, _ = sorted_pixels
-    fpr_above = np.concatenate([np.cumsum(fpr_weight[::-1])[::-1], [0.0]])
-    pro_above = np.concatenate([np.cumsum(pro_weight[::-1])[::-1], [0.0]])
-    return _exact_curve(scores, fpr_above, pro_above, max_fpr)
+    scores, ids, pro_per_region, negatives, _ = sorted_pixels
+    negatives_upto, pro_upto = _cumulative(ids, pro_per_region)
+    return _exact_curve(_last_of_runs(scores), negatives_upto, negatives, pro_upto, max_fpr)
 
 
-def _exact_curve(scores, fpr_above, pro_above, max_fpr) -> tuple[np.ndarray, np.ndarray]:
-    # Threshold at each distinct score s: positives are pixels >= s, i.e. from the first
-    # index of s onwards. Walk thresholds downwards so FPR rises.
-    first_of_run = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])[::-1]
-    fpr = np.r_[0.0, fpr_above[first_of_run]]
-    pro = np.r_[0.0, pro_above[first_of_run]]
+def _last_of_runs(scores: np.ndarray) -> np.ndarray:
+    """Index of the last pixel of each run of equal scores (scores descending)."""
+    return np.flatnonzero(np.r_[scores[1:] != scores[:-1], True]).astype(np.int32)
+
+
+def _exact_curve(last_of_run, negatives_upto, negatives, pro_upto, max_fpr) -> tuple[np.ndarray, np.ndarray]:
+    # Threshold at each distinct score s: positives are pixels >= s, i.e. up to the last
+    # index of s. Thresholds fall along the array, so FPR rises.
+    fpr = np.zeros(len(last_of_run) + 1)
+    np.divide(negatives_upto[last_of_run], float(negatives), out=fpr[1:])
+    pro = np.zeros(len(last_of_run) + 1)
+    np.take(pro_upto, last_of_run, out=pro[1:])
     cut = int(np.searchsorted(fpr, max_fpr, side="right"))  # first point with fpr > max_fpr
-    if cut < len(fpr):
+    if cut < len(fpr):  # end the curve exactly at max_fpr (in place: no copies)
         t = (max_fpr - fpr[cut - 1]) / (fpr[cut] - fpr[cut - 1])
-        fpr = np.r_[fpr[:cut], max_fpr]
-        pro = np.r_[pro[:cut], pro[cut - 1] + t * (pro[cut] - pro[cut - 1])]
+        pro[cut] = pro[cut - 1] + t * (pro[cut] - pro[cut - 1])
+        fpr[cut] = max_fpr
+        fpr, pro = fpr[:cut + 1], pro[:cut + 1]
     return fpr, pro
 
 
-def _exact_area(scores, fpr_above, pro_above, max_fpr) -> float:
-    fpr, pro = _exact_curve(scores, fpr_above, pro_above, max_fpr)
-    return float(np.trapezoid(pro, fpr) / max_fpr)
+def _trapezoid(y: np.ndarray, x: np.ndarray, chunk: int = 1 << 20) -> float:
+    """np.trapezoid(y, x) in chunks, so its temporaries stay small."""
+    total = 0.0
+    for a in range(0, len(x) - 1, chunk):
+        b = min(a + chunk, len(x) - 1)
+        total += float(np.dot(np.diff(x[a:b + 1]), y[a + 1:b + 1] + y[a:b])) / 2.0
+    return total
 
 
-def _thresholded_area(scores, fpr_above, pro_above, max_fpr, num_thresholds, value_range) -> float:
+def _thresholded_area(scores, negatives_upto, negatives, pro_upto, max_fpr, num_thresholds,
+                      value_range) -> float:
     low, high = value_range
     if high == low:
         return float("nan")
     thresholds = np.arange(low, high, (high - low) / num_thresholds)
-    first_above = np.searchsorted(scores, thresholds, side="right")  # positives: > th
-    fpr = fpr_above[first_above]
-    pro = pro_above[first_above]
+    # positives: scores > th, the first `count` pixels of the descending array
+    count = len(scores) - np.searchsorted(scores[::-1], thresholds, side="right")
+    at = np.maximum(count - 1, 0)
+    fpr = np.where(count > 0, negatives_upto[at] / float(negatives), 0.0)
+    pro = np.where(count > 0, pro_upto[at], 0.0)
     keep = fpr < max_fpr
     fpr, pro = fpr[keep], pro[keep]
     if len(fpr) == 0 or fpr.max() == 0:
