@@ -185,9 +185,12 @@ def _exact_curve(last_of_run, negatives_upto, negatives, pro_upto, max_fpr) -> t
     # Threshold at each distinct score s: positives are pixels >= s, i.e. up to the last
     # index of s. Thresholds fall along the array, so FPR rises.
     fpr = np.zeros(len(last_of_run) + 1)
-    np.divide(negatives_upto[last_of_run], float(negatives), out=fpr[1:])
     pro = np.zeros(len(last_of_run) + 1)
-    np.take(pro_upto, last_of_run, out=pro[1:])
+    step = 1 << 20  # in chunks: no temporary as long as the curve (memory)
+    for a in range(0, len(last_of_run), step):
+        index = last_of_run[a:a + step]
+        fpr[1 + a:1 + a + len(index)] = negatives_upto[index] / float(negatives)
+        pro[1 + a:1 + a + len(index)] = pro_upto[index]
     cut = int(np.searchsorted(fpr, max_fpr, side="right"))  # first point with fpr > max_fpr
     if cut < len(fpr):  # end the curve exactly at max_fpr (in place: no copies)
         t = (max_fpr - fpr[cut - 1]) / (fpr[cut] - fpr[cut - 1])
