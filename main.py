@@ -33,6 +33,7 @@ from dataset import (DataError, DataSource, MVTecDataset, Sample, denormalize,  
                      split_validation)
 from model import RD4AD, TeacherWeightsError, build_rd4ad  # noqa: E402
 from model.inference import StaticGraphRunner  # noqa: E402
+from model.teacher import imagenet_weights_path  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  # noqa: E402
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
@@ -109,12 +110,12 @@ def check_batch_size(cfg: Config, source: DataSource, count: int, what: str = ""
 def check_before_work(cfg: Config, sources: list[DataSource]) -> None:
     """What can be checked for every class before the first one starts: a writable
     output folder, training images and batch size, checkpoints to evaluate."""
-    try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cfg.output_dir):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{cfg.output_dir}: output directory is not writable ({err.strerror})") from None
+    if cfg.mode == "train":
+        weights = cfg.teacher_weights
+        if weights.lower() == "imagenet":
+            imagenet_weights_path(cfg.arch)  # cached, or downloaded now: fails before any work
+        elif weights.lower() != "none" and not os.path.isfile(weights):
+            raise TeacherWeightsError(f"{weights}: teacher weights file not found")
     for source in sources:
         if cfg.mode == "train":
             if cfg.force or finished_metrics(cfg, source.name) is None:
@@ -123,6 +124,28 @@ def check_before_work(cfg: Config, sources: list[DataSource]) -> None:
         else:
             load_checkpoint(cfg.checkpoint_path(source.name, best=cfg.select_best_on_test),
                             arch=cfg.arch, image_size=cfg.image_size)
+    check_writable(cfg.output_dir)
+
+
+def check_writable(folder: str) -> None:
+    """The output folder, or the nearest existing folder it would be created in, takes
+    files; nothing is created here."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is a file"
+    elif existing == os.path.abspath(folder):
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            problem = err.strerror
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"cannot create folders in {existing}"
+    if problem:
+        raise ConfigError(f"{folder}: output directory is not writable ({problem})")
 
 
 def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoader:

@@ -140,3 +140,14 @@ def test_training_state_round_trip_continues_identically(tmp_path):
     assert step(net2, opt2) == expected_loss and list(sampler2) == expected_order
     for a, b in zip(params, params2):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_two_runs_with_the_same_seed_are_identical(unbroken, tmp_path):
+    """Determinism on CPU: same seed, same loss sequence, weights and metrics."""
+    out = str(tmp_path)
+    run(out)
+    for name in ("train_log.json", "metrics.json"):
+        assert json.load(open(os.path.join(out, "bottle", name))) == \
+            json.load(open(os.path.join(unbroken, "bottle", name))), name
+    a, b = weights(os.path.join(out, "bottle", "model.pdparams")), weights(os.path.join(unbroken, "bottle", "model.pdparams"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
