@@ -117,6 +117,7 @@ def check_before_work(cfg: Config, sources: list[DataSource]) -> None:
         elif weights.lower() != "none" and not os.path.isfile(weights):
             raise TeacherWeightsError(f"{weights}: teacher weights file not found")
     for source in sources:
+        index_test_dir(source.test_dir, source.gt_dir)  # a defect image without its mask
         if cfg.mode == "train":
             if cfg.force or finished_metrics(cfg, source.name) is None:
                 train, _ = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)

@@ -127,14 +127,30 @@ def test_bad_training_files_are_skipped_with_a_warning_naming_each(tmp_path, cap
     assert "[widget] 4 train / 0 validation / 10 test images" in text
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_training_file_is_skipped(tmp_path, capsys):
+def test_unreadable_training_file_is_skipped(tmp_path, capsys, monkeypatch):
     data = copy_class(tmp_path)
     locked = data / "widget" / "train" / "good" / "locked.png"
     shutil.copy(os.path.join(SAMPLE, "train", "good", "000.png"), locked)
     locked.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: deny it the way the OS would
+        import dataset
+        real_open = dataset.Image.open
+
+        def denying_open(path, *args, **kwargs):
+            if str(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(dataset.Image, "open", denying_open)
     code, text, _ = run(capsys, "--data_dir", str(data), "--output_dir", str(tmp_path / "out"))
     assert code == 0 and f"warning: {locked}: cannot read image (permission denied)" in text
+
+
+def test_defect_image_without_its_mask_names_the_image(tmp_path, capsys):
+    data = copy_class(tmp_path)
+    os.remove(data / "widget" / "ground_truth" / "stain" / "001_mask.png")
+    expect_error(capsys, f"{data / 'widget' / 'test' / 'stain' / '001.png'}: defective test image has no mask",
+                 "--data_dir", str(data), "--output_dir", str(tmp_path / "out"))
 
 
 def test_no_readable_training_image_is_an_error(tmp_path, capsys):
