@@ -8,7 +8,6 @@ import tracemalloc
 
 import numpy as np
 import paddle
-import pytest
 
 import main
 from conftest import ROOT

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.visualize import stack_vertically  # noqa: E402
 
 
 def main() -> None:
@@ -17,13 +21,7 @@ def main() -> None:
     p.add_argument("--names", nargs="+", required=True)
     p.add_argument("--out", default=os.path.join("doc", "heatmap_example.png"))
     a = p.parse_args()
-    pictures = [Image.open(os.path.join(a.infer_dir, n + ".png")).convert("RGB") for n in a.names]
-    width = max(p.size[0] for p in pictures)
-    canvas = Image.new("RGB", (width, sum(p.size[1] for p in pictures)), (255, 255, 255))
-    y = 0
-    for picture in pictures:
-        canvas.paste(picture, (0, y))
-        y += picture.size[1]
+    canvas = stack_vertically([Image.open(os.path.join(a.infer_dir, n + ".png")) for n in a.names])
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     canvas.save(a.out, optimize=True)
     print(f"wrote {a.out}")

@@ -13,7 +13,6 @@ from typing import Callable
 
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
 from sklearn.metrics import roc_curve
 
 from .checkpoint import atomic_write, atomic_write_text
@@ -21,7 +20,7 @@ from .decision import Calibration
 from .evaluate import Predictions
 from .metrics import pro_curve
 from .report import HEADERS, TABLE_NAMES, mean_row
-from .visualize import side_by_side
+from .visualize import side_by_side, stack_vertically
 
 # Mean over the 15 MVTec AD classes (pixel AUROC / sample AUROC / AUPRO per image).
 PUBLISHED = {
@@ -93,12 +92,7 @@ def _grid(path: str, indices: list[int], pred: Predictions, samples: list,
             pred.maps[i], vmin, vmax,
             f"{s.defect}/{os.path.basename(s.image_path)}  score {pred.scores[i]:.4f}{verdict}",
             calibration.masks(pred.maps[i]) if calibration is not None else None))
-    width = max(r.size[0] for r in rows)
-    canvas = Image.new("RGB", (width, sum(r.size[1] for r in rows)), (255, 255, 255))
-    y = 0
-    for r in rows:
-        canvas.paste(r, (0, y))
-        y += r.size[1]
+    canvas = stack_vertically(rows)
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return True
 

@@ -44,3 +44,14 @@ def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, v
     canvas.paste(Image.fromarray(panels), (0, 0))
     ImageDraw.Draw(canvas).text((4, h + 3), caption, fill=(0, 0, 0))
     return canvas
+
+
+def stack_vertically(pictures: list[Image.Image]) -> Image.Image:
+    """One picture of several, top to bottom, on white."""
+    canvas = Image.new("RGB", (max(p.size[0] for p in pictures), sum(p.size[1] for p in pictures)),
+                       (255, 255, 255))
+    y = 0
+    for picture in pictures:
+        canvas.paste(picture.convert("RGB"), (0, y))
+        y += picture.size[1]
+    return canvas
