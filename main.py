@@ -78,7 +78,7 @@ def set_device(cfg: Config, ctx: distributed.Context) -> str:
         raise ConfigError("--device gpu: this Paddle build has no CUDA (pip install paddlepaddle-gpu)")
     if cfg.amp and device != "gpu":
         raise ConfigError("--amp: automatic mixed precision (float16) needs a GPU; on CPU train in float32")
-    # Under paddle.distributed.launch each rank sees its own device as gpu:0... or its id.
+    # Under paddle.distributed.launch each rank takes the GPU the launcher assigned to it.
     paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}" if device == "gpu" and ctx.parallel
                       else device)
     return device

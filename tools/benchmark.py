@@ -154,7 +154,7 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
         rows.append(row)
         print(f"  {name}: {row}", flush=True)
 
-    notes.append({"path": "int8", "note": "not measured: no post-training quantisation path yet"})
+    notes.append({"path": "int8", "note": "not measured: Paddle 3.3.1 PTQ gives no runnable int8 predictor (README)"})
     base = next(r for r in rows if r["path"] == "dynamic graph")
     for row in rows:
         for key in [k for k in row if k.startswith("ms/img")]:
