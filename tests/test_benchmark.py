@@ -27,3 +27,25 @@ def test_quick_benchmark_reports_every_path(tmp_path):
     assert abs(aupro["loop value"] - aupro["200-threshold value"]) < 1e-9  # same procedure
     assert abs(aupro["exact value"] - aupro["loop value"]) < 0.005
     assert "## Inference" in proc.stdout and "## Training" in proc.stdout
+
+
+def test_benchmark_of_a_given_checkpoint_and_chosen_stages(tmp_path):
+    import paddle
+
+    from model import build_rd4ad
+    from utils.checkpoint import save_checkpoint
+
+    paddle.seed(3)
+    ckpt = str(tmp_path / "model.pdparams")
+    save_checkpoint(ckpt, build_rd4ad("resnet18", "none"), arch="resnet18", image_size=64, epoch=1,
+                    cls="bottle", teacher_weights="none")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--checkpoint", ckpt,
+                           "--stages", "inference", "--repeats", "1", "--warmup", "0", "--batch", "2",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["info"]["weights"] == ckpt and report["info"]["arch"] == "resnet18"
+    assert report["info"]["image_size"] == 64  # taken from the checkpoint
+    assert report["training"] == [] and report["evaluation"] == [] and report["aupro"] == {}
+    assert report["agreement_with_fp32"]["ONNX Runtime fp32"]["min_pearson_per_map"] > 0.999

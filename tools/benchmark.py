@@ -39,7 +39,7 @@ import infer  # noqa: E402
 from dataset import MVTecDataset, index_test, load_image  # noqa: E402
 from model import build_rd4ad  # noqa: E402
 from model.inference import InferenceModel, StaticGraphRunner  # noqa: E402
-from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.evaluate import compute_metrics, predict  # noqa: E402
 from utils.loss import cosine_distillation_loss  # noqa: E402
 from utils.metrics import aupro  # noqa: E402
@@ -286,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quick", action="store_true", help="resnet18, 64 px, few repeats: a smoke test")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--checkpoint", help="a trained checkpoint (its arch and size) instead of random "
+                                        "weights: the agreement of bf16 with fp32 needs trained weights")
+    p.add_argument("--stages", default="training,evaluation,inference,aupro",
+                   help="comma list of stages to run")
     a = p.parse_args(argv)
+    stages = {s.strip() for s in a.stages.split(",") if s.strip()}
     if a.quick:
         a.arch, a.image_size, a.batch, a.train_batch = "resnet18", 64, 4, 4
         a.repeats, a.train_repeats, a.warmup, a.eval_images = 2, 1, 1, 12
@@ -297,15 +302,23 @@ def main(argv: list[str] | None = None) -> int:
             "cores": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "predictor threads": a.threads, "paddle": paddle.__version__,
             "FLAGS_use_mkldnn": os.environ.get("FLAGS_use_mkldnn", "unset"),
-            "bf16 CPU": infer.cpu_has_bf16(), "weights": "random"}
+            "bf16 CPU": infer.cpu_has_bf16(), "weights": a.checkpoint or "random"}
     print("benchmark:", json.dumps(info), flush=True)
     work = tempfile.mkdtemp(prefix="rd4ad-bench-")
     try:
-        net = build_rd4ad(a.arch, teacher_weights="none")
+        if a.checkpoint:
+            state = load_checkpoint(a.checkpoint)
+            a.arch, a.image_size = state["arch"], state["image_size"]
+            info.update(arch=a.arch, image_size=a.image_size)
+            net = build_rd4ad(a.arch, "none" if "teacher" in state else state["teacher_weights"])
+            apply_checkpoint(net, state, a.checkpoint)
+            ckpt = a.checkpoint
+        else:
+            net = build_rd4ad(a.arch, teacher_weights="none")
+            ckpt = os.path.join(work, "model.pdparams")
+            save_checkpoint(ckpt, net, arch=a.arch, image_size=a.image_size, epoch=0, cls="bench",
+                            teacher_weights="none")
         net.eval()
-        ckpt = os.path.join(work, "model.pdparams")
-        save_checkpoint(ckpt, net, arch=a.arch, image_size=a.image_size, epoch=0, cls="bench",
-                        teacher_weights="none")
         model_dir = os.path.join(work, "inference")
         export_model.export(ckpt, model_dir, onnx=_has("paddle2onnx") and _has("onnxruntime"))
         samples = index_test(os.path.join(ROOT, "sample_data"), "bottle")
@@ -313,17 +326,25 @@ def main(argv: list[str] | None = None) -> int:
 
         # Eager work first: once a Paddle Inference predictor has run in a process, eager
         # training and inference there run ~1.7x slower on CPU (main.py trains without one).
-        print("training", flush=True)
-        training_rows = bench_training(a, net)
+        training_rows, evaluation_rows, inference_rows, agreement, aupro_row = [], [], [], {}, {}
+        if "training" in stages:
+            print("training", flush=True)
+            weights = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+            training_rows = bench_training(a, net)
+            net.set_state_dict(weights)  # the timing steps must not change what is measured next
         net.eval()
-        print("evaluation (dynamic graph)", flush=True)
-        evaluation_rows = bench_evaluation(a, net, work, ("dygraph",))
-        print("inference", flush=True)
-        inference_rows, agreement = bench_inference(a, net, model_dir, sample_images)
-        print("evaluation (predictor)", flush=True)
-        evaluation_rows += bench_evaluation(a, net, work, ("static",))
-        print("aupro", flush=True)
-        aupro_row = bench_aupro(a)
+        if "evaluation" in stages:
+            print("evaluation (dynamic graph)", flush=True)
+            evaluation_rows = bench_evaluation(a, net, work, ("dygraph",))
+        if "inference" in stages:
+            print("inference", flush=True)
+            inference_rows, agreement = bench_inference(a, net, model_dir, sample_images)
+        if "evaluation" in stages:
+            print("evaluation (predictor)", flush=True)
+            evaluation_rows += bench_evaluation(a, net, work, ("static",))
+        if "aupro" in stages:
+            print("aupro", flush=True)
+            aupro_row = bench_aupro(a)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -338,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Evaluation and AUPRO\n")
     print(markdown_table(evaluation_rows))
     print()
-    print(markdown_table([aupro_row]))
+    print(markdown_table([aupro_row] if aupro_row else []))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
