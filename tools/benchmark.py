@@ -167,10 +167,16 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
         if fp32 is None or other is None:
             continue
         pearson = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(fp32, other)]
-        same_ranking = bool((np.argsort(fp32.reshape(len(fp32), -1).max(1))
-                             == np.argsort(other.reshape(len(other), -1).max(1))).all())
+        ref_scores = fp32.reshape(len(fp32), -1).max(1).astype(np.float64)
+        scores = other.reshape(len(other), -1).max(1).astype(np.float64)
+        # pairs of images ordered differently, and how far apart fp32 put them
+        flipped = np.sign(ref_scores[:, None] - ref_scores[None]) != np.sign(scores[:, None] - scores[None])
+        gaps = np.abs(ref_scores[:, None] - ref_scores[None])[np.triu(flipped, 1)]
         agreement[name] = {"images": len(fp32), "min_pearson_per_map": round(min(pearson), 5),
-                           "scores_rank_the_same": same_ranking}
+                           "scores_rank_the_same": not gaps.size,
+                           "swapped_pairs": int(gaps.size),
+                           "largest_fp32_gap_of_a_swapped_pair": float(gaps.max()) if gaps.size else 0.0,
+                           "max_abs_score_difference": float(np.abs(ref_scores - scores).max())}
     return rows, agreement
 
 
