@@ -303,67 +303,70 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     step = sum(len(e) for e in loss_history)
     epochs = tqdm(range(first_epoch, cfg.epochs + 1), desc=f"train {cls}", dynamic_ncols=True,
                   initial=first_epoch - 1, total=cfg.epochs, disable=not ctx.is_main)
-    for epoch in epochs:
-        net.train()
-        losses, seen, reader_cost, t_start = [], 0, 0.0, time.perf_counter()
-        t_read = time.perf_counter()
-        for batch in batches:
-            if cache is not None:
-                teacher_feats = cache.batch(ctx.shard_batch(batch))
-                reader_cost += time.perf_counter() - t_read
-            else:
-                reader_cost += time.perf_counter() - t_read
-                teacher_feats = net.teacher_features(batch[0])
-            try:
-                loss = train_step(branch, optimizer, teacher_feats, scaler)
-            except TrainingDiverged as err:
-                saved = state_path(cfg, cls)
-                raise TrainingDiverged(
-                    f"[{cls}] {err} at epoch {epoch} step {step + 1}: class stopped; "
-                    + (f"last good training state kept: {saved}" if os.path.isfile(saved)
-                       else "no training state was saved before it")
-                    + " (try a lower --lr)") from None
-            losses.append(loss)
-            seen += teacher_feats[0].shape[0] * ctx.world_size
-            step += 1
-            tracker.add_scalar("train/loss", loss, step)
-            if cfg.log_interval and step % cfg.log_interval == 0 and ctx.is_main:
-                elapsed = time.perf_counter() - t_start
-                log(f"[{cls}] epoch {epoch} step {step} loss {loss:.5f} "
-                    f"ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(losses):.4f} s")
+    try:
+        for epoch in epochs:
+            net.train()
+            losses, seen, reader_cost, t_start = [], 0, 0.0, time.perf_counter()
             t_read = time.perf_counter()
-        epochs.set_postfix(loss=f"{np.mean(losses):.4f}")
-        loss_history.append(losses)
+            for batch in batches:
+                if cache is not None:
+                    teacher_feats = cache.batch(ctx.shard_batch(batch))
+                    reader_cost += time.perf_counter() - t_read
+                else:
+                    reader_cost += time.perf_counter() - t_read
+                    teacher_feats = net.teacher_features(batch[0])
+                try:
+                    loss = train_step(branch, optimizer, teacher_feats, scaler)
+                except TrainingDiverged as err:
+                    saved = state_path(cfg, cls)
+                    raise TrainingDiverged(
+                        f"[{cls}] {err} at epoch {epoch} step {step + 1}: class stopped; "
+                        + (f"last good training state kept: {saved}" if os.path.isfile(saved)
+                           else "no training state was saved before it")
+                        + " (try a lower --lr)") from None
+                losses.append(loss)
+                seen += teacher_feats[0].shape[0] * ctx.world_size
+                step += 1
+                tracker.add_scalar("train/loss", loss, step)
+                if cfg.log_interval and step % cfg.log_interval == 0 and ctx.is_main:
+                    elapsed = time.perf_counter() - t_start
+                    log(f"[{cls}] epoch {epoch} step {step} loss {loss:.5f} "
+                        f"ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(losses):.4f} s")
+                t_read = time.perf_counter()
+            epochs.set_postfix(loss=f"{np.mean(losses):.4f}")
+            loss_history.append(losses)
 
-        last_epoch = epoch == cfg.epochs
-        if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
-            if ctx.is_main:  # an intermediate model to look at; the reported one is the last
-                save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch,
-                                image_size=cfg.image_size, epoch=epoch, cls=cls,
-                                teacher_weights=cfg.teacher_weights)
-            if data.test:
-                distributed.sync_buffers(ctx, net.student_branch())
-                pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=test_set)
-                metrics = compute_metrics(pred)
-                log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
-                for name, value in metrics.items():
-                    tracker.add_scalar(f"test/{name}", value, epoch)
-                if cfg.select_best_on_test and ctx.is_main:
-                    best = _keep_best(cfg, cls, net, epoch, metrics, best)
-        if (epoch % cfg.save_interval == 0 or last_epoch) and ctx.is_main:
-            save_train_state(cfg, cls, epoch=epoch, net=net, optimizer=optimizer, params=params,
-                             sampler_rng=sampler.rng, loss_history=loss_history, extra={"best": best})
-    epochs.close()
-    if cache is not None:
-        cache.close()
+            last_epoch = epoch == cfg.epochs
+            if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
+                if ctx.is_main:  # an intermediate model to look at; the reported one is the last
+                    save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch,
+                                    image_size=cfg.image_size, epoch=epoch, cls=cls,
+                                    teacher_weights=cfg.teacher_weights)
+                if data.test:
+                    distributed.sync_buffers(ctx, net.student_branch())
+                    pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=test_set)
+                    metrics = compute_metrics(pred)
+                    log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
+                    for name, value in metrics.items():
+                        tracker.add_scalar(f"test/{name}", value, epoch)
+                    if cfg.select_best_on_test and ctx.is_main:
+                        best = _keep_best(cfg, cls, net, epoch, metrics, best)
+            if (epoch % cfg.save_interval == 0 or last_epoch) and ctx.is_main:
+                save_train_state(cfg, cls, epoch=epoch, net=net, optimizer=optimizer, params=params,
+                                 sampler_rng=sampler.rng, loss_history=loss_history, extra={"best": best})
+    finally:
+        epochs.close()
+        if cache is not None:
+            cache.close()  # also on a diverged class: no spill files left behind
     return finish_class(cfg, source, ctx, net, data, test_set, best, loss_history, tracker)
 
 
 def remove_stale_temporaries(folder: str) -> None:
-    """Temporary files of atomic writes that a killed run left behind (never a finished file)."""
+    """Temporary files of atomic writes and feature-cache spill files that a killed run
+    left behind (never a finished file)."""
     if os.path.isdir(folder):
         for name in os.listdir(folder):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and (name.endswith(".tmp") or name.startswith(".feature_cache_")):
                 os.remove(os.path.join(folder, name))
 
 
