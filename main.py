@@ -22,6 +22,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
@@ -255,7 +256,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     seed_everything(cfg.seed)
     data = TrainData(source, cfg, ctx)
     check_batch_size(cfg, source, len(data.train), "readable ")
-    train_set, test_set = data.train_set, data.test_set  # decoded once, read every epoch
+    train_set = data.train_set  # decoded once (TrainData), read every epoch
     net = build_rd4ad(cfg.arch, cfg.teacher_weights)
     params = net.trainable_parameters()
     optimizer = build_optimizer(params, cfg.lr, cfg.beta1, cfg.beta2)
@@ -299,58 +300,20 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
             batches = DataLoader(train_set, batch_sampler=ShardedBatches(sampler, ctx),
                                  num_workers=cfg.num_workers)
 
-    tracker = ScalarLogger(os.path.join(cfg.output_dir, "visualdl", cls) if cfg.visualdl and ctx.is_main else None)
-    step = sum(len(e) for e in loss_history)
+    run = TrainingRun(cfg, cls, ctx, net, branch, optimizer, scaler,
+                      ScalarLogger(os.path.join(cfg.output_dir, "visualdl", cls)
+                                   if cfg.visualdl and ctx.is_main else None),
+                      step=sum(len(e) for e in loss_history))
     epochs = tqdm(range(first_epoch, cfg.epochs + 1), desc=f"train {cls}", dynamic_ncols=True,
                   initial=first_epoch - 1, total=cfg.epochs, disable=not ctx.is_main)
     try:
         for epoch in epochs:
-            net.train()
-            losses, seen, reader_cost, t_start = [], 0, 0.0, time.perf_counter()
-            t_read = time.perf_counter()
-            for batch in batches:
-                if cache is not None:
-                    teacher_feats = cache.batch(ctx.shard_batch(batch))
-                    reader_cost += time.perf_counter() - t_read
-                else:
-                    reader_cost += time.perf_counter() - t_read
-                    teacher_feats = net.teacher_features(batch[0])
-                try:
-                    loss = train_step(branch, optimizer, teacher_feats, scaler)
-                except TrainingDiverged as err:
-                    saved = state_path(cfg, cls)
-                    raise TrainingDiverged(
-                        f"[{cls}] {err} at epoch {epoch} step {step + 1}: class stopped; "
-                        + (f"last good training state kept: {saved}" if os.path.isfile(saved)
-                           else "no training state was saved before it")
-                        + " (try a lower --lr)") from None
-                losses.append(loss)
-                seen += teacher_feats[0].shape[0] * ctx.world_size
-                step += 1
-                tracker.add_scalar("train/loss", loss, step)
-                if cfg.log_interval and step % cfg.log_interval == 0 and ctx.is_main:
-                    elapsed = time.perf_counter() - t_start
-                    log(f"[{cls}] epoch {epoch} step {step} loss {loss:.5f} "
-                        f"ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(losses):.4f} s")
-                t_read = time.perf_counter()
+            losses = run.epoch(epoch, batches, cache)
             epochs.set_postfix(loss=f"{np.mean(losses):.4f}")
             loss_history.append(losses)
-
             last_epoch = epoch == cfg.epochs
             if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
-                if ctx.is_main:  # an intermediate model to look at; the reported one is the last
-                    save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch,
-                                    image_size=cfg.image_size, epoch=epoch, cls=cls,
-                                    teacher_weights=cfg.teacher_weights)
-                if data.test:
-                    distributed.sync_buffers(ctx, net.student_branch())
-                    pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=test_set)
-                    metrics = compute_metrics(pred)
-                    log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
-                    for name, value in metrics.items():
-                        tracker.add_scalar(f"test/{name}", value, epoch)
-                    if cfg.select_best_on_test and ctx.is_main:
-                        best = _keep_best(cfg, cls, net, epoch, metrics, best)
+                best = run.evaluate(epoch, data, best)
             if (epoch % cfg.save_interval == 0 or last_epoch) and ctx.is_main:
                 save_train_state(cfg, cls, epoch=epoch, net=net, optimizer=optimizer, params=params,
                                  sampler_rng=sampler.rng, loss_history=loss_history, extra={"best": best})
@@ -358,7 +321,73 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         epochs.close()
         if cache is not None:
             cache.close()  # also on a diverged class: no spill files left behind
-    return finish_class(cfg, source, ctx, net, data, test_set, best, loss_history, tracker)
+    return finish_class(cfg, source, ctx, net, data, best, loss_history, run.tracker)
+
+
+@dataclass
+class TrainingRun:
+    """One class's training as it goes: the model, what updates it, and the step count."""
+    cfg: Config
+    cls: str
+    ctx: distributed.Context
+    net: RD4AD
+    branch: paddle.nn.Layer      # bottleneck + student (DataParallel when data-parallel)
+    optimizer: paddle.optimizer.Optimizer
+    scaler: paddle.amp.GradScaler | None
+    tracker: ScalarLogger
+    step: int = 0
+
+    def epoch(self, epoch: int, batches, cache: TeacherFeatureCache | None) -> list[float]:
+        """One pass over the batches; the loss of each step."""
+        cfg, cls, ctx = self.cfg, self.cls, self.ctx
+        self.net.train()
+        losses, seen, reader_cost, t_start = [], 0, 0.0, time.perf_counter()
+        t_read = time.perf_counter()
+        for batch in batches:
+            if cache is not None:
+                teacher_feats = cache.batch(ctx.shard_batch(batch))
+                reader_cost += time.perf_counter() - t_read
+            else:
+                reader_cost += time.perf_counter() - t_read
+                teacher_feats = self.net.teacher_features(batch[0])
+            try:
+                loss = train_step(self.branch, self.optimizer, teacher_feats, self.scaler)
+            except TrainingDiverged as err:
+                saved = state_path(cfg, cls)
+                raise TrainingDiverged(
+                    f"[{cls}] {err} at epoch {epoch} step {self.step + 1}: class stopped; "
+                    + (f"last good training state kept: {saved}" if os.path.isfile(saved)
+                       else "no training state was saved before it")
+                    + " (try a lower --lr)") from None
+            losses.append(loss)
+            seen += teacher_feats[0].shape[0] * ctx.world_size
+            self.step += 1
+            self.tracker.add_scalar("train/loss", loss, self.step)
+            if cfg.log_interval and self.step % cfg.log_interval == 0 and ctx.is_main:
+                elapsed = time.perf_counter() - t_start
+                log(f"[{cls}] epoch {epoch} step {self.step} loss {loss:.5f} "
+                    f"ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(losses):.4f} s")
+            t_read = time.perf_counter()
+        return losses
+
+    def evaluate(self, epoch: int, data: TrainData, best: dict) -> dict:
+        """An intermediate checkpoint and test metrics (to watch; the reported model is the
+        last epoch's); returns the best-on-test record (kept only with --select_best_on_test)."""
+        cfg, cls, ctx, net = self.cfg, self.cls, self.ctx, self.net
+        if ctx.is_main:
+            save_checkpoint(cfg.checkpoint_path(cls), net, arch=cfg.arch, image_size=cfg.image_size,
+                            epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights)
+        if not data.test:
+            return best
+        distributed.sync_buffers(ctx, net.student_branch())
+        pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=data.test_set)
+        metrics = compute_metrics(pred)
+        log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
+        for name, value in metrics.items():
+            self.tracker.add_scalar(f"test/{name}", value, epoch)
+        if cfg.select_best_on_test and ctx.is_main:
+            best = _keep_best(cfg, cls, net, epoch, metrics, best)
+        return best
 
 
 def remove_stale_temporaries(folder: str) -> None:
@@ -409,7 +438,7 @@ def train_step(branch: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
 
 
 def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net: RD4AD,
-                 data: TrainData, test_set: MVTecDataset, best: dict, loss_history: list,
+                 data: TrainData, best: dict, loss_history: list,
                  tracker: ScalarLogger) -> dict:
     """Calibrate, save the final checkpoint, evaluate, write metrics and the report."""
     cls = source.name
@@ -430,11 +459,11 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
         f"pixel {calibration.pixel_threshold:.5f}")
     metrics = {n: float("nan") for n in METRIC_NAMES}
     if data.test:
-        pred = predict_samples(net, data.test, cfg, f"eval {cls}", ctx, dataset=test_set)
+        pred = predict_samples(net, data.test, cfg, f"eval {cls}", ctx, dataset=data.test_set)
         metrics = compute_metrics(pred, calibration)
         log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
         if cfg.report and ctx.is_main:
-            report = write_class_report(cfg.output_dir, cls, pred, data.test, _image_reader(test_set), metrics,
+            report = write_class_report(cfg.output_dir, cls, pred, data.test, _image_reader(data.test_set), metrics,
                                         calibration, data.pixel_note)
             log(f"[{cls}] report: {report}")
         del pred
