@@ -2,9 +2,14 @@
 
     python export_model.py --output_dir output --cls bottle          # -> output/inference/bottle/
     python export_model.py --checkpoint PATH/model.pdparams --save_dir DIR --onnx
+    python export_model.py --output_dir output --cls bottle --onnx --int8 --calib_dir mvtec/bottle/train/good
 
 Writes model.json + model.pdiparams (paddle.jit.save, Paddle 3 / PIR format), deploy.json
-(arch, image size, mean/std, output order, score statistics) and, with --onnx, model.onnx.
+(arch, image size, mean/std, output order, thresholds, score statistics) and, with --onnx,
+model.onnx; with --int8 also model_int8.onnx, post-training quantised by ONNX Runtime
+(int8 convolutions, per-channel weights, activations calibrated on good images; the
+anomaly-map head stays float32). Paddle's own int8 path does not run with Paddle 3.3.1
+(README, Performance).
 The graph holds teacher (layer1..3), bottleneck, student and the anomaly-map head
 (per-scale 1 - cosine, bilinear upsampling, sum, Gaussian smoothing, max).
 """
@@ -22,7 +27,7 @@ warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddl
 
 import paddle  # noqa: E402
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dataset import IMAGENET_MEAN, IMAGENET_STD, DataError  # noqa: E402
 from model import TeacherWeightsError, build_rd4ad  # noqa: E402
 from model.inference import InferenceModel, save_static  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write_json,  # noqa: E402
@@ -58,6 +63,52 @@ def export_onnx(model_dir: str, onnx_path: str, opset: int = 13) -> None:
     name_onnx_outputs(onnx_path, OUTPUT_NAMES)
 
 
+def quantize_onnx_int8(onnx_path: str, int8_path: str, calibration: list) -> None:
+    """ONNX Runtime static post-training quantisation (QDQ) of the convolutions, with
+    activation ranges from `calibration` ([1, 3, S, S] float32 arrays of good images)."""
+    try:
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise CheckpointError("--int8 needs onnxruntime: pip install -r requirements-deploy.txt") from None
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.remaining = iter(calibration)
+
+        def get_next(self):
+            image = next(self.remaining, None)
+            return None if image is None else {"image": image}
+
+    prepared = int8_path + ".pre.onnx"
+    try:
+        quant_pre_process(onnx_path, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, int8_path, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "ConvTranspose"])
+    finally:
+        if os.path.exists(prepared):
+            os.remove(prepared)
+
+
+def calibration_images(folder: str, image_size: int, limit: int) -> list:
+    """Up to `limit` good images of `folder` (sorted by name), preprocessed as for training."""
+    from dataset import index_train_dir, load_image
+
+    images = []
+    for sample in index_train_dir(folder):
+        try:
+            images.append(load_image(sample.image_path, image_size)[None])
+        except DataError as err:
+            print(f"warning: {err}: skipped", file=sys.stderr)
+        if len(images) == limit:
+            break
+    if not images:
+        raise DataError(f"{folder}: no readable calibration images")
+    return images
+
+
 def name_onnx_outputs(onnx_path: str, names: tuple[str, ...]) -> None:
     """Give the ONNX graph's outputs their meaning (paddle2onnx calls them fetch_name_K)
     and call the batch dimension N."""
@@ -79,7 +130,7 @@ def name_onnx_outputs(onnx_path: str, names: tuple[str, ...]) -> None:
 
 
 def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
-           onnx: bool = False, opset: int = 13) -> dict:
+           onnx: bool = False, opset: int = 13, int8_calibration: list | None = None) -> dict:
     """Write the static graph (and ONNX) to save_dir; return the deploy metadata."""
     model, state = build_inference_model(checkpoint, teacher_weights)
     size = state["image_size"]
@@ -93,6 +144,10 @@ def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
         if onnx:
             export_onnx(staging, os.path.join(staging, "model.onnx"), opset)
             files.append("model.onnx")
+            if int8_calibration:
+                quantize_onnx_int8(os.path.join(staging, "model.onnx"), os.path.join(staging, "model_int8.onnx"),
+                                   int8_calibration)
+                files.append("model_int8.onnx")
         for name in files:
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
     finally:
@@ -112,6 +167,7 @@ def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
         # thresholds calibrated on validation-good images: verdicts and masks at deployment
         "calibration": state.get("calibration"),
         "onnx": onnx,
+        "onnx_int8": {"calibration_images": len(int8_calibration)} if onnx and int8_calibration else None,
     }
     atomic_write_json(os.path.join(save_dir, "deploy.json"), meta)
     return meta
@@ -126,13 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher_weights", help="override the teacher weights the checkpoint names")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (paddle2onnx)")
     p.add_argument("--opset", type=int, default=13)
+    p.add_argument("--int8", action="store_true",
+                   help="also write model_int8.onnx (ONNX Runtime post-training quantisation; needs --onnx)")
+    p.add_argument("--calib_dir", help="with --int8: a folder of good images to calibrate on "
+                                       "(e.g. the class's train/good)")
+    p.add_argument("--calib_images", type=int, default=32, help="with --int8: at most this many")
     a = p.parse_args(argv)
     checkpoint = a.checkpoint or os.path.join(a.output_dir, a.cls, "model.pdparams")
     save_dir = a.save_dir or os.path.join(a.output_dir, "inference", a.cls)
     paddle.set_device("cpu")
     try:
-        meta = export(checkpoint, save_dir, a.teacher_weights, a.onnx, a.opset)
-    except (CheckpointError, TeacherWeightsError) as err:
+        calibration = None
+        if a.int8:
+            if not a.onnx or not a.calib_dir:
+                raise CheckpointError("--int8 needs --onnx and --calib_dir (a folder of good images)")
+            calibration = calibration_images(a.calib_dir, load_checkpoint(checkpoint)["image_size"],
+                                             a.calib_images)
+        meta = export(checkpoint, save_dir, a.teacher_weights, a.onnx, a.opset, calibration)
+    except (CheckpointError, TeacherWeightsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {meta['arch']} ({meta['image_size']}px, class {meta['class']}) to {save_dir}: "

@@ -83,7 +83,7 @@ class PaddlePredictor(PredictorSession):
                 raise UsageError("--use_tensorrt needs --device gpu")
             if args.precision not in ("fp32", "bf16"):
                 raise UsageError(f"--precision {args.precision} is not available on CPU "
-                                 f"(fp32, bf16 with oneDNN){'; int8 needs a quantised model' if args.precision == 'int8' else ''}")
+                                 f"(fp32, bf16 with oneDNN){'; int8: --backend onnxruntime with export_model.py --int8' if args.precision == 'int8' else ''}")
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(args.cpu_threads)
             if args.enable_mkldnn:
@@ -105,11 +105,13 @@ class OnnxPredictor:
             import onnxruntime as ort
         except ImportError:
             raise UsageError("--backend onnxruntime needs: pip install -r requirements-deploy.txt") from None
-        path = os.path.join(model_dir, "model.onnx")
+        if args.precision not in ("fp32", "int8"):
+            raise UsageError(f"--backend onnxruntime runs fp32 or int8, not {args.precision}")
+        int8 = args.precision == "int8"
+        path = os.path.join(model_dir, "model_int8.onnx" if int8 else "model.onnx")
         if not os.path.isfile(path):
-            raise UsageError(f"{path}: not found (export with: python export_model.py --onnx)")
-        if args.precision != "fp32":
-            raise UsageError("--backend onnxruntime runs fp32 only")
+            raise UsageError(f"{path}: not found (export with: python export_model.py --onnx"
+                             + (" --int8 --calib_dir GOOD_IMAGES)" if int8 else ")"))
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.cpu_threads
         providers = (["CUDAExecutionProvider"] if args.device == "gpu" else []) + ["CPUExecutionProvider"]

@@ -9,6 +9,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 import export_model
+from conftest import ROOT
 import infer
 from model import build_rd4ad
 from model.inference import InferenceModel
@@ -147,3 +148,26 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert export_model.main(["--checkpoint", str(tmp_path / "none.pdparams"),
                               "--save_dir", str(tmp_path / "x")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_int8_onnx_export_runs_and_follows_fp32(exported, tmp_path, capsys):
+    """ONNX Runtime int8 (post-training quantised on good images) beside fp32."""
+    _, save_dir, root = exported
+    ckpt = str(root / "bottle" / "model.pdparams")
+    int8_dir = str(tmp_path / "int8")
+    calib = os.path.join(ROOT, "sample_data", "bottle", "train", "good")
+    assert export_model.main(["--checkpoint", ckpt, "--save_dir", int8_dir, "--int8", "--calib_dir", calib]) == 2
+    assert "--int8 needs --onnx and --calib_dir" in capsys.readouterr().err
+    assert export_model.main(["--checkpoint", ckpt, "--save_dir", int8_dir, "--onnx", "--int8",
+                              "--calib_dir", calib]) == 0
+    meta = json.load(open(os.path.join(int8_dir, "deploy.json")))
+    assert meta["onnx_int8"] == {"calibration_images": 4}
+    import onnx
+    graph = onnx.load(os.path.join(int8_dir, "model_int8.onnx")).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # really quantised
+    x = images(3)
+    fp32_maps, _ = predictor(int8_dir, backend="onnxruntime")(x)
+    int8_maps, int8_scores = predictor(int8_dir, backend="onnxruntime", precision="int8")(x)
+    assert int8_maps.shape == fp32_maps.shape and int8_scores.shape == (3,)
+    for a, b in zip(fp32_maps, int8_maps):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9

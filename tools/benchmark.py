@@ -36,7 +36,7 @@ import paddle  # noqa: E402
 
 import export_model  # noqa: E402
 import infer  # noqa: E402
-from dataset import MVTecDataset, index_test, load_image  # noqa: E402
+from dataset import MVTecDataset, index_test, index_train, load_image  # noqa: E402
 from model import build_rd4ad  # noqa: E402
 from model.inference import InferenceModel, StaticGraphRunner  # noqa: E402
 from utils.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
@@ -126,6 +126,8 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
         import onnxruntime  # noqa: F401
         backends.append(("ONNX Runtime fp32", "onnxruntime",
                          predictor_args(backend="onnxruntime", cpu_threads=args.threads)))
+        backends.append(("ONNX Runtime int8", "onnxruntime",
+                         predictor_args(backend="onnxruntime", cpu_threads=args.threads, precision="int8")))
     except ImportError:
         notes.append({"path": "ONNX Runtime fp32", "note": "onnxruntime not installed"})
     if infer.cpu_has_bf16():
@@ -154,7 +156,8 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
         rows.append(row)
         print(f"  {name}: {row}", flush=True)
 
-    notes.append({"path": "int8", "note": "not measured: Paddle 3.3.1 PTQ gives no runnable int8 predictor (README)"})
+    notes.append({"path": "Paddle Inference int8 oneDNN",
+                  "note": "not measured: Paddle 3.3.1 PTQ gives no runnable int8 predictor (README)"})
     base = next(r for r in rows if r["path"] == "dynamic graph")
     for row in rows:
         for key in [k for k in row if k.startswith("ms/img")]:
@@ -162,7 +165,7 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
     rows += notes
 
     fp32 = outputs.get("Paddle Inference fp32 oneDNN")
-    for name in ("Paddle Inference bf16 oneDNN", "ONNX Runtime fp32"):
+    for name in ("Paddle Inference bf16 oneDNN", "ONNX Runtime int8", "ONNX Runtime fp32"):
         other = outputs.get(name)
         if fp32 is None or other is None:
             continue
@@ -326,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                             teacher_weights="none")
         net.eval()
         model_dir = os.path.join(work, "inference")
-        export_model.export(ckpt, model_dir, onnx=_has("paddle2onnx") and _has("onnxruntime"))
+        onnx = _has("paddle2onnx") and _has("onnxruntime")
+        # int8: ONNX Runtime's post-training quantisation, calibrated on the train-good images
+        calibration = [load_image(s.image_path, a.image_size)[None]
+                       for s in index_train(os.path.join(ROOT, "sample_data"), "bottle")]
+        export_model.export(ckpt, model_dir, onnx=onnx, int8_calibration=calibration if onnx else None)
         samples = index_test(os.path.join(ROOT, "sample_data"), "bottle")
         sample_images = np.stack([load_image(s.image_path, a.image_size) for s in samples])
 
