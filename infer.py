@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict:
                 predicted = None
                 if calibration is not None:
                     row["normalized_score"] = f"{float(calibration.normalize_scores(score)):.4f}"
-                    row["verdict"] = "DEFECT" if calibration.verdicts(score) else "OK"
+                    row["verdict"] = calibration.verdict(score)
                     predicted = calibration.masks(amap)
                     atomic_write(os.path.join(args.output_dir, "masks", item["name"] + ".png"),
                                  lambda tmp, m=predicted: binary_mask_image(m).save(tmp, format="PNG"))
@@ -294,7 +294,7 @@ def _save_picture(args, item, image, amap, score, stats, size, predicted, verdic
     # One colour scale for every image: from the lowest value seen on good images (blue)
     # to as far again above the threshold (red). Without statistics: per image.
     if calibration is not None:
-        vmin, vmax = calibration.pixel_low, 2 * calibration.pixel_threshold - calibration.pixel_low
+        vmin, vmax = calibration.heatmap_range()
     elif stats.get("map_min") is not None and stats.get("max") is not None:
         vmin, vmax = stats["map_min"], 2 * stats["max"] - stats["map_min"]
     else:

@@ -565,8 +565,8 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     if not ctx.is_main:
         return metrics
     out_dir = os.path.join(cfg.class_dir(cls), "infer")
-    if calibration is not None:  # heatmap colours: blue at the lowest good value, red at 2x threshold
-        vmin, vmax = calibration.pixel_low, 2 * calibration.pixel_threshold - calibration.pixel_low
+    if calibration is not None:
+        vmin, vmax = calibration.heatmap_range()
     elif samples:
         vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
     rows = []
@@ -574,7 +574,7 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         image = denormalize(dataset[i][0])
         mask = pred.masks[i] if sample.has_mask else None
         predicted = calibration.masks(pred.maps[i]) if calibration is not None else None
-        verdict = ("DEFECT" if calibration.verdicts(pred.scores[i]) else "OK") if calibration else ""
+        verdict = calibration.verdict(pred.scores[i]) if calibration else ""
         norm = float(calibration.normalize_scores(pred.scores[i])) if calibration else float("nan")
         caption = (f"{sample.defect}/{os.path.basename(sample.image_path)}  score {pred.scores[i]:.4f}"
                    + (f"  {norm:.2f} {verdict}" if calibration else ""))

@@ -49,6 +49,14 @@ class Calibration:
     def masks(self, maps: np.ndarray) -> np.ndarray:
         return np.asarray(maps) > self.pixel_threshold
 
+    def verdict(self, score: float) -> str:
+        return "DEFECT" if score > self.image_threshold else "OK"
+
+    def heatmap_range(self) -> tuple[float, float]:
+        """One colour scale for every picture of a class: blue at the lowest validation
+        value, red as far again above the pixel threshold, so a good image looks cool."""
+        return self.pixel_low, 2 * self.pixel_threshold - self.pixel_low
+
 
 def calibrate(scores: np.ndarray, maps: np.ndarray, quantile: float = 0.995,
               source: str = "validation") -> Calibration:

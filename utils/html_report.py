@@ -86,7 +86,7 @@ def _grid(path: str, indices: list[int], pred: Predictions, samples: list,
         verdict = ""
         if calibration is not None:
             norm = float(calibration.normalize_scores(pred.scores[i]))
-            verdict = f"  {norm:.2f} {'DEFECT' if calibration.verdicts(pred.scores[i]) else 'OK'}"
+            verdict = f"  {norm:.2f} {calibration.verdict(pred.scores[i])}"
         rows.append(side_by_side(
             image_of(i), pred.masks[i] if s.has_mask else np.zeros_like(pred.masks[i]),
             pred.maps[i], vmin, vmax,
@@ -125,7 +125,7 @@ def write_class_report(output_dir: str, cls: str, pred: Predictions, samples: li
         if _pro_plot(os.path.join(folder, "pro.png"), pred.masks[known], pred.maps[known], metrics):
             figures.append(("pro.png", "PRO curve"))
     if calibration is not None:
-        vmin, vmax = calibration.pixel_low, 2 * calibration.pixel_threshold - calibration.pixel_low
+        vmin, vmax = calibration.heatmap_range()
     else:
         vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
     good = [int(i) for i in np.flatnonzero(pred.labels == 0)]
