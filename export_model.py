@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddl
 
 import paddle  # noqa: E402
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD, DataError  # noqa: E402
+from dataset import IMAGENET_MEAN, IMAGENET_STD, DataError, index_train_dir, load_image  # noqa: E402
 from model import TeacherWeightsError, build_rd4ad  # noqa: E402
 from model.inference import InferenceModel, save_static  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write_json,  # noqa: E402
@@ -94,8 +94,6 @@ def quantize_onnx_int8(onnx_path: str, int8_path: str, calibration: list) -> Non
 
 def calibration_images(folder: str, image_size: int, limit: int) -> list:
     """Up to `limit` good images of `folder` (sorted by name), preprocessed as for training."""
-    from dataset import index_train_dir, load_image
-
     images = []
     for sample in index_train_dir(folder):
         try:
