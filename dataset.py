@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from paddle.io import Dataset
 
+from utils.errors import UserError
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -22,7 +24,7 @@ MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "le
                  "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data folder or file is missing or not what the MVTec layout expects."""
 
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 from paddle.vision.models import resnet as paddle_resnet
+
+from utils.errors import UserError, shorten
+from utils.safe_pickle import load_plain_pickle
 
 from .layers import use_inplace_relu
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2")
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(UserError):
     """The teacher's weights could not be found, downloaded or loaded."""
 
 
@@ -78,14 +82,7 @@ def load_teacher_weights(teacher: Teacher, weights: str) -> None:
     if weights is None or weights.lower() == "none":
         return
     path = imagenet_weights_path(teacher.arch) if weights.lower() == "imagenet" else weights
-    if not os.path.isfile(path):
-        raise TeacherWeightsError(f"{path}: teacher weights file not found")
-    try:
-        state = paddle.load(path)
-    except Exception as err:
-        raise TeacherWeightsError(f"{path}: not a Paddle weights file ({err})") from None
-    if not isinstance(state, dict):
-        raise TeacherWeightsError(f"{path}: not a Paddle weights file (holds {type(state).__name__})")
+    state = read_teacher_weights(path)
     state = {k[len("teacher."):] if k.startswith("teacher.") else k: v for k, v in state.items()}
     own = teacher.state_dict()
     missing = sorted(k for k in own if k not in state)
@@ -95,8 +92,27 @@ def load_teacher_weights(teacher: Teacher, weights: str) -> None:
         raise TeacherWeightsError(f"{path}: not {teacher.arch} weights ({example})")
     for key, target in own.items():
         value = state[key]
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+            raise TeacherWeightsError(f"{path}: {shorten(key)} is not a float array")
         shape = list(value.shape)
         if shape != list(target.shape):
             raise TeacherWeightsError(
                 f"{path}: {key} has shape {shape}, {teacher.arch} needs {list(target.shape)}")
-    teacher.set_state_dict({k: state[k] for k in own})
+        if not np.isfinite(value).all():
+            raise TeacherWeightsError(f"{path}: {key} is not finite (NaN or inf)")
+    teacher.set_state_dict({k: state[k].astype(np.float32, copy=False) for k in own})
+
+
+def read_teacher_weights(path: str) -> dict:
+    """A weights file as a dict of arrays, read without running code (utils/safe_pickle)."""
+    if not os.path.isfile(path):
+        raise TeacherWeightsError(f"{path}: teacher weights file not found")
+    try:
+        state = load_plain_pickle(path, "teacher weights file")
+    except UserError as err:
+        raise TeacherWeightsError(str(err)) from None
+    if not isinstance(state, dict):
+        raise TeacherWeightsError(f"{path}: not a Paddle weights file (holds {type(state).__name__})")
+    if not all(isinstance(k, str) for k in state):
+        raise TeacherWeightsError(f"{path}: not a Paddle weights file (keys are not names)")
+    return state

@@ -1,7 +1,6 @@
 """Faults during long runs: a diverging class stops alone; evaluation survives running
 out of memory; peak memory of a class's metrics stays near its maps."""
 import json
-import math
 import os
 import shutil
 import tracemalloc
@@ -12,6 +11,7 @@ import paddle
 import main
 from conftest import ROOT
 from utils.evaluate import Predictions, compute_metrics
+from utils.safe_pickle import load_plain_pickle
 
 
 def two_classes(tmp_path):
@@ -54,11 +54,11 @@ def test_nan_loss_stops_that_class_keeps_its_last_state_and_the_others_go_on(tmp
     assert "[aaa] loss became nan at epoch 2 step 5: class stopped; last good training state kept" \
         in err.out + err.err
     results = json.load(open(os.path.join(out, "results.json")))["classes"]
-    assert "error" in results["aaa"] and math.isnan(results["aaa"]["pixel_auroc"])
+    assert "error" in results["aaa"] and results["aaa"]["pixel_auroc"] is None  # strict JSON: null
     assert 0.0 <= results["bbb"]["pixel_auroc"] <= 1.0  # the other class went on
-    state = paddle.load(os.path.join(out, "aaa", "train_state.pdparams"))
+    state = load_plain_pickle(os.path.join(out, "aaa", "train_state.pdparams"))
     assert state["epoch"] == 1  # the last good state, loadable
-    assert all(np.isfinite(v.numpy()).all() for v in state["student"].values())
+    assert all(np.isfinite(v).all() for v in state["student"].values())
     assert not os.path.exists(os.path.join(out, "aaa", "status.json"))  # not marked finished
 
 

@@ -30,7 +30,7 @@ def run(out, *extra):
 
 def weights(path):
     state = load_checkpoint(path)
-    return {f"{part}.{k}": v.numpy() for part in ("bottleneck", "student") for k, v in state[part].items()}
+    return {f"{part}.{k}": np.asarray(v) for part in ("bottleneck", "student") for k, v in state[part].items()}
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ import dataclasses
 import os
 from dataclasses import asdict, dataclass
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A setting that cannot work (checked before any work starts)."""
 
 

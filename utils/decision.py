@@ -11,12 +11,19 @@ beside it when test labels exist).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import UserError, shorten
+
 
 MIN_SPREAD_IMAGES = 5
+
+
+class CalibrationError(UserError):
+    """Thresholds that are missing, not numbers, or not finite: never used for a verdict."""
 
 
 @dataclass
@@ -34,7 +41,35 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        """From a checkpoint's or deploy.json's dict, every field checked (CalibrationError)."""
+        if not isinstance(d, dict):
+            raise CalibrationError(f"must be a mapping, got {shorten(d)}")
+        values = {}
+        for key in cls.__dataclass_fields__:
+            if key not in d:
+                raise CalibrationError(f"lacks {key!r}")
+            value = d[key]
+            if key == "source":
+                ok = isinstance(value, str)
+            elif key == "count":
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            else:
+                ok = (isinstance(value, int | float) and not isinstance(value, bool)
+                      and math.isfinite(value))
+                value = float(value) if ok else value
+            if ok and key == "quantile":
+                ok = 0.0 < value <= 1.0
+            if not ok:
+                raise CalibrationError(f"{key} is {shorten(value)}, not a valid value")
+            values[key] = value
+        return cls(**values)
+
+    def with_threshold(self, threshold: float) -> "Calibration":
+        """The same calibration with both thresholds replaced (--threshold)."""
+        if not math.isfinite(threshold):
+            raise CalibrationError(f"--threshold {threshold}: must be a finite number")
+        return Calibration(**{**self.to_dict(), "image_threshold": float(threshold),
+                              "pixel_threshold": float(threshold)})
 
     def normalize_scores(self, scores: np.ndarray) -> np.ndarray:
         return normalize(scores, self.image_threshold, self.image_low)
@@ -50,6 +85,10 @@ class Calibration:
         return np.asarray(maps) > self.pixel_threshold
 
     def verdict(self, score: float) -> str:
+        """'DEFECT' or 'OK'; '' for a score that is not finite, which is never a verdict
+        (the caller reports it as a failed image)."""
+        if not math.isfinite(float(score)):
+            return ""
         return "DEFECT" if score > self.image_threshold else "OK"
 
     def heatmap_range(self) -> tuple[float, float]:
@@ -66,6 +105,9 @@ def calibrate(scores: np.ndarray, maps: np.ndarray, quantile: float = 0.995,
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
         raise ValueError("calibration needs at least one good image")
+    if not np.isfinite(scores).all() or not np.isfinite(maps).all():
+        raise CalibrationError("calibration images gave scores or maps that are not finite "
+                               "(NaN or inf): the model is broken; retrain it")
     per_image_max = np.asarray(maps, dtype=np.float32).reshape(len(scores), -1).max(axis=1)
     image_threshold = float(np.quantile(scores, quantile))
     pixel_threshold = float(np.quantile(per_image_max.astype(np.float64), quantile))

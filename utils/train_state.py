@@ -22,6 +22,8 @@ import paddle
 
 from .checkpoint import CheckpointError, atomic_write, atomic_write_json
 from .config import Config, ConfigError
+from .errors import UserError, shorten
+from .safe_pickle import load_plain_pickle
 
 STATE_FORMAT = "rd4ad-paddle-train-state/1"
 # Settings that change the trained weights; paths are left out so data can move.
@@ -107,32 +109,81 @@ def load_train_state(cfg: Config, cls: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
-        state = paddle.load(path)
-    except Exception as err:
-        raise CheckpointError(f"{path}: unreadable or truncated training state "
-                              f"({type(err).__name__}); delete it to start the class again") from None
+        state = load_plain_pickle(path, "training state")
+    except UserError as err:
+        raise CheckpointError(f"{err}; delete it to start the class again") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path}: not an RD4AD-Paddle training state")
-    diff = _differences(json.loads(state["fingerprint"]), fingerprint(cfg))
+        raise CheckpointError(f"{path}: not an RD4AD-Paddle training state; delete it to start "
+                              f"the class again")
+    state = _checked_state(state, path)
+    diff = _differences(state["fingerprint"], fingerprint(cfg))
     if diff:
         raise ConfigError(f"{path}: saved with other settings ({diff}); resume with the same "
                           f"settings, or drop --resume to start again")
     return state
 
 
+_JSON_PARTS = ("fingerprint", "sampler_rng", "python_rng", "numpy_rng", "loss_history", "extra")
+
+
+def _checked_state(state: dict, path: str) -> dict:
+    """Every part of a training state with its type, JSON parts decoded: a damaged file is
+    one line here, not a traceback halfway through restoring it."""
+    def damaged(part: str) -> CheckpointError:
+        return CheckpointError(f"{path}: damaged training state ({part} {shorten(state.get(part, 'missing'))}); "
+                               f"delete it to start the class again")
+
+    out = dict(state)
+    for part in _JSON_PARTS:
+        try:
+            out[part] = json.loads(state[part])
+        except (KeyError, TypeError, ValueError, RecursionError):
+            raise damaged(part) from None
+    if not isinstance(out["fingerprint"], dict) or not isinstance(out["extra"], dict):
+        raise damaged("fingerprint/extra")
+    if not isinstance(out["loss_history"], list):
+        raise damaged("loss_history")
+    if not isinstance(state.get("epoch"), int) or isinstance(state["epoch"], bool) or state["epoch"] < 0:
+        raise damaged("epoch")
+    for part in ("bottleneck", "student", "optimizer"):
+        values = state.get(part)
+        if not isinstance(values, dict) or not all(
+                isinstance(k, str) and isinstance(v, np.ndarray) for k, v in values.items()
+                if part != "optimizer" or not isinstance(v, dict)):  # LR_Scheduler, master_weights
+            raise damaged(part)
+        if part != "optimizer" and not all(np.isfinite(v).all() for v in values.values()):
+            raise CheckpointError(f"{path}: {part} weights are not finite (NaN or inf); delete it "
+                                  f"to start the class again")
+    names = state.get("param_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise damaged("param_names")
+    return out
+
+
 def restore_train_state(state: dict, net: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
                         params: list, sampler_rng: np.random.Generator) -> tuple[int, list, dict]:
-    """Load weights, optimizer moments and RNG states; return (epoch, loss_history, extra)."""
-    net.bottleneck.set_state_dict(state["bottleneck"])
-    net.student.set_state_dict(state["student"])
+    """Load weights, optimizer moments and RNG states; return (epoch, loss_history, extra).
+    `state` is load_train_state's (checked, JSON parts decoded)."""
+    for part in ("bottleneck", "student"):
+        layer = getattr(net, part)
+        own = layer.state_dict()
+        given = state[part]
+        if set(own) != set(given) or any(list(own[k].shape) != list(given[k].shape) for k in own):
+            raise CheckpointError(f"training state: {part} weights do not fit this model; delete it "
+                                  f"to start the class again")
+        layer.set_state_dict(given)
     optimizer.set_state_dict(_rename_optimizer_state(state["optimizer"], state["param_names"],
                                                      [p.name for p in params]))
-    sampler_rng.bit_generator.state = json.loads(state["sampler_rng"])
-    version, internal, gauss = json.loads(state["python_rng"])
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = json.loads(state["numpy_rng"])
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    return state["epoch"], json.loads(state["loss_history"]), json.loads(state["extra"])
+    try:
+        sampler_rng.bit_generator.state = state["sampler_rng"]
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (TypeError, ValueError, KeyError, OverflowError) as err:
+        raise CheckpointError(f"training state: damaged random-generator state ({type(err).__name__}); "
+                              f"delete it to start the class again") from None
+    return state["epoch"], state["loss_history"], state["extra"]
 
 
 def _numpy_state_to_json(state: tuple) -> list:

@@ -1,0 +1,71 @@
+"""What every command line shares: one-line argparse mistakes and one error boundary.
+
+Exit status: 0 when everything asked for succeeded; 1 when the run finished but some item
+failed (PartialFailure); 2 for a mistake in the input (UserError, argparse); 130 on Ctrl-C.
+Nothing here prints a traceback, except with RD4AD_DEBUG=1 for an internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from typing import Callable, NoReturn
+
+from .errors import OutputError, PartialFailure, UserError, bounded_line
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake (unknown flag, bad choice, bad number) is one line plus
+    'see --help' instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {bounded_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def run_main(body: Callable[[], int | None], *, interrupted: str = "interrupted",
+             user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command's body and turn every way it can end into an exit status and, for a
+    failure, exactly one `error:` line on stderr."""
+    try:
+        code = body()
+        return EXIT_OK if code is None else int(code)
+    except KeyboardInterrupt:
+        return _fail(interrupted, EXIT_INTERRUPTED)
+    except (UserError, *user_errors) as err:
+        return _fail(str(err), EXIT_USAGE)
+    except PartialFailure as err:
+        return _fail(str(err), EXIT_FAILED)
+    except MemoryError as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return _fail("out of memory" + (f" ({bounded_line(detail, 160)})" if detail else "")
+                     + "; try a smaller --image_size or --batch_size", EXIT_USAGE)
+    except OSError as err:
+        return _fail(describe_os_error(err), EXIT_USAGE)
+    except Exception as err:  # a bug of ours: still one line, with a way to see more
+        if os.environ.get("RD4AD_DEBUG"):
+            raise
+        return _fail(f"internal error ({type(err).__name__}: {bounded_line(str(err), 200)}); "
+                     f"run again with RD4AD_DEBUG=1 for the traceback and report it", EXIT_FAILED)
+
+
+def describe_os_error(err: OSError) -> str:
+    name = err.filename if err.filename is not None else "output"
+    if err.errno == errno.ENOSPC:
+        return f"{name}: no space left on device (earlier files are kept)"
+    return f"{name}: {err.strerror or type(err).__name__}"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {bounded_line(message)}", file=sys.stderr)
+    return code
+
+
+def output_error(path: str, err: OSError) -> OutputError:
+    """An OSError while writing `path`, as a one-line user error."""
+    if err.errno == errno.ENOSPC:
+        return OutputError(f"{path}: no space left on device (the previous version is kept)")
+    return OutputError(f"{path}: cannot write ({err.strerror or type(err).__name__})")
