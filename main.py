@@ -32,17 +32,21 @@ from tqdm import tqdm  # noqa: E402
 from dataset import (DataError, DataSource, MVTecDataset, Sample, denormalize,  # noqa: E402
                      index_test_dir, index_train_dir, load_checked, resolve_sources,
                      split_validation)
-from model import RD4AD, TeacherWeightsError, build_rd4ad  # noqa: E402
+from model import RD4AD, build_rd4ad  # noqa: E402
 from model.inference import StaticGraphRunner  # noqa: E402
-from model.teacher import imagenet_weights_path  # noqa: E402
+from model.teacher import Teacher, imagenet_weights_path, load_teacher_weights  # noqa: E402
 from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  # noqa: E402
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
 from utils import distributed  # noqa: E402
+from utils.cli import run_main  # noqa: E402
 from utils.config import Config, ConfigError, config_yaml, parse_config  # noqa: E402
-from utils.decision import Calibration, calibrate  # noqa: E402
+from utils.decision import Calibration, CalibrationError, calibrate  # noqa: E402
+from utils.errors import PartialFailure  # noqa: E402
+from utils.lock import OutputLock  # noqa: E402
+from utils.names import check_class_name, output_names  # noqa: E402
 from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache  # noqa: E402
-from utils.evaluate import (METRIC_NAMES, Predictions, compute_metrics,  # noqa: E402
+from utils.evaluate import (METRIC_NAMES, MetricsError, Predictions, compute_metrics,  # noqa: E402
                             good_score_statistics, predict)
 from utils.loss import cosine_distillation_loss  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
@@ -53,11 +57,17 @@ from utils.train_state import (finished_metrics, load_train_state, mark_finished
                                restore_train_state, save_train_state, state_path)
 from utils.visualize import binary_mask_image, side_by_side  # noqa: E402
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherWeightsError)
-
-
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: that class stops, the others go on."""
+    """The loss or the weights became NaN or infinite: that class stops, the others go on."""
+
+
+class ClassFailed(RuntimeError):
+    """Some of a class's images or results could not be trusted (unreadable, non-finite):
+    everything else is written, the class is reported failed, the others go on."""
+
+    def __init__(self, message: str, metrics: dict | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 def log(msg: str) -> None:
@@ -87,16 +97,7 @@ def set_device(cfg: Config, ctx: distributed.Context) -> str:
 
 def check_config(cfg: Config) -> None:
     """Settings that cannot work, refused before any work starts."""
-    if cfg.image_size < 64 or cfg.image_size % 32:
-        raise ConfigError(f"--image_size {cfg.image_size}: must be a multiple of 32, at least 64")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("--epochs and --batch_size must be at least 1")
-    if not 0.0 <= cfg.val_ratio < 1.0:
-        raise ConfigError(f"--val_ratio {cfg.val_ratio}: must lie in [0, 1)")
-    if not 0.0 < cfg.threshold_quantile <= 1.0:
-        raise ConfigError(f"--threshold_quantile {cfg.threshold_quantile}: must lie in (0, 1]")
-    if cfg.save_interval < 1:
-        raise ConfigError("--save_interval must be at least 1")
+    cfg.check()
     if cfg.visualdl and importlib.util.find_spec("visualdl") is None:
         raise ConfigError("--visualdl needs VisualDL: pip install visualdl")
 
@@ -111,22 +112,78 @@ def check_batch_size(cfg: Config, source: DataSource, count: int, what: str = ""
 def check_before_work(cfg: Config, sources: list[DataSource]) -> None:
     """What can be checked for every class before the first one starts: a writable
     output folder, training images and batch size, checkpoints to evaluate."""
+    check_writable(cfg.output_dir)
+    for source in sources:
+        check_class_name(source.name, "class")
     if cfg.mode == "train":
         weights = cfg.teacher_weights
         if weights.lower() == "imagenet":
-            imagenet_weights_path(cfg.arch)  # cached, or downloaded now: fails before any work
-        elif weights.lower() != "none" and not os.path.isfile(weights):
-            raise TeacherWeightsError(f"{weights}: teacher weights file not found")
+            weights = imagenet_weights_path(cfg.arch)  # cached, or downloaded now: fails before any work
+        if weights.lower() != "none":  # read and checked now (never running code), not after hours
+            load_teacher_weights(Teacher(cfg.arch), weights)
+    test_sizes = [0]
     for source in sources:
-        index_test_dir(source.test_dir, source.gt_dir)  # a defect image without its mask
+        test_sizes.append(len(index_test_dir(source.test_dir, source.gt_dir)))  # a defect image without its mask
         if cfg.mode == "train":
             if cfg.force or finished_metrics(cfg, source.name) is None:
                 train, _ = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)
                 check_batch_size(cfg, source, len(train))
+                first_readable(train, cfg.image_size, source)
+                if cfg.resume:
+                    load_train_state(cfg, source.name)  # a damaged or foreign state: one line now
         else:
             load_checkpoint(cfg.checkpoint_path(source.name, best=cfg.select_best_on_test),
                             arch=cfg.arch, image_size=cfg.image_size)
-    check_writable(cfg.output_dir)
+    check_memory(cfg, max(test_sizes))
+
+
+def first_readable(samples: list[Sample], image_size: int, source: DataSource) -> None:
+    """At least one training image decodes (usually the first): an all-unreadable training
+    set is found before anything is written."""
+    first_reason = "none listed"
+    for sample in samples:
+        _, failed, _ = load_checked([sample], image_size)
+        if not failed:
+            return
+        first_reason = failed[0][1]
+    raise DataError(f"{source.train_dir}: no readable training images (first: {first_reason})")
+
+
+# Floats per image of the teacher's layer1..3 features, per pixel of the input: channels
+# (64/128/256 for resnet18/34; x4 for the bottleneck ResNets) over strides 4/8/16.
+FEATURE_FLOATS_PER_PIXEL = {"resnet18": 7.0, "resnet34": 7.0, "resnet50": 28.0, "wide_resnet50_2": 28.0}
+STEM_FLOATS_PER_PIXEL = 16.0  # conv1's 64 channels at stride 2
+
+
+def check_memory(cfg: Config, test_images: int) -> None:
+    """Refuse an --image_size / --batch_size that surely cannot fit this machine's memory:
+    a lower bound (the stem output, teacher and student features of one batch, plus the
+    test set's maps and masks), far below what the run really needs. Only on CPU, where
+    the kernel would kill the process instead of raising MemoryError."""
+    if cfg.device == "gpu" or paddle.device.is_compiled_with_cuda() and cfg.device == "auto":
+        return
+    available = _available_memory()
+    if available is None:
+        return
+    pixels = float(cfg.image_size) ** 2
+    per_image = pixels * (STEM_FLOATS_PER_PIXEL + 2 * FEATURE_FLOATS_PER_PIXEL[cfg.arch]) * 4
+    batch = cfg.batch_size if cfg.mode == "train" else min(cfg.batch_size, 8)
+    needed = batch * per_image + test_images * pixels * 5  # float32 map + uint8 mask per test image
+    if needed > available:
+        raise ConfigError(f"--image_size {cfg.image_size} with --batch_size {cfg.batch_size}: needs at "
+                          f"least {needed / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB are "
+                          f"available; use a smaller --image_size or --batch_size")
+
+
+def _available_memory() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def check_writable(folder: str) -> None:
@@ -138,14 +195,12 @@ def check_writable(folder: str) -> None:
     problem = None
     if not os.path.isdir(existing):
         problem = f"{existing} is a file"
-    elif existing == os.path.abspath(folder):
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
+    else:
+        try:  # a real folder made and removed: os.access says yes to root even under /proc
+            os.rmdir(tempfile.mkdtemp(prefix=".rd4ad-check-", dir=existing))
         except OSError as err:
-            problem = err.strerror
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"cannot create folders in {existing}"
+            problem = err.strerror if existing == os.path.abspath(folder) else (
+                f"cannot create folders in {existing}: {err.strerror}")
     if problem:
         raise ConfigError(f"{folder}: output directory is not writable ({problem})")
 
@@ -203,7 +258,12 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 def _metric_line(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    return ", ".join(f"{k} {v:.4f}" if math.isfinite(v) else f"{k} n/a"
+                     for k, v in metrics.items() if isinstance(v, float))
+
+
+def _names(samples: list[Sample]) -> list[str]:
+    return [s.image_path for s in samples]
 
 
 class TrainData:
@@ -314,6 +374,8 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
             last_epoch = epoch == cfg.epochs
             if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
                 best = run.evaluate(epoch, data, best)
+            if epoch % cfg.save_interval == 0 or last_epoch:
+                check_finite_weights(net, cls)  # before saving: the last good state stays
             if (epoch % cfg.save_interval == 0 or last_epoch) and ctx.is_main:
                 save_train_state(cfg, cls, epoch=epoch, net=net, optimizer=optimizer, params=params,
                                  sampler_rng=sampler.rng, loss_history=loss_history, extra={"best": best})
@@ -381,7 +443,7 @@ class TrainingRun:
             return best
         distributed.sync_buffers(ctx, net.student_branch())
         pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=data.test_set)
-        metrics = compute_metrics(pred)
+        metrics = compute_metrics(pred, names=_names(data.test))
         log(f"[{cls}] epoch {epoch}: {_metric_line(metrics)}")
         for name, value in metrics.items():
             self.tracker.add_scalar(f"test/{name}", value, epoch)
@@ -443,6 +505,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     """Calibrate, save the final checkpoint, evaluate, write metrics and the report."""
     cls = source.name
     distributed.sync_buffers(ctx, net.student_branch())
+    check_finite_weights(net, cls)
     # Thresholds and score statistics from validation-good images (training ones if none).
     calib_set = data.val_set if data.val else data.train_set
     calib_pred = predict_samples(net, calib_set.samples, cfg, f"calibrate {cls}", ctx, dataset=calib_set)
@@ -460,7 +523,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     metrics = {n: float("nan") for n in METRIC_NAMES}
     if data.test:
         pred = predict_samples(net, data.test, cfg, f"eval {cls}", ctx, dataset=data.test_set)
-        metrics = compute_metrics(pred, calibration)
+        metrics = compute_metrics(pred, calibration, names=_names(data.test), warn=warn)
         log(f"[{cls}] final (epoch {cfg.epochs}): {_metric_line(metrics)}")
         if cfg.report and ctx.is_main:
             report = write_class_report(cfg.output_dir, cls, pred, data.test, _image_reader(data.test_set), metrics,
@@ -484,6 +547,15 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
         mark_finished(cfg, cls, metrics)
     distributed.barrier(ctx)
     return metrics
+
+
+def check_finite_weights(net: RD4AD, cls: str) -> None:
+    """A finite loss does not guarantee finite weights (an update can overflow): checked
+    once after training, so a broken model is never calibrated, saved or scored."""
+    for name, value in net.student_branch().state_dict().items():
+        if not np.isfinite(value.numpy()).all():
+            raise TrainingDiverged(f"[{cls}] weights became non-finite ({name}): class stopped, not "
+                                   f"calibrated nor marked finished (try a lower --lr)")
 
 
 def _image_reader(dataset: MVTecDataset):
@@ -541,36 +613,52 @@ def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dic
         raise DataError(f"{source.test_dir}: no readable test images")
     net, calibration = load_trained(cfg, source.name)
     pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset)
-    metrics = compute_metrics(pred, calibration)
+    metrics = compute_metrics(pred, calibration, names=_names(samples), warn=warn)
     log(f"[{source.name}] {_metric_line(metrics)}")
     if cfg.report and ctx.is_main:
         log(f"[{source.name}] report: " + write_class_report(
             cfg.output_dir, source.name, pred, samples, _image_reader(dataset), metrics, calibration,
             pixel_note(samples, source)))
+    if failed:  # the metrics stand for the readable images only: say so in the exit status
+        raise ClassFailed(f"[{source.name}] {len(failed)} unreadable test image(s) left out of the metrics "
+                          f"(first: {failed[0][0].image_path})", metrics)
     return metrics
 
 
 def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
     """For every test image: heatmap beside the ground truth and the predicted mask, the
-    binary mask as a PNG, and a row of scores.csv with the verdict."""
+    binary mask as a PNG, and a row of scores.csv with the verdict. An image that could not
+    be read, or whose score is not finite, gets no verdict: its row says why and the class
+    is reported failed once everything else is written."""
     cls = source.name
     dataset, failed = _checked_test_set(cfg, source, ctx)
     samples = dataset.samples
     net, calibration = load_trained(cfg, cls)
-    if samples:
-        pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset)
-        metrics = compute_metrics(pred, calibration)
-    else:
-        metrics = {n: float("nan") for n in METRIC_NAMES}
+    pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset) if samples else None
+    finite = (np.isfinite(pred.scores) & np.isfinite(pred.maps).reshape(len(samples), -1).all(axis=1)
+              if pred is not None else np.zeros(0, dtype=bool))
+    metrics = {n: float("nan") for n in METRIC_NAMES}
+    if pred is not None and finite.all():
+        metrics = compute_metrics(pred, calibration, names=_names(samples), warn=warn)
     if not ctx.is_main:
         return metrics
     out_dir = os.path.join(cfg.class_dir(cls), "infer")
     if calibration is not None:
         vmin, vmax = calibration.heatmap_range()
-    elif samples:
-        vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
-    rows = []
+    elif finite.any():
+        vmin, vmax = float(pred.maps[finite].min()), float(pred.maps[finite].max())
+    everything = samples + [sample for sample, _ in failed]
+    names = output_names([os.path.relpath(s.image_path, source.test_dir) for s in everything],
+                         [s.name for s in everything])
+    rows, bad = [], []
     for i, sample in enumerate(tqdm(samples, desc=f"images {cls}", leave=False)):
+        row = [_display_path(sample.image_path, cfg), sample.defect, sample.label, names[i]]
+        if not finite[i]:  # never a verdict, mask or picture from a broken output
+            reason = f"{sample.image_path}: model output is not finite ({pred.scores[i]}): no verdict"
+            warn(reason)
+            bad.append(sample)
+            rows.append(row + ["", "", "", reason])
+            continue
         image = denormalize(dataset[i][0])
         mask = pred.masks[i] if sample.has_mask else None
         predicted = calibration.masks(pred.maps[i]) if calibration is not None else None
@@ -579,25 +667,30 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         caption = (f"{sample.defect}/{os.path.basename(sample.image_path)}  score {pred.scores[i]:.4f}"
                    + (f"  {norm:.2f} {verdict}" if calibration else ""))
         picture = side_by_side(image, mask, pred.maps[i], vmin, vmax, caption, predicted)
-        atomic_write(os.path.join(out_dir, sample.name + ".png"),
+        atomic_write(os.path.join(out_dir, names[i] + ".png"),
                      lambda tmp, p=picture: p.save(tmp, format="PNG"))
         if predicted is not None:
-            atomic_write(os.path.join(out_dir, "masks", sample.name + ".png"),
+            atomic_write(os.path.join(out_dir, "masks", names[i] + ".png"),
                          lambda tmp, m=predicted: binary_mask_image(m).save(tmp, format="PNG"))
-        rows.append([_display_path(sample.image_path, cfg), sample.defect, sample.label,
-                     f"{pred.scores[i]:.6f}", "" if calibration is None else f"{norm:.4f}", verdict, ""])
-    for sample, reason in failed:  # an unreadable image: its row says why; the others went on
+        rows.append(row + [f"{pred.scores[i]:.6f}", "" if calibration is None else f"{norm:.4f}", verdict, ""])
+    for k, (sample, reason) in enumerate(failed):  # unreadable: its row says why; the others went on
         warn(reason)
-        rows.append([_display_path(sample.image_path, cfg), sample.defect, sample.label, "", "", "", reason])
+        bad.append(sample)
+        rows.append([_display_path(sample.image_path, cfg), sample.defect, sample.label,
+                     names[len(samples) + k], "", "", "", reason])
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "defect", "label", "score", "normalized_score", "verdict", "error"])
+    writer.writerow(["image", "defect", "label", "output", "score", "normalized_score", "verdict", "error"])
     writer.writerows(rows)
     atomic_write_text(os.path.join(out_dir, "scores.csv"), buf.getvalue())
-    defects = sum(r[5] == "DEFECT" for r in rows)
-    log(f"[{cls}] wrote {len(samples)} heatmaps, masks and scores.csv to {out_dir}"
-        + (f": {defects} DEFECT / {len(samples) - defects} OK" if calibration else "")
-        + (f", {len(failed)} unreadable" if failed else ""))
+    defects = sum(r[6] == "DEFECT" for r in rows)
+    scored = len(samples) - (len(bad) - len(failed))
+    log(f"[{cls}] wrote {scored} heatmaps, masks and scores.csv to {out_dir}"
+        + (f": {defects} DEFECT / {scored - defects} OK" if calibration else "")
+        + (f", {len(bad)} without a verdict" if bad else ""))
+    if bad:
+        raise ClassFailed(f"[{cls}] {len(bad)} of {len(everything)} images got no verdict (unreadable or "
+                          f"non-finite score; see {os.path.join(out_dir, 'scores.csv')})", metrics)
     return metrics
 
 
@@ -630,6 +723,18 @@ def run(cfg: Config) -> dict[str, dict]:
     device = set_device(cfg, ctx)
     sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
     check_before_work(cfg, sources)
+    # Every check passed: only now is anything created. Rank 0 holds the folder's lock.
+    lock = OutputLock(cfg.output_dir)
+    if ctx.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        lock.acquire()
+    try:
+        return run_classes(cfg, ctx, device, sources)
+    finally:
+        lock.release()
+
+
+def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: list[DataSource]) -> dict[str, dict]:
     if ctx.is_main:
         # The settings actually used (flags over --config over defaults), readable by --config.
         name = "config.yaml" if cfg.mode == "train" else f"config_{cfg.mode}.yaml"
@@ -640,35 +745,32 @@ def run(cfg: Config) -> dict[str, dict]:
     for source in sources:
         try:
             results[source.name] = dict(step(cfg, source, ctx))
-        except TrainingDiverged as err:
-            log(f"error: {err}")
-            failed[source.name] = str(err)
-            results[source.name] = {n: float("nan") for n in METRIC_NAMES} | {"error": str(err)}
+        except (TrainingDiverged, ClassFailed, CalibrationError, MetricsError) as err:
+            message = str(err) if str(err).startswith("[") else f"[{source.name}] {err}"
+            log(f"error: {message}")
+            failed[source.name] = message
+            metrics = getattr(err, "metrics", None) or {n: float("nan") for n in METRIC_NAMES}
+            results[source.name] = dict(metrics) | {"error": message}
         if cfg.mode != "infer" and ctx.is_main:
             write_results(cfg, results)  # after every class: nothing finished is lost
     if cfg.mode != "infer" and cfg.report and ctx.is_main:
         log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict())}")
     log("\n" + results_table(results))
     if failed:
-        raise ClassesFailed(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
-                            f"(see the error lines above; the others finished)")
+        raise PartialFailure(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
+                             f"(see the error lines above; the others finished)")
     return results
 
 
-class ClassesFailed(RuntimeError):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_config(argv))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ClassesFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    def body() -> None:
+        cfg = parse_config(argv)
+        interrupted[0] = ("interrupted; run again with --resume to continue" if cfg.mode == "train"
+                          else "interrupted")
+        run(cfg)
+
+    interrupted = ["interrupted"]
+    return run_main(body, interrupted=lambda: interrupted[0])
 
 
 if __name__ == "__main__":

@@ -168,8 +168,9 @@ def test_inference_reports_a_bad_test_image_in_its_row(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert run(capsys, "--data_dir", str(data), "--output_dir", out)[0] == 0
     (data / "widget" / "test" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    code, text, _ = run(capsys, "--data_dir", str(data), "--output_dir", out, "--mode", "infer")
-    assert code == 0, text[-2000:]
+    code, text, err = run(capsys, "--data_dir", str(data), "--output_dir", out, "--mode", "infer")
+    assert code == 1, text[-2000:]  # everything else written, but not every image got a verdict
+    assert err.strip().splitlines()[-1].startswith("error: 1 of 1 classes failed: widget")
     rows = {r["image"]: r for r in csv.DictReader(open(os.path.join(out, "widget", "infer", "scores.csv")))}
     assert len(rows) == 11
     broken = rows["widget/test/good/broken.png"]

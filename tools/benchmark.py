@@ -39,7 +39,10 @@ import infer  # noqa: E402
 from dataset import MVTecDataset, index_test, index_train, load_image  # noqa: E402
 from model import build_rd4ad  # noqa: E402
 from model.inference import InferenceModel, StaticGraphRunner  # noqa: E402
-from utils.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from model.teacher import ARCHS  # noqa: E402
+from utils.checkpoint import apply_checkpoint, atomic_write_json, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
+from utils.errors import UserError, shorten  # noqa: E402
 from utils.evaluate import compute_metrics, predict  # noqa: E402
 from utils.loss import cosine_distillation_loss  # noqa: E402
 from utils.metrics import aupro  # noqa: E402
@@ -282,9 +285,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="wide_resnet50_2")
+STAGES = ("training", "evaluation", "inference", "aupro")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="wide_resnet50_2", choices=ARCHS)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="the larger inference batch")
     p.add_argument("--train_batch", type=int, default=16)
@@ -297,13 +303,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--checkpoint", help="a trained checkpoint (its arch and size) instead of random "
                                         "weights: the agreement of bf16 with fp32 needs trained weights")
-    p.add_argument("--stages", default="training,evaluation,inference,aupro",
-                   help="comma list of stages to run")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma list of stages to run")
     a = p.parse_args(argv)
-    stages = {s.strip() for s in a.stages.split(",") if s.strip()}
     if a.quick:
         a.arch, a.image_size, a.batch, a.train_batch = "resnet18", 64, 4, 4
         a.repeats, a.train_repeats, a.warmup, a.eval_images = 2, 1, 1, 12
+    check_args(a)
+    return a
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Settings that cannot work, and an unwritable --json, refused before minutes of work."""
+    for name in ("batch", "train_batch", "repeats", "train_repeats", "eval_images", "threads"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name} {getattr(a, name)}: must be at least 1")
+    if a.warmup < 0:
+        raise UserError(f"--warmup {a.warmup}: must be 0 or more")
+    if a.image_size < 64 or a.image_size % 32:
+        raise UserError(f"--image_size {a.image_size}: must be a multiple of 32, at least 64")
+    a.stage_set = {s.strip() for s in a.stages.split(",") if s.strip()}
+    unknown = sorted(a.stage_set - set(STAGES))
+    if unknown or not a.stage_set:
+        raise UserError(f"--stages {shorten(a.stages)}: choose from {', '.join(STAGES)}")
+    if a.json:
+        folder = os.path.dirname(os.path.abspath(a.json))
+        if os.path.isdir(a.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"{a.json}: cannot write the --json file there (not a writable folder "
+                            f"or a folder itself)")
+    if a.checkpoint:
+        load_checkpoint(a.checkpoint)  # read without running code, every part checked
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: benchmark(parse_args(argv)))
+
+
+def benchmark(a: argparse.Namespace) -> int:
+    stages = a.stage_set
 
     paddle.set_device("cpu")
     paddle.seed(0)
@@ -374,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table([aupro_row] if aupro_row else []))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
+        atomic_write_json(a.json, report)
     return 0
 
 

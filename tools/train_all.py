@@ -13,7 +13,6 @@ results.md / results.json / report.html.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -22,25 +21,38 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset import DataError, resolve_sources  # noqa: E402
+from dataset import resolve_sources  # noqa: E402
+from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.config import ConfigError, parse_config  # noqa: E402
+from utils.lock import TOKEN_ENV, OutputLock  # noqa: E402
+from utils.names import check_class_name  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return run_main(lambda: fan_out(sys.argv[1:] if argv is None else argv),
+                    interrupted="interrupted; run again with --resume to continue")
+
+
+def fan_out(argv: list[str]) -> int:
     ours, main_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", default="0", help="comma list of GPU ids; one class runs on each at a time")
     args = p.parse_args(ours)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-    try:
-        cfg = parse_config(main_args)
-        if cfg.mode != "train":
-            raise ConfigError("tools/train_all.py runs training; use main.py for --mode eval/infer")
-        classes = [s.name for s in resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)]
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not devices or not all(d.isdigit() for d in devices):
+        raise ConfigError(f"--devices {args.devices[:80]!r}: expected a comma list of GPU ids such as 0,1")
+    cfg = parse_config(main_args)
+    cfg.check()
+    if cfg.mode != "train":
+        raise ConfigError("tools/train_all.py runs training; use main.py for --mode eval/infer")
+    classes = [check_class_name(s.name, "class")
+               for s in resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)]
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with OutputLock(cfg.output_dir) as lock:  # the children write into it under this lock
+        return run_classes(cfg, classes, devices, main_args, lock.token)
+
+
+def run_classes(cfg, classes: list[str], devices: list[str], main_args: list[str], token: str | None) -> int:
     log_dir = os.path.join(cfg.output_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
     print(f"{len(classes)} classes on devices {', '.join(devices)}; logs in {log_dir}")
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             if device not in running and queue:
                 cls = queue.pop(0)
                 log = open(os.path.join(log_dir, f"{cls}.log"), "w", encoding="utf-8")
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=device, **({TOKEN_ENV: token} if token else {}))
                 cmd = [sys.executable, os.path.join(ROOT, "main.py"), *main_args, "--cls", cls]
                 running[device] = (cls, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                                          env=env), log, time.time())
@@ -77,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # Every class finished: main.py skips them all and writes the combined table and report.
     final = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *main_args], cwd=ROOT,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True,
+                           env=dict(os.environ, **({TOKEN_ENV: token} if token else {})))
     if final.returncode != 0:
         print(final.stderr, file=sys.stderr)
         return final.returncode

@@ -26,7 +26,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def run_main(body: Callable[[], int | None], *, interrupted: str = "interrupted",
+def run_main(body: Callable[[], int | None], *, interrupted: str | Callable[[], str] = "interrupted",
              user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a command's body and turn every way it can end into an exit status and, for a
     failure, exactly one `error:` line on stderr."""
@@ -34,7 +34,7 @@ def run_main(body: Callable[[], int | None], *, interrupted: str = "interrupted"
         code = body()
         return EXIT_OK if code is None else int(code)
     except KeyboardInterrupt:
-        return _fail(interrupted, EXIT_INTERRUPTED)
+        return _fail(interrupted() if callable(interrupted) else interrupted, EXIT_INTERRUPTED)
     except (UserError, *user_errors) as err:
         return _fail(str(err), EXIT_USAGE)
     except PartialFailure as err:

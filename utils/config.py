@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass
 
-from .errors import UserError
+from .cli import OneLineArgumentParser
+from .errors import UserError, shorten
+from .names import check_class_name
+
+MAX_CONFIG_BYTES = 1 << 20   # a config of flag values is a few hundred bytes
+MAX_YAML_ALIASES = 20        # bounds what an alias bomb can expand to
 
 
 class ConfigError(UserError):
@@ -60,10 +66,48 @@ class Config:
     def checkpoint_path(self, cls: str, best: bool = False) -> str:
         return os.path.join(self.class_dir(cls), "best.pdparams" if best else "model.pdparams")
 
+    def class_names(self) -> list[str] | None:
+        """The classes --cls asks for; None for 'all'. Each must be one folder name."""
+        if self.cls.strip() in ("", "all"):
+            return None
+        names = [c.strip() for c in self.cls.split(",")]
+        if not any(names):
+            raise ConfigError(f"--cls {shorten(self.cls)}: names no class")
+        return [check_class_name(c) for c in names if c]
+
+    def check(self) -> None:
+        """Settings that cannot work, refused before anything is read or written."""
+        positive_ints = ("image_size", "epochs", "batch_size", "save_interval")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
+        for name in ("seed", "num_workers", "eval_interval", "log_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be 0 or more")
+        if self.seed >= 2 ** 32:
+            raise ConfigError(f"--seed {self.seed}: must be below 2**32")
+        if self.image_size < 64 or self.image_size % 32:
+            raise ConfigError(f"--image_size {self.image_size}: must be a multiple of 32, at least 64")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} {getattr(self, name)}: must lie in [0, 1)")
+        if not (math.isfinite(self.feature_cache_mb) and self.feature_cache_mb >= 0):
+            raise ConfigError(f"--feature_cache_mb {self.feature_cache_mb}: must be a finite number >= 0")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
+        for name in ("output_dir", "data_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"--{name}: must not be empty")
+        self.class_names()
+
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         description="RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle.")
     p.add_argument("--mode", choices=["train", "eval", "infer"], default=d.mode)
     p.add_argument("--data_dir", default=d.data_dir, help="root of the MVTec AD layout")
@@ -131,14 +175,24 @@ def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES >> 20} MB; expected a few flag: value lines")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        values = yaml.load(text, Loader=_bounded_loader(path)) or {}  # a SafeLoader: no code
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of flag: value")
     fields = {f.name: f for f in dataclasses.fields(Config)}
@@ -151,17 +205,37 @@ def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict:
         if name == "no_report":
             name, value = "report", not value
         if name not in fields or name == "config":
-            raise ConfigError(f"{path}: unknown setting {key!r}")
+            raise ConfigError(f"{path}: unknown setting {shorten(key)}")
         default = getattr(Config(), name)
         kind = type(default)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+            raise ConfigError(f"{path}: {str(key)[:80]} must be {kind.__name__}, got {shorten(value)}")
         if name in choices and value not in choices[name]:
-            raise ConfigError(f"{path}: {key} must be one of {', '.join(map(str, choices[name]))}, got {value!r}")
+            raise ConfigError(f"{path}: {key} must be one of {', '.join(map(str, choices[name]))}, "
+                              f"got {shorten(value)}")
         out[name] = value
     return out
+
+
+def _bounded_loader(path: str):
+    """yaml.SafeLoader that refuses more than MAX_YAML_ALIASES aliases: an alias bomb (a
+    few hundred bytes that expand to gigabytes) is refused before anything walks it."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise ConfigError(f"{path}: more than {MAX_YAML_ALIASES} YAML aliases "
+                                      f"(refused: a config of flags needs none)")
+            return super().compose_node(parent, index)
+
+    return BoundedLoader
 
 
 def parse_config(argv: list[str] | None = None) -> Config:

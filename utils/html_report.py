@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import datetime
 import html
-import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -19,7 +18,7 @@ from .checkpoint import atomic_write, atomic_write_text
 from .decision import Calibration
 from .evaluate import Predictions
 from .metrics import pro_curve
-from .report import HEADERS, TABLE_NAMES, mean_row
+from .report import HEADERS, TABLE_NAMES, finite_value, mean_row
 from .visualize import side_by_side, stack_vertically
 
 # Mean over the 15 MVTec AD classes (pixel AUROC / sample AUROC / AUPRO per image).
@@ -35,8 +34,14 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}.note{color:#a40}")
 
 
-def _pct(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * float(v):.1f}"
+def _pct(v: object) -> str:
+    v = finite_value(v)  # None, nan (n/a metrics) and inf all read n/a
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _threshold(v: object) -> str:
+    v = finite_value(v)
+    return "n/a" if v is None else f"{v:.5f}"
 
 
 def _save_figure(fig: Figure, path: str) -> None:
@@ -141,8 +146,8 @@ def write_class_report(output_dir: str, cls: str, pred: Predictions, samples: li
         grids.append(("defect_lowest.png", f"Lowest-scoring defective images (hardest misses), bottom {len(bad_low)}"))
 
     parts = [f"<h1>RD4AD report: {html.escape(cls)}</h1>",
-             f"<p>{len(samples)} test images ({len(good)} good, {len(bad)} defective, "
-             f"{int((~labelled).sum())} unlabelled). Values in percent.</p>",
+             (f"<p>{len(samples)} test images ({len(good)} good, {len(bad)} defective, "
+              f"{int((~labelled).sum())} unlabelled). Values in percent.</p>"),
              _metrics_table({html.escape(cls): metrics})]
     if note:
         parts.append(f'<p class="note">Note: {html.escape(note)}</p>')
@@ -152,9 +157,9 @@ def write_class_report(output_dir: str, cls: str, pred: Predictions, samples: li
             f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
             f"pixel {calibration.pixel_threshold:.5f}. Normalised score 0.5 = threshold."
             + (f" F1-optimal on this test set (for comparison): image {_pct(metrics.get('best_image_f1'))}% "
-               f"at {metrics.get('best_image_threshold', float('nan')):.5f}, pixel "
-               f"{_pct(metrics.get('best_pixel_f1'))}% at {metrics.get('best_pixel_threshold', float('nan')):.5f}."
-               if metrics.get("best_image_threshold") is not None else "") + "</p>")
+               f"at {_threshold(metrics.get('best_image_threshold'))}, pixel "
+               f"{_pct(metrics.get('best_pixel_f1'))}% at {_threshold(metrics.get('best_pixel_threshold'))}."
+               if "best_image_threshold" in metrics else "") + "</p>")
     for name, title in figures:
         parts.append(f'<figure style="display:inline-block"><img src="{name}"><figcaption>{title}'
                      f"</figcaption></figure>")

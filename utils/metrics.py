@@ -2,7 +2,9 @@
 
 All take numpy arrays and return a Python float. AUPRO's exact mode sorts the pixels once
 and reads the whole curve off cumulative sums; `num_thresholds=200` reproduces the
-reference's `compute_pro` (hq-deng/RD4AD test.py) from the same sorted arrays.
+reference's `compute_pro` (hq-deng/RD4AD test.py) from the same sorted arrays. Scores or
+maps that are not finite (NaN, inf) raise ValueError: sorting would place them silently
+and give a number (utils/evaluate.py names the images first).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def sample_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if labels.shape != scores.shape:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in length")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores are not finite (NaN or inf)")
     return float(roc_auc_score(labels, scores))
 
 
@@ -48,7 +52,9 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, mode: str =
 
     mode "per_image": mean over defective images of each image's own AUPRO (its regions,
     its thresholds, FPR over its own defect-free pixels): what the reference, and so the
-    paper's table, computes. mode "set": one curve over the whole set (MVTec AD protocol).
+    paper's table, computes. An image defines its own curve only with both defect and
+    defect-free pixels, so an empty mask or one covering the whole image is left out (nan
+    only when no image is left). mode "set": one curve over the whole set (MVTec AD protocol).
     Regions are 8-connected components of the masks.
 
     num_thresholds None: exact, every distinct score is a threshold, the curve is cut at
@@ -63,8 +69,14 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, mode: str =
     if mode == "set":
         return _aupro_of(masks, maps, max_fpr, num_thresholds)
     values = [_aupro_of(m[None], a[None], max_fpr, num_thresholds)
-              for m, a in zip(masks, maps) if m.any()]
+              for m, a in zip(masks, maps) if defines_own_pro(m)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def defines_own_pro(mask: np.ndarray) -> bool:
+    """An image's own PRO curve needs a region (a defect pixel) and an FPR axis (a
+    defect-free pixel)."""
+    return bool(mask.any()) and not bool(mask.all())
 
 
 def _check_pair(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +84,9 @@ def _check_pair(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.nda
     maps = np.asarray(maps)
     if masks.shape != maps.shape:
         raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
+    # max and min propagate NaN and show inf without a copy of the maps (memory)
+    if maps.size and not (np.isfinite(maps.max()) and np.isfinite(maps.min())):
+        raise ValueError("maps are not finite (NaN or inf)")
     if masks.ndim == 2:
         masks, maps = masks[None], maps[None]
     if masks.ndim != 3:
