@@ -38,7 +38,16 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return codecs.encode(text, "latin1")
 
 
+def _bytes(*args: Any) -> bytes:
+    """Protocol 2 writes b'' as bytes(); bytes(N) would allocate N bytes: refused."""
+    if args and isinstance(args[0], int):
+        raise pickle.UnpicklingError("bytes(int)")
+    return bytes(*args)
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
+    ("builtins", "bytes"): _bytes,
+    ("__builtin__", "bytes"): _bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "tuple"): tuple,
     ("builtins", "list"): list,
