@@ -1,0 +1,304 @@
+"""Trust under hostile input (issue 10): names are never paths, numbers are finite, every
+mistake is one line with nothing written, one run per output folder, Ctrl-C and a full
+disk leave files intact, and the exit status says whether everything asked for succeeded."""
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import main
+from conftest import ROOT
+from utils.lock import LOCK_NAME, OutputLock
+from utils.names import MAX_NAME_BYTES, output_names
+
+SAMPLE = os.path.join(ROOT, "sample_data", "bottle")
+TINY = ["--arch", "resnet18", "--image_size", "64", "--teacher_weights", "none", "--batch_size", "1",
+        "--epochs", "1", "--eval_interval", "0", "--log_interval", "0", "--no_report"]
+
+
+def run(capsys, *args):
+    code = main.main([*TINY, *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error(capsys, expected_code, *args):
+    code, out, err = run(capsys, *args)
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    assert code == expected_code, (out + err)[-2000:]
+    assert lines and lines[-1].startswith("error: "), err
+    assert sum(line.startswith("error: ") for line in lines) == 1, err
+    assert "Traceback" not in out + err and "internal error" not in err
+    return lines[-1]
+
+
+@pytest.fixture
+def data(tmp_path):
+    import shutil
+
+    shutil.copytree(SAMPLE, tmp_path / "data" / "widget")
+    return tmp_path / "data"
+
+
+# ------------------------------------------------------------------ names are never paths
+
+@pytest.mark.parametrize("name, problem", [
+    ("/abs/dir", "contains a path separator"),
+    ("../../x", "contains a path separator"),
+    ("..", "is not a name"),
+    (",", "names no class"),
+    (" , ", "names no class"),
+    (".hidden", "starts with '.'"),
+    ("a\nb", "contains control characters"),
+])
+def test_class_names_that_are_paths_are_refused(tmp_path, data, capsys, name, problem):
+    out = tmp_path / "out"
+    line = one_error(capsys, 2, "--train_dir", str(data / "widget" / "train" / "good"), "--cls", name,
+                     "--output_dir", str(out))
+    assert problem in line and "\n" not in line
+    assert not out.exists() and not (tmp_path / "x").exists() and not os.path.exists("/abs")
+
+
+def test_class_name_from_yaml_is_checked_too(tmp_path, data, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("cls: ../escape\n")
+    out = tmp_path / "deep" / "out"
+    line = one_error(capsys, 2, "--config", str(config), "--data_dir", str(data), "--output_dir", str(out))
+    assert "a class name must be one folder name" in line
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "escape").exists()
+
+
+def test_output_names_never_collide_and_fit_the_file_system():
+    paths = ["x.png", "x.jpg", "a/b_x.png", "a_b/x.png", "Case.png", "case.png", "plain.png",
+             "y" * 246 + ".png", "y" * 246 + ".jpg"]
+    names = output_names(paths)
+    assert len({n.lower() for n in names}) == len(paths)
+    assert names[paths.index("plain.png")] == "plain"  # names without a clash stay readable
+    assert all(len(n.encode()) <= MAX_NAME_BYTES for n in names)
+    # stable: the same inputs give the same names; each name depends on its own path
+    assert output_names(paths) == names
+    assert output_names(["x.png", "x.jpg"])[0] == names[0]
+
+
+def test_colliding_images_get_their_own_pictures_in_main_infer(tmp_path, data, capsys):
+    from PIL import Image
+
+    out = str(tmp_path / "out")
+    good = data / "widget" / "test" / "good"
+    Image.open(good / "000.png").save(good / "000.jpg")  # same stem, other extension
+    long_name = "n" * 246 + ".png"                          # 246 characters: crashed before
+    Image.open(good / "000.png").save(good / long_name)
+    assert run(capsys, "--data_dir", str(data), "--output_dir", out)[0] == 0
+    code, _, err = run(capsys, "--data_dir", str(data), "--output_dir", out, "--mode", "infer")
+    assert code == 0, err[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(out, "widget", "infer", "scores.csv"))))
+    assert len(rows) == 12 and len({r["output"] for r in rows}) == 12
+    for r in rows:
+        assert os.path.isfile(os.path.join(out, "widget", "infer", r["output"] + ".png"))
+        assert os.path.isfile(os.path.join(out, "widget", "infer", "masks", r["output"] + ".png"))
+
+
+# ------------------------------------------------------------------ numbers
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr nan: must be a finite number above 0"),
+    ("--lr", "inf", "--lr inf: must be a finite number above 0"),
+    ("--lr", "0", "--lr 0.0: must be a finite number above 0"),
+    ("--seed", "-1", "--seed -1: must be 0 or more"),
+    ("--num_workers", "-1", "--num_workers -1: must be 0 or more"),
+    ("--threshold_quantile", "nan", "--threshold_quantile nan: must lie in (0, 1]"),
+    ("--val_ratio", "nan", "--val_ratio nan: must lie in [0, 1)"),
+    ("--feature_cache_mb", "nan", "--feature_cache_mb nan"),
+    ("--epochs", "0", "--epochs 0: must be at least 1"),
+])
+def test_numbers_that_cannot_work_are_refused_before_any_work(tmp_path, data, capsys, flag, value, message):
+    out = tmp_path / "out"
+    assert message in one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out), flag, value)
+    assert not out.exists()
+
+
+def test_argparse_mistakes_are_one_line(tmp_path, capsys):
+    for args, message in ((["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+                          (["--arch", "vgg"], "argument --arch: invalid choice: 'vgg'"),
+                          (["--epochs", "x" * 100000], "argument --epochs: invalid int value")):
+        with pytest.raises(SystemExit) as info:
+            main.main(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and lines[0].endswith("--help)"), err
+        assert len(lines[0]) < 1100  # a 100 kB value is quoted bounded
+
+
+# ------------------------------------------------------------------ config files
+
+def test_config_files_that_are_hostile_are_one_bounded_line(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    bomb = "a: &a ['x','x','x','x','x','x','x','x','x']\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+        f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n" for i in range(8))
+    assert len(bomb) < 600  # a few hundred bytes that would expand to 9**9 strings
+    cases = [
+        (bomb.encode(), "more than 20 YAML aliases"),
+        (b"epochs: '" + b"9" * 500_000 + b"'\n", "epochs must be int, got '99999"),
+        (b"cls: '" + b"x" * 10_000_000 + b"'\n", "config file larger than 1 MB"),
+        (b"epochs: 3\ncls: \xff\xfe\n", "not UTF-8 text"),
+        (b"{{{{", "not valid YAML"),
+        (b"- a\n- b\n", "expected a mapping of flag: value"),
+    ]
+    for content, message in cases:
+        config.write_bytes(content)
+        line = one_error(capsys, 2, "--config", str(config), "--data_dir", str(data), "--output_dir", str(out))
+        assert line.startswith(f"error: {config}: ") and message in line, line
+        assert len(line) < 400, len(line)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ nothing written on a mistake
+
+def test_nothing_is_written_when_a_check_fails(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    garbage = tmp_path / "teacher.pdparams"
+    garbage.write_bytes(os.urandom(4096))
+    one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out), "--teacher_weights", str(garbage))
+    assert not out.exists()
+    # an all-unreadable training set
+    for f in (data / "widget" / "train" / "good").iterdir():
+        f.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert "no readable training images" in one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out),
+                                                       "--val_ratio", "0")
+    assert not out.exists()
+
+
+def test_garbage_training_state_with_resume_writes_nothing(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    (out / "widget").mkdir(parents=True)
+    (out / "widget" / "train_state.pdparams").write_bytes(b"\x80\x04garbage")
+    line = one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out), "--resume")
+    assert "train_state.pdparams: unreadable or truncated training state" in line
+    assert sorted(os.listdir(out)) == ["widget"] and os.listdir(out / "widget") == ["train_state.pdparams"]
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_output_dir_that_cannot_be_created(tmp_path, data, capsys, where):
+    target = "/proc/rd4ad-test/out" if where == "proc" else str(tmp_path / "a_file" / "out")
+    (tmp_path / "a_file").write_text("x")
+    line = one_error(capsys, 2, "--data_dir", str(data), "--output_dir", target)
+    assert "output directory is not writable" in line
+
+
+def test_image_size_too_large_for_memory_is_refused_up_front(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    line = one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out), "--image_size", "16384",
+                     "--batch_size", "3")
+    assert "--image_size 16384 with --batch_size 3: needs at least" in line
+    assert "use a smaller --image_size or --batch_size" in line
+    assert not out.exists()
+
+
+def test_out_of_memory_during_work_is_one_line(tmp_path, data, capsys, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise MemoryError("ResourceExhaustedError: Out of memory error on CPU")
+
+    monkeypatch.setattr(main, "predict", exhausted)
+    line = one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(tmp_path / "out"))
+    assert line.startswith("error: out of memory") and "smaller --image_size or --batch_size" in line
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, data, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert run(capsys, "--data_dir", str(data), "--output_dir", str(out))[0] == 0
+    ckpt = out / "widget" / "model.pdparams"
+    before = ckpt.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import utils.checkpoint
+    monkeypatch.setattr(utils.checkpoint.os, "fsync", no_space)
+    line = one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out), "--force")
+    assert re.match(r"error: .+: no space left on device \(the previous version is kept\)$", line), line
+    assert ckpt.read_bytes() == before
+    assert not [n for n in os.listdir(out / "widget") if n.endswith(".tmp")]
+
+
+def test_weights_that_become_non_finite_fail_the_class(tmp_path, data, capsys, monkeypatch):
+    """A finite loss with weights that overflowed: the class fails, nothing calibrated."""
+    real_step = main.train_step
+
+    def overflowing_step(branch, optimizer, feats, scaler):
+        loss = real_step(branch, optimizer, feats, scaler)
+        param = branch.parameters()[0]
+        param.set_value(np.full(param.shape, np.inf, dtype=np.float32))
+        return loss
+
+    monkeypatch.setattr(main, "train_step", overflowing_step)
+    out = tmp_path / "out"
+    line = one_error(capsys, 1, "--data_dir", str(data), "--output_dir", str(out))
+    assert "1 of 1 classes failed: widget" in line
+    assert not (out / "widget" / "status.json").exists() and not (out / "widget" / "model.pdparams").exists()
+    results = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert "weights became non-finite" in results["classes"]["widget"]["error"]
+
+
+# ------------------------------------------------------------------ one run per output folder
+
+def test_a_second_run_into_a_held_folder_stops_naming_the_first(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(str(out)):
+        line = one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out))
+    assert f"{out}: in use by another run (pid {os.getpid()}" in line
+    assert sorted(os.listdir(out)) == []  # the holder's lock is gone, nothing of the second run
+
+
+def test_a_killed_runs_lock_is_taken_over(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from utils.lock import OutputLock; OutputLock(sys.argv[2]).acquire();"
+                               "print('held', flush=True); time.sleep(120)", ROOT, str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert "in use by another run" in one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(out))
+    holder.kill()
+    holder.wait()
+    assert (out / LOCK_NAME).exists()  # stale file left by the killed run
+    code, _, err = run(capsys, "--data_dir", str(data), "--output_dir", str(out))
+    assert code == 0, err[-2000:]
+    assert not (out / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+def test_ctrl_c_is_one_line_exit_130_with_files_intact(tmp_path, data):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "main.py", *TINY, "--epochs", "200", "--save_interval", "1", "--data_dir", str(data),
+           "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "widget" / "train_state.pdparams"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert state.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not line.startswith("W")]
+    assert lines[-1] == "error: interrupted; run again with --resume to continue", err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / LOCK_NAME).exists()
+    from utils.safe_pickle import load_plain_pickle
+
+    assert load_plain_pickle(str(state))["epoch"] >= 1  # intact and loadable (--resume: tests/test_resume.py)
+    assert not [n for n in os.listdir(out / "widget") if n.endswith(".tmp")]
