@@ -1,13 +1,24 @@
-"""The deployable pipeline: image batch -> (anomaly map, image score), one Layer."""
+"""The deployable pipeline: image batch -> (anomaly map, image score), one Layer; and the
+exported folder (deploy.json, its file manifest, the graph's input size), checked."""
 from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
 from utils.anomaly import SIGMA, AnomalyMapHead
+from utils.decision import Calibration, CalibrationError
+from utils.errors import UserError, bounded_line, shorten
 
 from .rd4ad import RD4AD
+from .teacher import ARCHS
 
 # ResNet feature strides of layer1, layer2, layer3
 FEATURE_STRIDES = (4, 8, 16)
@@ -85,3 +96,209 @@ class StaticGraphRunner(PredictorSession):
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+# ---------------------------------------------------------------- the exported folder
+# What export_model.py writes and infer.py reads. deploy.json carries a manifest of every
+# file of the export (size and sha256), so a file that is missing, truncated or replaced
+# since the export is named before anything loads it: Paddle Inference, given a folder
+# without model.pdiparams, runs random weights and scores every image nan.
+
+DEPLOY_FORMAT_PREFIX = "rd4ad-paddle-inference/"
+DEPLOY_FORMAT = DEPLOY_FORMAT_PREFIX + "1"
+OUTPUT_NAMES = ("anomaly_map", "score")  # in the graph's output order
+MAX_DEPLOY_BYTES = 1 << 20      # a deploy.json is about 1 kB: never read a huge file whole
+MAX_GRAPH_JSON_BYTES = 256 << 20  # model.json of wide_resnet50_2 is well under 1 MB
+_HEX = frozenset("0123456789abcdef")
+
+
+class ModelError(UserError):
+    """An exported model folder that is missing, damaged, or disagrees with its deploy.json."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """deploy.json, checked: every field that inference uses."""
+    path: str                         # the deploy.json that was read
+    arch: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    calibration: Calibration | None   # None: exported before thresholds were calibrated
+    score_stats: dict[str, float]     # {} when the checkpoint had none
+    cls: str | None
+    files: dict[str, dict] | None     # None: an older export without the manifest
+
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(self.path)
+
+    def model_file(self, name: str, hint: str = "export the model again") -> str:
+        """The path of `name` in the export, after checking it is the file that was
+        exported (manifest: size and sha256; older exports: exists and is not empty)."""
+        path = os.path.join(self.folder, name)
+        record = None
+        if self.files is not None:
+            record = self.files.get(name)
+            if record is None:
+                raise ModelError(f"{path}: not part of this export (deploy.json lists "
+                                 f"{', '.join(sorted(self.files)) or 'no files'}); {hint}")
+        if not os.path.isfile(path):
+            raise ModelError(f"{path}: not found; {hint}")
+        size = os.path.getsize(path)
+        if size == 0:
+            raise ModelError(f"{path}: empty file; {hint}")
+        if record is not None:
+            if size < record["bytes"]:
+                raise ModelError(f"{path}: truncated ({size} of {record['bytes']} bytes); {hint}")
+            if size != record["bytes"] or file_record(path)["sha256"] != record["sha256"]:
+                raise ModelError(f"{path}: changed since the export (size or sha256 differs from "
+                                 f"deploy.json); {hint}")
+        return path
+
+
+def file_record(path: str) -> dict:
+    """{"bytes": size, "sha256": hex} of a file, read in chunks (weights are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def file_manifest(folder: str, names: list[str]) -> dict[str, dict]:
+    return {name: file_record(os.path.join(folder, name)) for name in names}
+
+
+def read_json_file(path: str, limit: int, what: str) -> Any:
+    """Parse a JSON file of at most `limit` bytes; ModelError naming it otherwise."""
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: not found: export a model first (python export_model.py)")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ModelError(f"{path}: empty file; export the model again")
+    if size > limit:
+        raise ModelError(f"{path}: {size} bytes, too large to be {what}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as err:  # bad JSON, not UTF-8, nested too deep
+        raise ModelError(f"{path}: not {what} (not valid JSON: {bounded_line(str(err), 120)}); "
+                         f"export the model again") from None
+
+
+def read_deployment(folder: str) -> Deployment:
+    path = os.path.join(folder, "deploy.json")
+    return check_deployment(read_json_file(path, MAX_DEPLOY_BYTES, "a deploy.json"), path)
+
+
+def check_deployment(meta: Any, path: str) -> Deployment:
+    """Every field of deploy.json that inference uses, with its type and range; a
+    ModelError naming `path` and the field otherwise. export_model.py runs it on what it
+    is about to write, so an export never writes a deploy.json that inference refuses."""
+    def bad(key: str, need: str) -> ModelError:
+        got = shorten(meta[key]) if key in meta else "missing"
+        return ModelError(f"{path}: {key!r} must be {need} (got {got}); export the model again")
+
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: not an RD4AD-Paddle export (a JSON object is expected, got "
+                         f"{shorten(meta)})")
+    fmt = meta.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith(DEPLOY_FORMAT_PREFIX):
+        raise ModelError(f"{path}: not an RD4AD-Paddle export (format {shorten(fmt)})")
+    if fmt != DEPLOY_FORMAT:
+        raise ModelError(f"{path}: export format {shorten(fmt)} is not {DEPLOY_FORMAT}, the one "
+                         f"this version reads")
+    if meta.get("arch") not in ARCHS:
+        raise bad("arch", "one of " + ", ".join(ARCHS))
+    size = meta.get("image_size")
+    if not _is_int(size) or size < 64 or size % 32:
+        raise bad("image_size", "a whole number, a multiple of 32, at least 64")
+    mean, std = meta.get("mean"), meta.get("std")
+    if not _numbers(mean, 3):
+        raise bad("mean", "a list of 3 finite numbers")
+    if not _numbers(std, 3) or min(std) <= 0:
+        raise bad("std", "a list of 3 finite positive numbers")
+    if meta.get("outputs") != list(OUTPUT_NAMES):
+        raise bad("outputs", str(list(OUTPUT_NAMES)))
+    calibration = None
+    if meta.get("calibration") is not None:
+        try:
+            calibration = Calibration.from_dict(meta["calibration"])
+        except CalibrationError as err:
+            raise ModelError(f"{path}: calibration {err}; export the model again") from None
+    stats = meta.get("score_stats")
+    if stats is not None and not (isinstance(stats, dict) and all(
+            isinstance(k, str) and _numbers([v], 1) for k, v in stats.items())):
+        raise bad("score_stats", "null or a mapping of finite numbers")
+    if meta.get("class") is not None and not isinstance(meta["class"], str):
+        raise bad("class", "null or a string")
+    return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
+                      calibration, dict(stats or {}), meta.get("class"),
+                      _check_manifest(meta.get("files"), path))
+
+
+def _check_manifest(files: Any, path: str) -> dict[str, dict] | None:
+    if files is None:
+        return None
+    ok = isinstance(files, dict) and all(
+        isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..")
+        and isinstance(r, dict) and _is_int(r.get("bytes")) and r["bytes"] > 0
+        and isinstance(r.get("sha256"), str) and len(r["sha256"]) == 64 and set(r["sha256"]) <= _HEX
+        for name, r in files.items())
+    if not ok:
+        raise ModelError(f"{path}: 'files' must map file names to {{bytes, sha256}} (got "
+                         f"{shorten(files)}); export the model again")
+    return files
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(values: Any, count: int) -> bool:
+    """A list of `count` finite numbers (booleans are not numbers here)."""
+    return (isinstance(values, list) and len(values) == count
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in values))
+
+
+def paddle_graph_input_shape(model_json: str, input_name: str = "image") -> list | None:
+    """The declared shape of the graph's input (e.g. [-1, 3, 256, 256]) from model.json
+    (Paddle 3 PIR JSON: a "*.data" op whose attributes hold name and shape); None when the
+    graph does not say. Paddle Inference's input handle reports no shape before a run, so
+    the file is the only place to read it. ModelError when the file is not JSON."""
+    graph = read_json_file(model_json, MAX_GRAPH_JSON_BYTES, "a Paddle graph (model.json)")
+    stack = [graph]
+    while stack:  # iterative: a graph is deeply nested
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if isinstance(node.get("#"), str) and node["#"].endswith(".data"):
+                attrs = {a.get("N"): (a.get("AT") or {}).get("D") for a in node.get("A") or []
+                         if isinstance(a, dict) and isinstance(a.get("AT"), dict)}
+                if attrs.get("name") == input_name and isinstance(attrs.get("shape"), list):
+                    return attrs["shape"]
+            stack.extend(node.values())
+    return None
+
+
+def check_graph_size(shape: Any, deployment: Deployment, model_path: str) -> None:
+    """The graph's input [N, 3, H, W] must be deploy.json's image size (when it says)."""
+    if not isinstance(shape, list | tuple) or len(shape) != 4:
+        return
+    h, w = shape[2], shape[3]
+    if _is_int(h) and _is_int(w) and h > 0 and w > 0 and (h, w) != (deployment.image_size,) * 2:
+        raise ModelError(f"{deployment.path}: image_size {deployment.image_size} disagrees with "
+                         f"the graph's input {h}x{w} ({model_path}); export the model again")
+
+
+def check_outputs(maps: Any, scores: Any, count: int, size: int, model_path: str) -> None:
+    """A graph's outputs must be [count, size, size] maps and [count] scores: anything else
+    means the graph is not the one deploy.json describes."""
+    shapes = (tuple(getattr(maps, "shape", ())), tuple(getattr(scores, "shape", ())))
+    if shapes != ((count, size, size), (count,)):
+        raise ModelError(f"{model_path}: the graph gave outputs of shapes {shapes[0]} and "
+                         f"{shapes[1]} for {count} images of {size} px, not ({count}, {size}, "
+                         f"{size}) and ({count},); export the model again")

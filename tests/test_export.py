@@ -116,8 +116,9 @@ def test_infer_cli_writes_pictures_csv_and_benchmark(exported, tmp_path):
     Image.fromarray(np.zeros((30, 30, 4), np.uint8)).save(folder / "rgba.png")
     (folder / "broken.png").write_bytes(b"not a png")
     out = str(tmp_path / "out")
+    # exit 1: every readable image is scored, but the unreadable one is a failure
     assert infer.main(["--model_dir", save_dir, "--image", str(folder), "--output_dir", out,
-                       "--benchmark", "True", "--batch_size", "2"]) == 0
+                       "--benchmark", "True", "--batch_size", "2"]) == 1
     rows = {os.path.basename(r["image"]): r for r in csv.DictReader(open(os.path.join(out, "scores.csv")))}
     assert set(rows) == {"gray.png", "rgba.png", "broken.png"}
     assert "cannot read image" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
