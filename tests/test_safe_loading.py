@@ -11,6 +11,7 @@ import pickle
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -324,3 +325,58 @@ def test_damaged_checkpoint_parts_are_one_line(trained, tmp_path, capsys):
                           "--mode", "eval"])
         line = one_error_line(capsys, code)
         assert line.startswith(f"error: {ckpt}: ") and message in line, (name, line)
+
+
+# ------------------------------------------------------------------ files that cost more than their size
+
+def _laughs(levels=25, fan=10):
+    """A list nested `levels` deep, each level holding the one below `fan` times: a few
+    hundred bytes as a pickle (shared references), fan**levels items if walked as a tree."""
+    node = ["lol"]
+    for _ in range(levels):
+        node = [node] * fan
+    return node
+
+
+def test_billion_laughs_pickle_is_read_in_time_proportional_to_its_size(tmp_path):
+    """Shared references are converted once each (a tree walk would never end)."""
+    path = tmp_path / "laughs.pdparams"
+    write_pickle(path, {"conv1.weight": _laughs()})
+    assert path.stat().st_size < 1000
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from utils.safe_pickle import load_plain_pickle;"
+            "load_plain_pickle(sys.argv[2]); print('read')")
+    done = subprocess.run([sys.executable, "-c", code, ROOT, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "read", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["tuple_key", "frozenset", "set", "ndarray_called", "void_array"])
+def test_structures_whose_building_is_costly_are_refused(tmp_path, case):
+    path = tmp_path / f"{case}.pdparams"
+    if case == "tuple_key":  # hashing a shared nested tuple walks it as a tree
+        node = ("x",)
+        for _ in range(30):
+            node = (node, node)
+        obj = {node: 1}
+    elif case == "frozenset":
+        obj = {"w": frozenset({1, 2})}
+    elif case == "set":
+        obj = {"w": {1, 2}}
+    elif case == "ndarray_called":  # numpy.ndarray(shape, dtype, buffer, offset, strides): 4 bytes, 8 GB
+        class Strided:
+            def __reduce__(self):
+                return np.ndarray, ((2_000_000_000,), np.dtype("float32"), b"\0" * 4, 0, (0,))
+        obj = {"w": Strided()}
+    else:
+        obj = {"w": np.zeros(3, dtype=[("a", "f4"), ("b", "i4")])}
+    write_pickle(path, obj)
+    with pytest.raises(UnsafeWeightsError):
+        load_plain_pickle(str(path))
+
+
+def test_a_length_field_claiming_terabytes_is_a_truncated_file(tmp_path):
+    import struct
+
+    path = tmp_path / "claims.pdparams"
+    path.write_bytes(b"\x80\x04" + b"\x8e" + struct.pack("<Q", 1 << 40) + b"tiny")  # BINBYTES8
+    with pytest.raises(WeightsFileError, match="unreadable or truncated"):
+        load_plain_pickle(str(path))

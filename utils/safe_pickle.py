@@ -8,6 +8,12 @@ and dtypes. A file asking for anything else (os.system, eval, a class) is refuse
 that object is built, with one line: `FILE: not a plain weights file (refusing to
 unpickle code)`. This is the policy of `torch.load(weights_only=True)`.
 
+Nor can a file make reading it cost more than its size: numpy arrays are built only the
+way numpy pickles them (their bytes are in the file; `numpy.ndarray(...)` itself, which
+could describe a huge zero-stride array, is not callable), sets and non-scalar dict keys
+(whose hashing walks shared structure) are refused, and shared references (a "billion
+laughs" pickle) are checked once each, not once per path to them.
+
 The result is what `paddle.load(path, return_numpy=True)` gives for the same file: Paddle
 writes each tensor as the pair (name, ndarray) and may add 'StructuredToParameterName@@'
 and 'UnpackBigParamInfor@@' bookkeeping; both are undone here.
@@ -45,6 +51,23 @@ def _bytes(*args: Any) -> bytes:
     return bytes(*args)
 
 
+class _NdarrayName:
+    """Stands for numpy.ndarray in a file: usable only as _reconstruct's first argument
+    (calling numpy.ndarray(shape, dtype, buffer, offset, strides) could make a huge
+    zero-stride array out of four bytes)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _Refused("numpy.ndarray called")
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's own pickling: an empty array whose BUILD step then sets shape, dtype and
+    the bytes stored in the file (numpy checks that they match)."""
+    if subtype is not _NdarrayName or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("ndarray built another way")
+    return _MULTIARRAY._reconstruct(np.ndarray, (0,), dtype)
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "bytes"): _bytes,
     ("__builtin__", "bytes"): _bytes,
@@ -52,15 +75,12 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "tuple"): tuple,
     ("builtins", "list"): list,
     ("builtins", "dict"): dict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("__builtin__", "set"): set,
     ("_codecs", "encode"): _latin1_encode,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayName,
     ("numpy", "dtype"): np.dtype,
 }
 for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    _ALLOWED[(_module, "_reconstruct")] = _MULTIARRAY._reconstruct
+    _ALLOWED[(_module, "_reconstruct")] = _reconstruct
     _ALLOWED[(_module, "scalar")] = _MULTIARRAY.scalar
 # numpy >= 1.25 pickles a dtype's class as numpy.dtypes.<Name>DType
 for _name in dir(np.dtypes):
@@ -76,7 +96,43 @@ class WeightsFileError(UserError):
     """The file is missing, truncated or not a pickle at all."""
 
 
-class _PlainDataUnpickler(pickle.Unpickler):
+_KEY_TYPES = (str, bytes, int, float, bool, type(None))
+
+
+def _checked_keys(items: list) -> list:
+    for key in items[::2]:
+        if not isinstance(key, _KEY_TYPES):  # a tuple key is hashed through all it shares
+            raise _Refused("dict key type")
+    return items
+
+
+def _refuse_opcode(self: Any) -> None:
+    raise _Refused("set")
+
+
+class _PlainDataUnpickler(pickle._Unpickler):  # the Python one: its opcodes can be checked
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _setitem(self) -> None:
+        _checked_keys([self.stack[-2]])
+        pickle._Unpickler.load_setitem(self)
+
+    def _setitems(self) -> None:
+        items = _checked_keys(self.pop_mark())
+        target = self.stack[-1]
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def _dict(self) -> None:
+        items = _checked_keys(self.pop_mark())
+        self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
+    dispatch[pickle.SETITEM[0]] = _setitem
+    dispatch[pickle.SETITEMS[0]] = _setitems
+    dispatch[pickle.DICT[0]] = _dict
+    for _op in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
+        dispatch[_op[0]] = _refuse_opcode
+
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
@@ -112,7 +168,8 @@ def load_plain_pickle(path: str, what: str = "weights file") -> Any:
             if head[:1] != b"\x80":  # every pickle of protocol 2+ starts with PROTO
                 raise WeightsFileError(f"{path}: not a Paddle {what} (not a pickle)")
             f.seek(0)
-            obj = _PlainDataUnpickler(f, encoding="latin1").load()
+            obj = _PlainDataUnpickler(_BoundedReader(f, os.fstat(f.fileno()).st_size),
+                                      encoding="latin1").load()
     except _Refused:
         raise UnsafeWeightsError(refusal(path)) from None
     except WeightsFileError:
@@ -121,14 +178,38 @@ def load_plain_pickle(path: str, what: str = "weights file") -> Any:
         raise WeightsFileError(f"{path}: cannot read {what} (permission denied)") from None
     except MemoryError:
         raise WeightsFileError(f"{path}: unreadable {what} (too large for memory)") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, OverflowError, UnicodeError, OSError, RecursionError) as err:
-        # numpy's own checks (wrong shape for the data, bad dtype) land here too
+    except Exception as err:  # any failure to parse untrusted bytes: numpy's own checks
+        # (wrong shape for the data, bad dtype), a stack underflow, a short frame...
         raise WeightsFileError(f"{path}: unreadable or truncated {what} ({type(err).__name__})") from None
     try:
-        return _plain(_unpack_big_params(obj))
+        return _plain(_unpack_big_params(obj), {}, [0])
     except _Refused:
         raise UnsafeWeightsError(refusal(path)) from None
+    except Exception as err:  # Paddle's bookkeeping entries malformed
+        raise WeightsFileError(f"{path}: damaged {what} ({type(err).__name__})") from None
+
+
+class _BoundedReader:
+    """A file whose reads never ask for more than what is left: a length field claiming
+    terabytes cannot make the reader allocate them."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self.f, self.left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(self.left if n < 0 or n > self.left else n)
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        data = self.f.readline(self.left)
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def _unpack_big_params(obj: Any) -> Any:
@@ -145,34 +226,41 @@ def _unpack_big_params(obj: Any) -> Any:
 
 
 _SCALARS = (str, bytes, int, float, bool, complex, type(None))
+MAX_NODES = 10_000_000  # containers and values visited: far above any state dict
 
 
-def _plain(obj: Any, depth: int = 0) -> Any:
+def _plain(obj: Any, done: dict[int, Any], count: list[int], depth: int = 0) -> Any:
     """Check the tree holds plain data only and turn Paddle's (name, ndarray) tensor
-    pairs into arrays; drop Paddle's name table."""
-    if depth > 100:
-        raise _Refused("nesting too deep")
+    pairs into arrays; drop Paddle's name table. A node shared by many parents (pickle's
+    memo) is converted once (`done`), so the work is bounded by the file's size."""
+    count[0] += 1
+    if depth > 100 or count[0] > MAX_NODES:
+        raise _Refused("nesting too deep or too many values")
     if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise _Refused("object array")
+        if obj.dtype.kind not in "biufc" or obj.dtype.fields is not None or obj.dtype.subdtype is not None:
+            raise _Refused("array of another dtype")
         return obj
     if isinstance(obj, np.generic):
-        if isinstance(obj, np.object_):
-            raise _Refused("object scalar")
+        if obj.dtype.kind not in "biufc":
+            raise _Refused("scalar of another dtype")
         return obj
     if isinstance(obj, _SCALARS) or isinstance(obj, np.dtype):
         return obj
+    if id(obj) in done:
+        return done[id(obj)]
     if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
-        return _plain(obj[1], depth + 1)  # a Tensor as paddle.save writes it
-    if isinstance(obj, dict):
+        out: Any = _plain(obj[1], done, count, depth + 1)  # a Tensor as paddle.save writes it
+    elif isinstance(obj, dict):
         out = obj.__class__() if type(obj) in (dict, collections.OrderedDict) else {}
         for key, value in obj.items():
             if key == "StructuredToParameterName@@":
                 continue
-            if not isinstance(key, (str, int, float, bool, tuple, type(None))):
+            if not isinstance(key, _KEY_TYPES):
                 raise _Refused("dict key type")
-            out[key] = _plain(value, depth + 1)
-        return out
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(_plain(v, depth + 1) for v in obj)
-    raise _Refused(type(obj).__name__)
+            out[key] = _plain(value, done, count, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_plain(v, done, count, depth + 1) for v in obj)
+    else:
+        raise _Refused(type(obj).__name__)
+    done[id(obj)] = out
+    return out
