@@ -204,11 +204,14 @@ def _decode(path: str) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({reason})") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16/32-bit grayscale scaled by its range (PIL's own
-    conversion would clip it at 255), transparency dropped, CMYK and palettes converted."""
+    conversion would clip it at 255), transparency dropped, CMYK and palettes converted.
+    A float image with NaN or infinite pixels is refused: it has no picture to score."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise DataError(f"{path}: cannot read image (NaN or infinite pixel values)")
         top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
         gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
@@ -217,7 +220,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def load_rgb(path: str, image_size: int) -> np.ndarray:
     """[S, S, 3] uint8, resized with PIL bilinear. Every mode PIL reads becomes RGB."""
-    return np.asarray(_to_rgb(_decode(path)).resize((image_size, image_size), Image.BILINEAR))
+    return np.asarray(_to_rgb(_decode(path), path).resize((image_size, image_size), Image.BILINEAR))
 
 
 def image_size_of(path: str) -> tuple[int, int]:
@@ -250,6 +253,8 @@ def load_mask(path: str | None, image_size: int) -> np.ndarray:
         return np.zeros((1, image_size, image_size), dtype=np.float32)
     img = _decode(path)
     values = _to_gray_values(img)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise DataError(f"{path}: cannot read mask (NaN or infinite pixel values)")
     top = float(values.max())
     if top <= 0:
         return np.zeros((1, image_size, image_size), dtype=np.float32)

@@ -39,10 +39,10 @@ from model.inference import (Deployment, ModelError, PredictorSession, check_gra
 from utils.benchmark import StageTimer, benchmark_report, format_report  # noqa: E402
 from utils.checkpoint import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from utils.cli import OneLineArgumentParser, output_error, run_main  # noqa: E402
-from utils.decision import Calibration  # noqa: E402
+from utils.decision import MAX_THRESHOLD, Calibration  # noqa: E402
 from utils.errors import PartialFailure, UserError, bounded_line, shorten  # noqa: E402
 from utils.lock import OutputLock  # noqa: E402
-from utils.names import check_class_name, output_names  # noqa: E402
+from utils.names import check_class_name, is_within, output_names  # noqa: E402
 from utils.visualize import binary_mask_image, side_by_side  # noqa: E402
 
 CSV_FIELDS = ["image", "output", "score", "normalized_score", "verdict", "z_score", "error"]
@@ -271,8 +271,9 @@ def check_args(args: argparse.Namespace) -> None:
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
     check_backend(args)
-    if args.threshold is not None and not math.isfinite(args.threshold):
-        raise UsageError(f"--threshold {args.threshold}: must be a finite number")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and abs(args.threshold) <= MAX_THRESHOLD):
+        raise UsageError(f"--threshold {args.threshold}: must be a finite number within +-{MAX_THRESHOLD:g} "
+                         f"(scores lie in [0, 6])")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"{args.output_dir}: --output_dir is a file, not a folder")
     if args.image:
@@ -283,9 +284,9 @@ def check_args(args: argparse.Namespace) -> None:
                              f"the next run would score its own pictures; choose another --output_dir")
     elif args.data_dir and args.cls is not None:
         check_class_name(args.cls)
-        test_dir = os.path.realpath(mvtec_source(args.data_dir, args.cls).test_dir)
-        if os.path.realpath(args.output_dir).startswith(test_dir + os.sep):
-            raise UsageError(f"{args.output_dir}: --output_dir is inside the test folder {test_dir}: "
+        test_dir = mvtec_source(args.data_dir, args.cls).test_dir
+        if is_within(args.output_dir, test_dir):
+            raise UsageError(f"{args.output_dir}: --output_dir is (inside) the test folder {test_dir}: "
                              f"the next run would read its pictures as test images")
     else:
         raise UsageError("give --image FILE_OR_FOLDER, or --data_dir DIR with --cls CLASS")

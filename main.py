@@ -44,7 +44,7 @@ from utils.config import Config, ConfigError, config_yaml, parse_config  # noqa:
 from utils.decision import Calibration, CalibrationError, calibrate  # noqa: E402
 from utils.errors import PartialFailure  # noqa: E402
 from utils.lock import OutputLock  # noqa: E402
-from utils.names import check_class_name, output_names  # noqa: E402
+from utils.names import check_class_name, is_within, output_names  # noqa: E402
 from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache  # noqa: E402
 from utils.evaluate import (METRIC_NAMES, MetricsError, Predictions, compute_metrics,  # noqa: E402
                             good_score_statistics, predict)
@@ -115,6 +115,7 @@ def check_before_work(cfg: Config, sources: list[DataSource]) -> None:
     check_writable(cfg.output_dir)
     for source in sources:
         check_class_name(source.name, "class")
+        check_outputs_apart(cfg, source)
     if cfg.mode == "train":
         weights = cfg.teacher_weights
         if weights.lower() == "imagenet":
@@ -135,6 +136,17 @@ def check_before_work(cfg: Config, sources: list[DataSource]) -> None:
             load_checkpoint(cfg.checkpoint_path(source.name, best=cfg.select_best_on_test),
                             arch=cfg.arch, image_size=cfg.image_size)
     check_memory(cfg, max(test_sizes))
+
+
+def check_outputs_apart(cfg: Config, source: DataSource) -> None:
+    """Nothing is written inside a folder the run reads: the next run would take its own
+    pictures for training or test images."""
+    for folder, what in ((source.train_dir, "training"), (source.test_dir, "test"), (source.gt_dir, "mask")):
+        if folder and os.path.isdir(folder):
+            for written in (cfg.output_dir, cfg.class_dir(source.name)):
+                if is_within(written, folder):
+                    raise ConfigError(f"{written}: output folder inside the {what} folder {folder}: "
+                                      f"the next run would read its own outputs; use another --output_dir")
 
 
 def first_readable(samples: list[Sample], image_size: int, source: DataSource) -> None:

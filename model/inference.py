@@ -203,6 +203,8 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     if not isinstance(meta, dict):
         raise ModelError(f"{path}: not an RD4AD-Paddle export (a JSON object is expected, got "
                          f"{shorten(meta)})")
+    if len(json.dumps(meta, default=str)) > MAX_DEPLOY_BYTES:  # what read_json_file would refuse
+        raise ModelError(f"{path}: deploy.json would be larger than {MAX_DEPLOY_BYTES >> 20} MB")
     fmt = meta.get("format")
     if not isinstance(fmt, str) or not fmt.startswith(DEPLOY_FORMAT_PREFIX):
         raise ModelError(f"{path}: not an RD4AD-Paddle export (format {shorten(fmt)})")
@@ -276,8 +278,9 @@ def paddle_graph_input_shape(model_json: str, input_name: str = "image") -> list
             stack.extend(node)
         elif isinstance(node, dict):
             if isinstance(node.get("#"), str) and node["#"].endswith(".data"):
-                attrs = {a.get("N"): (a.get("AT") or {}).get("D") for a in node.get("A") or []
-                         if isinstance(a, dict) and isinstance(a.get("AT"), dict)}
+                entries = node.get("A") if isinstance(node.get("A"), list) else []
+                attrs = {a["N"]: a["AT"].get("D") for a in entries  # any other shape: not ours
+                         if isinstance(a, dict) and isinstance(a.get("N"), str) and isinstance(a.get("AT"), dict)}
                 if attrs.get("name") == input_name and isinstance(attrs.get("shape"), list):
                     return attrs["shape"]
             stack.extend(node.values())

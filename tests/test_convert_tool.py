@@ -38,7 +38,7 @@ def test_convert_numpy_dicts_to_checkpoint_and_teacher(tmp_path):
 
 def test_wrong_arch_weights_are_refused(tmp_path):
     w = deterministic_state_dicts("wide_resnet50_2")
-    with pytest.raises(SystemExit, match="are these resnet18 weights"):
+    with pytest.raises(tool.ConvertError, match="are these resnet18 weights"):
         tool.convert("resnet18", None, {"bn": w["bn"], "decoder": w["decoder"]}, 64, "x",
                      str(tmp_path / "m.pdparams"), None)
 
@@ -56,3 +56,11 @@ def test_cli_reads_real_pth_files(tmp_path):
                       "--out", out, "--teacher_out", teacher]) == 0
     _check_outputs(w, out, teacher)
     assert isinstance(paddle.load(teacher), dict)
+
+
+def test_cli_mistakes_are_one_line(tmp_path, capsys):
+    """Without torch, or with a class name that is a path: one line, exit 2."""
+    code = tool.main(["--arch", "resnet18", "--reference", str(tmp_path / "ref.pth"), "--cls", "../x",
+                      "--out", str(tmp_path / "m.pdparams")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --cls '../x'")

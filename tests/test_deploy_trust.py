@@ -443,8 +443,21 @@ def _checkpoint_wrong_types(path):
                     teacher_weights="none", extra={"calibration": {**CALIBRATION, "count": "20"}})
 
 
+def _checkpoint_huge_class(path):  # deploy.json would be 2 MB: more than infer.py reads
+    net = build_rd4ad("resnet18", teacher_weights="none")
+    save_checkpoint(path, net, arch="resnet18", image_size=SIZE, epoch=1, cls="c" * 2_000_000, teacher_weights="none")
+
+
+def _checkpoint_huge_threshold(path):
+    net = build_rd4ad("resnet18", teacher_weights="none")
+    save_checkpoint(path, net, arch="resnet18", image_size=SIZE, epoch=1, cls="bottle",
+                    teacher_weights="none", extra={"calibration": {**CALIBRATION, "image_threshold": 1e308}})
+
+
 @pytest.mark.parametrize("make,says", [(_checkpoint_missing_parts, "'bottleneck' must be"),
-                                       (_checkpoint_wrong_types, "calibration count")])
+                                       (_checkpoint_wrong_types, "calibration count"),
+                                       (_checkpoint_huge_class, "'class' must be a string of at most 255"),
+                                       (_checkpoint_huge_threshold, "calibration image_threshold")])
 def test_export_of_a_damaged_checkpoint_writes_nothing(tmp_path, capsys, make, says):
     ckpt = str(tmp_path / "model.pdparams")
     make(ckpt)
@@ -524,3 +537,21 @@ def test_truncated_or_random_deploy_json_is_never_a_run(exported, tmp_path, caps
             f.write(data)
         code = run_infer(folder, GOOD, out)
         expect_one_line(capsys, code, 2, path, out=out)
+
+
+@pytest.mark.parametrize("graph", ['{"#": "p.data", "A": 5}', '{"A": [{"N": ["x"], "AT": {"D": 1}}], "#": "1.data"}',
+                                   '[1, [2, {"#": 3}]]'])
+def test_model_json_of_another_shape_is_one_line(exported, tmp_path, capsys, graph):
+    """Valid JSON that is no Paddle graph, with a manifest that matches it (as a careless
+    re-export would write): one line naming model.json, never an internal error."""
+    _, save_dir = exported
+    folder = clone(save_dir, tmp_path / "model")
+    os.remove(os.path.join(folder, "model.json"))
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        f.write(graph)
+    from model.inference import file_record
+
+    edit_deploy(folder, lambda m: {**m, "files": {**m["files"], "model.json": file_record(os.path.join(folder, "model.json"))}})
+    code = run_infer(folder, images_folder(tmp_path), str(tmp_path / "out"))
+    line = expect_one_line(capsys, code, 2, "model.json")
+    assert "internal error" not in line

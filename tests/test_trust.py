@@ -302,3 +302,160 @@ def test_ctrl_c_is_one_line_exit_130_with_files_intact(tmp_path, data):
 
     assert load_plain_pickle(str(state))["epoch"] >= 1  # intact and loadable (--resume: tests/test_resume.py)
     assert not [n for n in os.listdir(out / "widget") if n.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ found by a hostile review
+
+def test_outputs_inside_the_folders_read_are_refused(tmp_path, data, capsys):
+    """--output_dir/CLASS equal to (or inside) --test_dir: infer would score its own pictures."""
+    photos = tmp_path / "own" / "photos"
+    (photos / "good").mkdir(parents=True)
+    for f in (data / "widget" / "test" / "good").iterdir():
+        (photos / "good" / f.name).write_bytes(f.read_bytes())
+    line = one_error(capsys, 2, "--train_dir", str(data / "widget" / "train" / "good"), "--test_dir", str(photos),
+                     "--cls", "photos", "--output_dir", str(tmp_path / "own"))
+    assert "output folder inside the test folder" in line
+    assert sorted(os.listdir(tmp_path / "own")) == ["photos"]
+
+
+def test_infer_py_refuses_the_test_folder_itself_as_output(tmp_path, data, capsys):
+    import infer
+
+    code = infer.main(["--model_dir", str(tmp_path / "no_model"), "--data_dir", str(data), "--cls", "widget",
+                       "--output_dir", str(data / "widget" / "test")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is (inside) the test folder" in err[0]
+
+
+@pytest.mark.parametrize("name", ["report.html", "results.md", "config.yaml", "inference", "Report"])
+def test_class_named_like_the_runs_own_outputs_is_refused(tmp_path, data, capsys, name):
+    out = tmp_path / "out"
+    line = one_error(capsys, 2, "--train_dir", str(data / "widget" / "train" / "good"), "--cls", name,
+                     "--output_dir", str(out))
+    assert "is the name of one of the run's own outputs" in line and not out.exists()
+
+
+def test_float_images_with_nan_pixels_are_unreadable_not_black(tmp_path):
+    from PIL import Image
+
+    from dataset import DataError, load_rgb
+
+    values = np.ones((32, 32), np.float32)
+    values[3, 4] = np.nan
+    Image.fromarray(values, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match="NaN or infinite pixel values"):
+        load_rgb(str(tmp_path / "nan.tif"), 64)
+
+
+def test_huge_thresholds_are_refused(tmp_path, capsys):
+    from utils.decision import Calibration, CalibrationError
+
+    good = {"image_threshold": 1.0, "pixel_threshold": 1.0, "image_low": 0.5, "pixel_low": 0.1,
+            "quantile": 0.99, "count": 3, "source": "validation"}
+    with pytest.raises(CalibrationError):
+        Calibration.from_dict({**good, "image_threshold": 1e308})
+    with pytest.raises(CalibrationError):
+        Calibration.from_dict(good).with_threshold(-1e308)
+    # at the edge of the allowed range the normalised scores stay numbers in [0, 1]
+    edge = Calibration.from_dict(good).with_threshold(1e6)
+    assert np.isfinite(edge.normalize_scores(np.array([0.3, 5.0]))).all()
+
+
+@pytest.mark.parametrize("damage", ["int64", "float64", "optimizer_shape", "optimizer_nan", "param_names"])
+def test_training_states_that_do_not_fit_the_model_are_one_line(tmp_path, data, capsys, damage):
+    """A state that would fail half-way through restoring is refused before anything runs."""
+    state = _unfinished_state(tmp_path, data, capsys)
+    first = sorted(state["bottleneck"])[0]
+    moment = sorted(k for k in state["optimizer"] if k.endswith("_moment1_0"))[0]
+    if damage in ("int64", "float64"):
+        state["bottleneck"][first] = state["bottleneck"][first].astype(damage)
+    elif damage == "optimizer_shape":
+        state["optimizer"][moment] = np.zeros(3, np.float32)
+    elif damage == "optimizer_nan":
+        state["optimizer"][moment] = state["optimizer"][moment] * np.nan
+    else:
+        state["param_names"] = state["param_names"][:-1] + ["zzz"]
+    work = tmp_path / "work"
+    (work / "widget").mkdir(parents=True)
+    import pickle
+
+    with open(work / "widget" / "train_state.pdparams", "wb") as f:
+        pickle.dump(state, f, protocol=4)
+    line = one_error(capsys, 2, "--data_dir", str(data), "--output_dir", str(work), "--epochs", "3",
+                     "--save_interval", "1", "--resume")
+    assert "damaged training state" in line and "delete it to start the class again" in line
+    assert os.listdir(work) == ["widget"]  # no config.yaml: nothing written
+
+
+def _unfinished_state(tmp_path, data, capsys):
+    """The training state of a 3-epoch run, as saved after epoch 1 (main.py saves one
+    every --save_interval epochs; the run is stopped by an interrupt after its first save)."""
+    from utils.safe_pickle import load_plain_pickle
+
+    saved = {}
+    real_save = main.save_train_state
+
+    def save_then_stop(cfg, cls, **kwargs):
+        real_save(cfg, cls, **kwargs)
+        saved["path"] = os.path.join(cfg.output_dir, cls, "train_state.pdparams")
+        raise KeyboardInterrupt
+
+    main.save_train_state = save_then_stop
+    try:
+        code = main.main([*TINY, "--data_dir", str(data), "--output_dir", str(tmp_path / "partial"), "--epochs", "3",
+                          "--save_interval", "1"])
+    finally:
+        main.save_train_state = real_save
+    capsys.readouterr()
+    assert code == 130
+    return load_plain_pickle(saved["path"])
+
+
+def test_long_values_in_messages_keep_the_problem_visible(tmp_path, capsys):
+    long_dir = str(tmp_path / ("d" * 100_000))
+    line = one_error(capsys, 2, "--data_dir", long_dir, "--output_dir", str(tmp_path / "out"))
+    assert len(line) < 700 and line.endswith("data directory not found")
+
+
+def test_train_all_checks_everything_before_starting_a_child(tmp_path, data):
+    garbage = tmp_path / "t.pdparams"
+    garbage.write_bytes(os.urandom(100))
+    out = tmp_path / "out"
+    from utils.runtime import child_environment
+
+    proc = subprocess.run([sys.executable, os.path.join("tools", "train_all.py"), "--", *TINY, "--teacher_weights",
+                           str(garbage), "--data_dir", str(data), "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=child_environment())
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [f"error: {garbage}: not a Paddle teacher weights file (not a pickle)"], \
+        proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_interrupting_train_all_stops_its_children_before_releasing_the_folder(tmp_path, data):
+    out = tmp_path / "out"
+    parent = subprocess.Popen([sys.executable, os.path.join("tools", "train_all.py"), "--", *TINY, "--epochs", "500",
+                               "--save_interval", "1", "--data_dir", str(data), "--output_dir", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "widget" / "train_state.pdparams"
+    deadline = time.time() + 180
+    while not state.exists() and time.time() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), parent.communicate()[1][-2000:]
+    parent.send_signal(signal.SIGINT)  # the parent only, as a supervisor's kill -INT would
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130, err[-2000:]
+
+    def children():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if str(out).encode() in f.read():
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    assert children() == []
+    assert not (out / LOCK_NAME).exists()

@@ -13,7 +13,6 @@ here only (pip install torch); the rest of the project never imports it.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,6 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import ARCHS, build_rd4ad, convert_reference_state_dicts  # noqa: E402
 from utils.checkpoint import atomic_write, save_checkpoint  # noqa: E402
+from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.names import check_class_name  # noqa: E402
+
+
+class ConvertError(UserError):
+    """A file that cannot be converted: one line, exit 2."""
 
 
 def torch_state_to_numpy(path: str) -> dict:
@@ -29,11 +35,11 @@ def torch_state_to_numpy(path: str) -> dict:
     try:
         import torch
     except ImportError:
-        raise SystemExit("error: reading .pth files needs PyTorch: pip install torch") from None
+        raise ConvertError("reading .pth files needs PyTorch: pip install torch") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise SystemExit(f"error: {path}: cannot read as a PyTorch file ({err})") from None
+        raise ConvertError(f"{path}: cannot read as a PyTorch file ({err})") from None
 
     def to_numpy(x):
         if isinstance(x, dict):
@@ -60,7 +66,7 @@ def convert(arch: str, backbone: dict | None, reference: dict | None, image_size
     net = build_rd4ad(arch, teacher_weights="none")
     if reference is not None:
         if not isinstance(reference, dict) or not {"bn", "decoder"} <= set(reference):
-            raise SystemExit("error: reference checkpoint must hold 'bn' and 'decoder' state dicts")
+            raise ConvertError("reference checkpoint must hold 'bn' and 'decoder' state dicts")
     state = convert_reference_state_dicts(arch, backbone, reference and reference["bn"],
                                           reference and reference["decoder"])
     own = net.state_dict()
@@ -69,9 +75,9 @@ def convert(arch: str, backbone: dict | None, reference: dict | None, image_size
     for key, value in own.items():
         if key.startswith(parts):
             if key not in state:
-                raise SystemExit(f"error: {key} missing: are these {arch} weights?")
+                raise ConvertError(f"{key} missing: are these {arch} weights?")
             if list(state[key].shape) != list(value.shape):
-                raise SystemExit(f"error: {key} has shape {list(state[key].shape)}, "
+                raise ConvertError(f"{key} has shape {list(state[key].shape)}, "
                                  f"{arch} needs {list(value.shape)}: are these {arch} weights?")
     net.set_state_dict({k: v for k, v in state.items() if k in own})
 
@@ -89,7 +95,11 @@ def convert(arch: str, backbone: dict | None, reference: dict | None, image_size
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_main(lambda: run(argv))
+
+
+def run(argv: list[str] | None) -> int:
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="wide_resnet50_2", choices=ARCHS)
     p.add_argument("--backbone", help="torchvision ResNet .pth (the teacher)")
     p.add_argument("--reference", help="reference RD4AD checkpoint .pth with 'bn' and 'decoder'")
@@ -100,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.backbone and not a.reference:
         p.error("give --backbone, --reference, or both")
+    check_class_name(a.cls)
     backbone = torch_state_to_numpy(a.backbone) if a.backbone else None
     if isinstance(backbone, dict) and "state_dict" in backbone:
         backbone = backbone["state_dict"]

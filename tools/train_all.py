@@ -14,6 +14,7 @@ results.md / results.json / report.html.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,14 +22,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import utils.runtime  # noqa: E402,F401  (first: quiet paddle import)
 from dataset import resolve_sources  # noqa: E402
+from utils.runtime import child_environment  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.config import ConfigError, parse_config  # noqa: E402
 from utils.lock import TOKEN_ENV, OutputLock  # noqa: E402
-from utils.names import check_class_name  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     return run_main(lambda: fan_out(sys.argv[1:] if argv is None else argv),
                     interrupted="interrupted; run again with --resume to continue")
 
@@ -42,14 +45,47 @@ def fan_out(argv: list[str]) -> int:
     if not devices or not all(d.isdigit() for d in devices):
         raise ConfigError(f"--devices {args.devices[:80]!r}: expected a comma list of GPU ids such as 0,1")
     cfg = parse_config(main_args)
-    cfg.check()
     if cfg.mode != "train":
         raise ConfigError("tools/train_all.py runs training; use main.py for --mode eval/infer")
-    classes = [check_class_name(s.name, "class")
-               for s in resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)]
+    # main.py's own checks, once for every class, before any child starts or anything is written
+    import main as rd4ad_main
+
+    rd4ad_main.check_config(cfg)
+    sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+    rd4ad_main.check_before_work(cfg, sources)
+    classes = [s.name for s in sources]
     os.makedirs(cfg.output_dir, exist_ok=True)
     with OutputLock(cfg.output_dir) as lock:  # the children write into it under this lock
         return run_classes(cfg, classes, devices, main_args, lock.token)
+
+
+def stop_children(procs: list[subprocess.Popen], grace: float = 60.0) -> None:
+    """Ctrl-C each child (it saves nothing half-written and exits 130), then kill what
+    is still running after `grace` seconds: no child may outlive the lock."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a supervisor's SIGTERM cleans up like Ctrl-C
 
 
 def run_classes(cfg, classes: list[str], devices: list[str], main_args: list[str], token: str | None) -> int:
@@ -59,24 +95,27 @@ def run_classes(cfg, classes: list[str], devices: list[str], main_args: list[str
 
     queue, running, outcome = list(classes), {}, {}
     started = time.time()
-    while queue or running:
-        for device in devices:
-            if device not in running and queue:
-                cls = queue.pop(0)
-                log = open(os.path.join(log_dir, f"{cls}.log"), "w", encoding="utf-8")
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=device, **({TOKEN_ENV: token} if token else {}))
-                cmd = [sys.executable, os.path.join(ROOT, "main.py"), *main_args, "--cls", cls]
-                running[device] = (cls, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                                         env=env), log, time.time())
-                print(f"  start {cls} on device {device}")
-        time.sleep(0.2)
-        for device, (cls, proc, log, t0) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                outcome[cls] = (proc.returncode, time.time() - t0, device)
-                print(f"  {'done  ' if proc.returncode == 0 else 'FAILED'} {cls} on device {device} "
-                      f"({time.time() - t0:.0f} s)")
-                del running[device]
+    try:
+        while queue or running:
+            for device in devices:
+                if device not in running and queue:
+                    cls = queue.pop(0)
+                    log = open(os.path.join(log_dir, f"{cls}.log"), "w", encoding="utf-8")
+                    env = child_environment(CUDA_VISIBLE_DEVICES=device, **({TOKEN_ENV: token} if token else {}))
+                    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *main_args, "--cls", cls]
+                    running[device] = (cls, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                             env=env, preexec_fn=_die_with_parent), log, time.time())
+                    print(f"  start {cls} on device {device}")
+            time.sleep(0.2)
+            for device, (cls, proc, log, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    outcome[cls] = (proc.returncode, time.time() - t0, device)
+                    print(f"  {'done  ' if proc.returncode == 0 else 'FAILED'} {cls} on device {device} "
+                          f"({time.time() - t0:.0f} s)")
+                    del running[device]
+    finally:  # interrupted (or failed): the children stop too, before the lock is released
+        stop_children([proc for _, proc, _, _ in running.values()])
 
     print("\n| Class | Device | Seconds | Exit |\n| --- | --- | ---: | ---: |")
     for cls in classes:
@@ -90,7 +129,7 @@ def run_classes(cfg, classes: list[str], devices: list[str], main_args: list[str
     # Every class finished: main.py skips them all and writes the combined table and report.
     final = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *main_args], cwd=ROOT,
                            capture_output=True, text=True,
-                           env=dict(os.environ, **({TOKEN_ENV: token} if token else {})))
+                           env=child_environment(**({TOKEN_ENV: token} if token else {})))
     if final.returncode != 0:
         print(final.stderr, file=sys.stderr)
         return final.returncode

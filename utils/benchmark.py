@@ -54,11 +54,11 @@ def benchmark_report(info: dict, timer: StageTimer, device: str) -> dict:
     return {
         **info,
         "images": timer.images,
-        "preprocess_ms": round(ms["preprocess"], 3),
-        "inference_ms": round(ms["inference"], 3),
-        "postprocess_ms": round(ms["postprocess"], 3),
+        "preprocess_ms": round(ms.get("preprocess", 0.0), 3),
+        "inference_ms": round(ms.get("inference", 0.0), 3),
+        "postprocess_ms": round(ms.get("postprocess", 0.0), 3),
         "total_ms": round(total, 3),
-        "ips": round(1000.0 / total, 3) if total else None,
+        "ips": round(1000.0 / total, 3) if total and timer.images else None,  # no image: no rate
         "cpu_rss_mb": _round(_proc_status_mb("VmRSS")),
         "cpu_peak_rss_mb": _round(_proc_status_mb("VmHWM")),
         "gpu_mem_mb": gpu_memory_mb() if device == "gpu" else None,

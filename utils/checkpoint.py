@@ -139,9 +139,9 @@ def check_checkpoint(state: dict, path: str) -> None:
         raise bad("image_size", "a multiple of 32, at least 64")
     if not _is_int(state.get("epoch")) or state["epoch"] < 0:
         raise bad("epoch", "a whole number >= 0")
-    for key in ("class", "teacher_weights"):
-        if not isinstance(state.get(key), str):
-            raise bad(key, "a string")
+    for key, longest in (("class", 255), ("teacher_weights", 4096)):
+        if not isinstance(state.get(key), str) or len(state[key]) > longest:
+            raise bad(key, f"a string of at most {longest} characters")
     for part in ("bottleneck", "student", "teacher"):
         if part == "teacher" and part not in state:
             continue
@@ -163,7 +163,7 @@ def check_checkpoint(state: dict, path: str) -> None:
         except CalibrationError as err:
             raise CheckpointError(f"{path}: damaged checkpoint: calibration {err}") from None
     stats = state.get("score_stats")
-    if stats is not None and (not isinstance(stats, dict) or not all(
+    if stats is not None and (not isinstance(stats, dict) or len(stats) > 32 or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             for v in stats.values())):
         raise bad("score_stats", "a dict of finite numbers")

@@ -20,6 +20,9 @@ from .errors import UserError, shorten
 
 
 MIN_SPREAD_IMAGES = 5
+# An image score is a smoothed sum of three cosine distances, so it lies in [0, 6]. A
+# threshold far outside that range is a mistake (and 1e308 overflows the colour scale).
+MAX_THRESHOLD = 1e6
 
 
 class CalibrationError(UserError):
@@ -55,7 +58,7 @@ class Calibration:
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             else:
                 ok = (isinstance(value, int | float) and not isinstance(value, bool)
-                      and math.isfinite(value))
+                      and math.isfinite(value) and abs(value) <= MAX_THRESHOLD)
                 value = float(value) if ok else value
             if ok and key == "quantile":
                 ok = 0.0 < value <= 1.0
@@ -66,8 +69,9 @@ class Calibration:
 
     def with_threshold(self, threshold: float) -> "Calibration":
         """The same calibration with both thresholds replaced (--threshold)."""
-        if not math.isfinite(threshold):
-            raise CalibrationError(f"--threshold {threshold}: must be a finite number")
+        if not (math.isfinite(threshold) and abs(threshold) <= MAX_THRESHOLD):
+            raise CalibrationError(f"--threshold {threshold}: must be a finite number within "
+                                   f"+-{MAX_THRESHOLD:g} (scores lie in [0, 6])")
         return Calibration(**{**self.to_dict(), "image_threshold": float(threshold),
                               "pixel_threshold": float(threshold)})
 
@@ -124,7 +128,7 @@ def normalize(values: np.ndarray, threshold: float, low: float) -> np.ndarray:
     """Piecewise-linear map to [0, 1]: low -> 0, threshold -> 0.5, threshold + (threshold
     - low) -> 1, clipped. Monotone, so rankings and AUROCs are unchanged."""
     span = max(threshold - low, 1e-6 * max(1.0, abs(threshold)))
-    out = 0.5 + 0.5 * (np.asarray(values, dtype=np.float32) - threshold) / span
+    out = 0.5 + 0.5 * (np.asarray(values, dtype=np.float64) - threshold) / span  # float64: no overflow
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 

@@ -41,7 +41,12 @@ def shorten(value: Any, limit: int = QUOTE_LIMIT) -> str:
     return text
 
 
-def bounded_line(message: str, limit: int = 1000) -> str:
-    """One line of at most `limit` characters (newlines folded)."""
+def bounded_line(message: str, limit: int = 600) -> str:
+    """One line of at most about `limit` characters (newlines folded). A longer one keeps
+    its start and its end, where the problem is said: a huge path or value in the middle
+    is elided."""
     line = " ".join(str(message).split())
-    return line if len(line) <= limit else line[:limit] + "..."
+    if len(line) <= limit:
+        return line
+    head = limit // 3
+    return f"{line[:head]} [... {len(line) - limit} characters ...] {line[-(limit - head):]}"

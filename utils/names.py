@@ -20,6 +20,9 @@ import re
 from .errors import UserError, shorten
 
 MAX_NAME_BYTES = 150   # + ".png" and the ".NAME.xxxxxxxx.tmp" of an atomic write < 255
+# What a run writes at the top of OUTPUT_DIR: a class of the same name would collide.
+RESERVED_NAMES = ("config.yaml", "config_eval.yaml", "config_infer.yaml", "results.md", "results.json",
+                  "report.html", "report", "inference", "visualdl", "logs", "infer")
 _UNSAFE = re.compile(r"[\x00-\x1f/\\]")
 
 
@@ -46,9 +49,17 @@ def check_class_name(name: str, what: str = "--cls") -> str:
         problem = "starts with '.' (hidden)"
     elif len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         problem = f"is longer than {MAX_NAME_BYTES} bytes"
+    elif name.lower() in RESERVED_NAMES:
+        problem = "is the name of one of the run's own outputs"
     if problem:
         raise NameError_(f"{what} {shorten(name)}: a class name must be one folder name ({problem})")
     return name
+
+
+def is_within(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it (real paths: links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _hash8(text: str) -> str:

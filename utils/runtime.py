@@ -14,3 +14,12 @@ import paddle  # noqa: E402,F401
 
 if not _THREADS_SET_BY_USER:
     os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment for a child Python process that imports paddle itself: without the
+    thread count set here (paddle warns at import when it finds one above 1)."""
+    env = dict(os.environ, **extra)
+    if not _THREADS_SET_BY_USER:
+        env.pop("OMP_NUM_THREADS", None)
+    return env

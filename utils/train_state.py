@@ -120,7 +120,49 @@ def load_train_state(cfg: Config, cls: str) -> dict | None:
     if diff:
         raise ConfigError(f"{path}: saved with other settings ({diff}); resume with the same "
                           f"settings, or drop --resume to start again")
+    check_fits_model(state, cfg.arch, path)
     return state
+
+
+_ACCUMULATORS = ("_moment1_0", "_moment2_0", "_beta1_pow_acc_0", "_beta2_pow_acc_0")
+
+
+def check_fits_model(state: dict, arch: str, path: str) -> None:
+    """Every weight and optimizer moment has the name, shape and dtype a fresh `arch`
+    model gives it: a state that would fail (or silently broadcast) half-way through
+    restoring is one line before anything runs."""
+    from model.bottleneck import build_bottleneck
+    from model.student import build_student
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: damaged training state ({what}); delete it to start the class again")
+
+    params = []
+    for part, layer in (("bottleneck", build_bottleneck(arch)), ("student", build_student(arch))):
+        own, given = layer.state_dict(), state[part]
+        if set(own) != set(given):
+            raise damaged(f"{part} weights do not fit the {arch} model")
+        for name, value in own.items():
+            if list(given[name].shape) != list(value.shape) or given[name].dtype != np.float32:
+                raise damaged(f"{part} weight {shorten(name)}: {given[name].dtype} {list(given[name].shape)}, "
+                              f"expected float32 {list(value.shape)}")
+        params += [p for p in layer.parameters() if not p.stop_gradient]
+    names = state["param_names"]
+    if len(names) != len(params):
+        raise damaged(f"{len(names)} parameter names for {len(params)} parameters")
+    shapes = {old: list(p.shape) for old, p in zip(names, params)}
+    by_length = sorted(names, key=len, reverse=True)
+    for key, value in state["optimizer"].items():
+        if isinstance(value, dict):
+            continue  # LR_Scheduler / master_weights: not used by this project's Adam
+        owner = next((n for n in by_length if key.startswith(n + "_")), None)
+        suffix = key[len(owner):] if owner else ""
+        if owner is None or suffix not in _ACCUMULATORS:
+            raise damaged(f"optimizer entry {shorten(key)}")
+        expected = shapes[owner] if "moment" in suffix else [1]
+        if list(value.shape) != expected or value.dtype != np.float32 or not np.isfinite(value).all():
+            raise damaged(f"optimizer entry {shorten(key)}: {value.dtype} {list(value.shape)}, expected "
+                          f"finite float32 {expected}")
 
 
 _JSON_PARTS = ("fingerprint", "sampler_rng", "python_rng", "numpy_rng", "loss_history", "extra")
