@@ -29,14 +29,15 @@ warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddl
 import paddle  # noqa: E402
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD, DataError, index_train_dir, load_image  # noqa: E402
-from model import build_rd4ad  # noqa: E402
-from model.inference import (DEPLOY_FORMAT, OUTPUT_NAMES, InferenceModel, ModelError,  # noqa: E402
+from model.inference import (DEPLOY_FORMAT, OUTPUT_NAMES, ModelError,  # noqa: E402
                              check_deployment, file_manifest, save_static)
-from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write_json,  # noqa: E402
+from utils.checkpoint import (atomic_write_json,  # noqa: E402
                               load_checkpoint)
 from utils.cli import OneLineArgumentParser, output_error, run_main  # noqa: E402
 from utils.errors import UserError, bounded_line  # noqa: E402
 from utils.names import check_class_name  # noqa: E402
+from model.rd4ad import RD4AD  # noqa: E402
+from model.trained import load_trained  # noqa: E402
 
 MODEL_FILES = ("model.json", "model.pdiparams")
 # paddle2onnx 2.1 exports opsets 7..21 (below 13 it upgrades to 13); at 22 and above it
@@ -47,20 +48,6 @@ MAX_CALIB_IMAGES = 10000
 
 class ExportError(UserError):
     """A setting or a conversion step that cannot produce a working export."""
-
-
-def build_inference_model(checkpoint: str, teacher_weights: str | None = None) -> tuple[InferenceModel, dict]:
-    """Checkpoint -> eval-mode InferenceModel, and the checkpoint's contents."""
-    state = load_checkpoint(checkpoint)
-    if "teacher" in state:  # trained with a random teacher, which the checkpoint carries
-        source = "none"
-    else:
-        source = teacher_weights or state.get("teacher_weights", "imagenet")
-        if source.lower() == "none":
-            raise CheckpointError(f"{checkpoint}: has no teacher and --teacher_weights is none")
-    net = build_rd4ad(state["arch"], source)
-    apply_checkpoint(net, state, checkpoint)
-    return InferenceModel(net, state["image_size"]), state
 
 
 def export_onnx(model_dir: str, onnx_path: str, opset: int = 13) -> None:
@@ -154,7 +141,7 @@ def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
     """Write the static graph (and ONNX) to save_dir; return the deploy metadata. save_dir
     is created only once the checkpoint has been read and checked, and removed again when
     this call created it and the export failed."""
-    model, state = build_inference_model(checkpoint, teacher_weights)
+    model, state = load_trained(checkpoint, teacher_weights=teacher_weights)
     created = _make_folder(save_dir)
     try:
         files = _write_model_files(model, save_dir, onnx, opset, int8_calibration)
@@ -187,7 +174,7 @@ def _make_folder(folder: str) -> str | None:
     return top
 
 
-def _write_model_files(model: InferenceModel, save_dir: str, onnx: bool, opset: int,
+def _write_model_files(model: RD4AD, save_dir: str, onnx: bool, opset: int,
                        int8_calibration: list | None) -> dict[str, dict]:
     """Build everything in a temporary folder inside save_dir, then move file by file: a
     kill at any moment leaves each previous file whole (and the old deploy.json's

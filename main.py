@@ -33,9 +33,11 @@ from dataset import (DataError, DataSource, MVTecDataset, Sample, denormalize,  
                      index_test_dir, index_train_dir, load_checked, resolve_sources,
                      split_validation)
 from model import RD4AD, build_rd4ad  # noqa: E402
+from model.arch import STEM_CHANNELS, STEM_STRIDE, get_arch  # noqa: E402
 from model.inference import StaticGraphRunner  # noqa: E402
+from model.trained import load_trained  # noqa: E402
 from model.teacher import Teacher, imagenet_weights_path, load_teacher_weights  # noqa: E402
-from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write,  # noqa: E402
+from utils.checkpoint import (atomic_write,  # noqa: E402
                               atomic_write_json, atomic_write_text, load_checkpoint,
                               save_checkpoint)
 from utils import distributed  # noqa: E402
@@ -48,7 +50,7 @@ from utils.names import check_class_name, is_within, output_names  # noqa: E402
 from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache  # noqa: E402
 from utils.evaluate import (METRIC_NAMES, MetricsError, Predictions, compute_metrics,  # noqa: E402
                             good_score_statistics, predict)
-from utils.loss import cosine_distillation_loss  # noqa: E402
+from model.loss import cosine_distillation_loss  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 from utils.html_report import write_class_report, write_summary_report  # noqa: E402
 from utils.report import mean_row, results_table  # noqa: E402
@@ -161,12 +163,6 @@ def first_readable(samples: list[Sample], image_size: int, source: DataSource) -
     raise DataError(f"{source.train_dir}: no readable training images (first: {first_reason})")
 
 
-# Floats per image of the teacher's layer1..3 features, per pixel of the input: channels
-# (64/128/256 for resnet18/34; x4 for the bottleneck ResNets) over strides 4/8/16.
-FEATURE_FLOATS_PER_PIXEL = {"resnet18": 7.0, "resnet34": 7.0, "resnet50": 28.0, "wide_resnet50_2": 28.0}
-STEM_FLOATS_PER_PIXEL = 16.0  # conv1's 64 channels at stride 2
-
-
 def check_memory(cfg: Config, test_images: int) -> None:
     """Refuse an --image_size / --batch_size that surely cannot fit this machine's memory:
     a lower bound (the stem output, teacher and student features of one batch, plus the
@@ -178,7 +174,8 @@ def check_memory(cfg: Config, test_images: int) -> None:
     if available is None:
         return
     pixels = float(cfg.image_size) ** 2
-    per_image = pixels * (STEM_FLOATS_PER_PIXEL + 2 * FEATURE_FLOATS_PER_PIXEL[cfg.arch]) * 4
+    stem = STEM_CHANNELS / STEM_STRIDE ** 2
+    per_image = pixels * (stem + 2 * get_arch(cfg.arch).floats_per_pixel()) * 4
     batch = cfg.batch_size if cfg.mode == "train" else min(cfg.batch_size, 8)
     needed = batch * per_image + test_images * pixels * 5  # float32 map + uint8 mask per test image
     if needed > available:
@@ -237,7 +234,7 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
     static = cfg.eval_backend == "static" or (
         cfg.eval_backend == "auto" and cfg.mode != "train" and paddle.get_device() == "cpu"
         and len(dataset) >= 32)
-    runner = StaticGraphRunner(net, cfg.image_size, os.cpu_count() or 1) if static else None
+    runner = StaticGraphRunner(net, os.cpu_count() or 1) if static else None
     batch_size = min(cfg.batch_size, 8)
     try:
         while True:
@@ -329,7 +326,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     data = TrainData(source, cfg, ctx)
     check_batch_size(cfg, source, len(data.train), "readable ")
     train_set = data.train_set  # decoded once (TrainData), read every epoch
-    net = build_rd4ad(cfg.arch, cfg.teacher_weights)
+    net = build_rd4ad(cfg.arch, cfg.teacher_weights, cfg.image_size)
     params = net.trainable_parameters()
     optimizer = build_optimizer(params, cfg.lr, cfg.beta1, cfg.beta2)
     branch = net.student_branch()  # bottleneck + student: what the optimizer trains
@@ -584,15 +581,9 @@ def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, bes
     return best
 
 
-def load_trained(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None]:
+def load_class_model(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None]:
     path = cfg.checkpoint_path(cls, best=cfg.select_best_on_test)
-    state = load_checkpoint(path, arch=cfg.arch, image_size=cfg.image_size)
-    if "teacher" not in state and cfg.teacher_weights.lower() == "none":
-        raise CheckpointError(f"{path}: trained with teacher weights {state['teacher_weights']!r}; "
-                              f"--teacher_weights none would pair it with a random teacher")
-    # A checkpoint trained with a random teacher carries that teacher.
-    net = build_rd4ad(cfg.arch, "none" if "teacher" in state else cfg.teacher_weights)
-    apply_checkpoint(net, state, path)
+    net, state = load_trained(path, arch=cfg.arch, image_size=cfg.image_size, teacher_weights=cfg.teacher_weights)
     calibration = Calibration.from_dict(state["calibration"]) if "calibration" in state else None
     if calibration is None:
         log(f"[{cls}] note: {path} has no calibrated thresholds (trained by an older version): "
@@ -623,7 +614,7 @@ def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dic
     samples = dataset.samples
     if not samples:
         raise DataError(f"{source.test_dir}: no readable test images")
-    net, calibration = load_trained(cfg, source.name)
+    net, calibration = load_class_model(cfg, source.name)
     pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset)
     metrics = compute_metrics(pred, calibration, names=_names(samples), warn=warn)
     log(f"[{source.name}] {_metric_line(metrics)}")
@@ -645,7 +636,7 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     cls = source.name
     dataset, failed = _checked_test_set(cfg, source, ctx)
     samples = dataset.samples
-    net, calibration = load_trained(cfg, cls)
+    net, calibration = load_class_model(cfg, cls)
     pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset) if samples else None
     finite = (np.isfinite(pred.scores) & np.isfinite(pred.maps).reshape(len(samples), -1).all(axis=1)
               if pred is not None else np.zeros(0, dtype=bool))

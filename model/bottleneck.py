@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import paddle
 import paddle.nn as nn
-from paddle.vision.models.resnet import BasicBlock, BottleneckBlock
 
 from .layers import TorchBatchNorm2D, conv1x1, conv3x3, reference_init_, use_inplace_relu
 
@@ -52,15 +51,6 @@ class OCBE(nn.Layer):
         return self.bn_layer(paddle.concat([l1, l2, f3], axis=1))
 
 
-# arch -> (block, number of OCE blocks, width per group), as the reference's factories
-OCBE_CONFIGS = {
-    "resnet18": (BasicBlock, 2, 64),
-    "resnet34": (BasicBlock, 3, 64),
-    "resnet50": (BottleneckBlock, 3, 64),
-    "wide_resnet50_2": (BottleneckBlock, 3, 128),
-}
-
-
-def build_bottleneck(arch: str) -> OCBE:
-    block, num_blocks, width = OCBE_CONFIGS[arch]
-    return OCBE(block, num_blocks, width)
+def build_bottleneck(arch) -> OCBE:
+    """OCBE for a row of model/arch.py: the teacher's block, depth and width."""
+    return OCBE(arch.block, arch.oce_blocks, arch.width_per_group)

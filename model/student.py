@@ -79,14 +79,6 @@ class Student(nn.Layer):
         return [c, b, a]
 
 
-STUDENT_CONFIGS = {
-    "resnet18": (DeBasicBlock, (2, 2, 2), 64),
-    "resnet34": (DeBasicBlock, (3, 4, 6), 64),
-    "resnet50": (DeBottleneck, (3, 4, 6), 64),
-    "wide_resnet50_2": (DeBottleneck, (3, 4, 6), 128),
-}
-
-
-def build_student(arch: str) -> Student:
-    block, layers, width = STUDENT_CONFIGS[arch]
-    return Student(block, layers, width)
+def build_student(arch) -> Student:
+    """The decoder for a row of model/arch.py: the teacher's stages, reversed."""
+    return Student(arch.student_block, arch.student_layers, arch.width_per_group)

@@ -12,10 +12,8 @@ from paddle.vision.models import resnet as paddle_resnet
 from utils.errors import UserError, shorten
 from utils.safe_pickle import load_plain_pickle
 
+from .arch import get_arch
 from .layers import use_inplace_relu
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2")
-
 
 class TeacherWeightsError(UserError):
     """The teacher's weights could not be found, downloaded or loaded."""
@@ -30,9 +28,7 @@ class Teacher(nn.Layer):
 
     def __init__(self, arch: str) -> None:
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        backbone = getattr(paddle_resnet, arch)(pretrained=False, num_classes=0, with_pool=False)
+        backbone = get_arch(arch).teacher(pretrained=False, num_classes=0, with_pool=False)
         self.conv1, self.bn1, self.relu, self.maxpool = (
             backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
         self.layer1, self.layer2, self.layer3 = backbone.layer1, backbone.layer2, backbone.layer3

@@ -12,7 +12,6 @@ import export_model
 from conftest import ROOT
 import infer
 from model import build_rd4ad
-from model.inference import InferenceModel
 from utils.checkpoint import save_checkpoint
 
 SIZE = 96  # not a power of two on purpose: feature maps 24, 12, 6
@@ -63,7 +62,7 @@ def test_static_graph_matches_dynamic_graph(exported, mkldnn):
     net, save_dir, _ = exported
     x = images()
     with paddle.no_grad():
-        maps, scores = InferenceModel(net, SIZE)(paddle.to_tensor(x))
+        maps, scores = net(paddle.to_tensor(x))
     static_maps, static_scores = predictor(save_dir, enable_mkldnn=mkldnn, cpu_threads=2)(x)
     assert static_maps.shape == (3, SIZE, SIZE) and static_scores.shape == (3,)
     np.testing.assert_allclose(static_maps, maps.numpy(), rtol=1e-4, atol=1e-4)
@@ -93,7 +92,7 @@ def test_smoothing_in_the_graph_matches_scipy(exported):
     net, save_dir, _ = exported
     x = images(2, seed=2)
     with paddle.no_grad():
-        teacher_feats, student_feats = net(paddle.to_tensor(x))
+        teacher_feats, student_feats = net.features(paddle.to_tensor(x))
     raw = np.zeros((2, SIZE, SIZE))
     for t, s in zip(teacher_feats, student_feats):
         t, s = t.numpy().astype(np.float64), s.numpy().astype(np.float64)

@@ -101,3 +101,24 @@ def test_imagenet_weights_offline_gives_one_clear_line(monkeypatch, tmp_path):
     assert "\n" not in message
     assert "resnet18.pdparams" in message and "--teacher_weights" in message
     assert teacher_module.paddle_resnet.model_urls["resnet18"][0] in message
+
+
+def test_the_model_owns_its_anomaly_map_head():
+    """Training mode: features; eval mode: (maps, scores) from the same forward, for the
+    image size it was built for (the exported head) and for any other size."""
+    net = build_rd4ad("resnet18", teacher_weights="none", image_size=64)
+    images = paddle.randn([2, 3, 64, 64])
+    net.eval()
+    with paddle.no_grad():
+        maps, scores = net(images)
+        teacher_feats, student_feats = net.features(images)
+    assert list(maps.shape) == [2, 64, 64] and list(scores.shape) == [2]
+    np.testing.assert_array_equal(scores.numpy(), maps.numpy().reshape(2, -1).max(1))
+    from model.anomaly_map import anomaly_map
+
+    np.testing.assert_allclose(anomaly_map(teacher_feats, student_feats, 64).numpy(), maps.numpy(), rtol=1e-6)
+    assert net.head_for(64, 64) is net.head
+    with paddle.no_grad():
+        other, _ = net(paddle.randn([1, 3, 96, 128]))
+    assert list(other.shape) == [1, 96, 128]
+    assert not any(k.startswith("_other_heads") for k in net.state_dict())  # never saved

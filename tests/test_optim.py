@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 
 from model import build_rd4ad
-from utils.loss import cosine_distillation_loss
+from model.loss import cosine_distillation_loss
 from utils.optim import build_optimizer
 
 

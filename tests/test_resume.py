@@ -103,7 +103,7 @@ def test_training_state_round_trip_continues_identically(tmp_path):
     from model import build_rd4ad
     from utils.config import Config
     from utils.feature_cache import EpochBatchSampler
-    from utils.loss import cosine_distillation_loss
+    from model.loss import cosine_distillation_loss
     from utils.optim import build_optimizer
     from utils.train_state import load_train_state, restore_train_state, save_train_state
 

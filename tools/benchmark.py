@@ -38,13 +38,14 @@ import export_model  # noqa: E402
 import infer  # noqa: E402
 from dataset import MVTecDataset, index_test, index_train, load_image  # noqa: E402
 from model import build_rd4ad  # noqa: E402
-from model.inference import InferenceModel, StaticGraphRunner  # noqa: E402
-from model.teacher import ARCHS  # noqa: E402
-from utils.checkpoint import apply_checkpoint, atomic_write_json, load_checkpoint, save_checkpoint  # noqa: E402
+from model.inference import StaticGraphRunner  # noqa: E402
+from model.trained import load_trained  # noqa: E402
+from model.arch import ARCH_NAMES as ARCHS  # noqa: E402
+from utils.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError, shorten  # noqa: E402
 from utils.evaluate import compute_metrics, predict  # noqa: E402
-from utils.loss import cosine_distillation_loss  # noqa: E402
+from model.loss import cosine_distillation_loss  # noqa: E402
 from utils.metrics import aupro  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 
@@ -121,7 +122,7 @@ def reference_style_pro_loop(masks: np.ndarray, maps: np.ndarray, num_th: int = 
 def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], dict]:
     size = args.image_size
     rows, agreement, notes = [], {}, []
-    model = InferenceModel(net, size)
+    model = net
     backends = [("dynamic graph", "dygraph", None)]
     backends.append(("Paddle Inference fp32 oneDNN", "paddle",
                      predictor_args(enable_mkldnn=True, cpu_threads=args.threads, precision="fp32")))
@@ -233,7 +234,7 @@ def bench_evaluation(args, net, work, backends: tuple[str, ...]) -> list[dict]:
         start = time.perf_counter()
         dataset = MVTecDataset(index_test(os.path.dirname(dst), "bottle"), args.image_size)
         loader = paddle.io.DataLoader(dataset, batch_size=8, shuffle=False)
-        runner = StaticGraphRunner(net, args.image_size, args.threads) if backend == "static" else None
+        runner = StaticGraphRunner(net, args.threads) if backend == "static" else None
         pred = predict(net, loader, len(dataset), args.image_size, progress=False, runner=runner)
         metrics = compute_metrics(pred)
         seconds = time.perf_counter() - start
@@ -352,14 +353,12 @@ def benchmark(a: argparse.Namespace) -> int:
     work = tempfile.mkdtemp(prefix="rd4ad-bench-")
     try:
         if a.checkpoint:
-            state = load_checkpoint(a.checkpoint)
+            net, state = load_trained(a.checkpoint)
             a.arch, a.image_size = state["arch"], state["image_size"]
             info.update(arch=a.arch, image_size=a.image_size)
-            net = build_rd4ad(a.arch, "none" if "teacher" in state else state["teacher_weights"])
-            apply_checkpoint(net, state, a.checkpoint)
             ckpt = a.checkpoint
         else:
-            net = build_rd4ad(a.arch, teacher_weights="none")
+            net = build_rd4ad(a.arch, teacher_weights="none", image_size=a.image_size)
             ckpt = os.path.join(work, "model.pdparams")
             save_checkpoint(ckpt, net, arch=a.arch, image_size=a.image_size, epoch=0, cls="bench",
                             teacher_weights="none")

@@ -17,7 +17,7 @@ import paddle
 from .cli import output_error
 from .errors import UserError, shorten
 from .safe_pickle import load_plain_pickle
-from model.teacher import ARCHS
+from model.arch import ARCH_NAMES as ARCHS
 
 FORMAT = "rd4ad-paddle/1"
 

@@ -10,7 +10,6 @@ import paddle
 from paddle.io import DataLoader
 from tqdm import tqdm
 
-from .anomaly import anomaly_map, image_scores
 from .decision import Calibration, decision_metrics
 from .errors import UserError, bounded_line
 from .metrics import aupro, pixel_auroc, sample_auroc
@@ -47,9 +46,8 @@ def predict(net: paddle.nn.Layer, loader: DataLoader, num_samples: int, image_si
     for images, gt, label in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                   disable=not progress):
         if runner is None:
-            teacher_feats, student_feats = net(images)
-            batch_maps = anomaly_map(teacher_feats, student_feats, image_size)
-            batch_maps, batch_scores = batch_maps.numpy(), image_scores(batch_maps).numpy()
+            batch_maps, batch_scores = net(images)  # eval mode: the model's own anomaly-map head
+            batch_maps, batch_scores = batch_maps.numpy(), batch_scores.numpy()
         else:
             batch_maps, batch_scores = runner(images)
         n = batch_maps.shape[0]

@@ -131,6 +131,7 @@ def check_fits_model(state: dict, arch: str, path: str) -> None:
     """Every weight and optimizer moment has the name, shape and dtype a fresh `arch`
     model gives it: a state that would fail (or silently broadcast) half-way through
     restoring is one line before anything runs."""
+    from model.arch import get_arch
     from model.bottleneck import build_bottleneck
     from model.student import build_student
 
@@ -138,7 +139,7 @@ def check_fits_model(state: dict, arch: str, path: str) -> None:
         return CheckpointError(f"{path}: damaged training state ({what}); delete it to start the class again")
 
     params = []
-    for part, layer in (("bottleneck", build_bottleneck(arch)), ("student", build_student(arch))):
+    for part, layer in (("bottleneck", build_bottleneck(get_arch(arch))), ("student", build_student(get_arch(arch)))):
         own, given = layer.state_dict(), state[part]
         if set(own) != set(given):
             raise damaged(f"{part} weights do not fit the {arch} model")

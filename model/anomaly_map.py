@@ -67,64 +67,42 @@ def cosine_distance(teacher: paddle.Tensor, student: paddle.Tensor) -> paddle.Te
     return 1.0 - F.cosine_similarity(teacher, student, axis=1, eps=1e-8)
 
 
-def _to_tensor(matrix: np.ndarray, like: paddle.Tensor) -> paddle.Tensor:
-    dtype = "float64" if like.dtype == paddle.float64 else "float32"
-    return paddle.to_tensor(matrix.astype(dtype))
-
-
 def _separable(x: paddle.Tensor, rows: paddle.Tensor, cols_t: paddle.Tensor) -> paddle.Tensor:
     """rows @ x @ cols_t over the last two axes of x (cols_t: the column matrix, transposed)."""
+    if rows.dtype != x.dtype:  # float64 features (parity tests): the matrices follow them
+        rows, cols_t = rows.astype(x.dtype), cols_t.astype(x.dtype)
     return paddle.matmul(paddle.matmul(rows, x), cols_t)
 
 
-def _map(teacher_feats, student_feats, out_size, matrix) -> paddle.Tensor:
-    out_h, out_w = (out_size, out_size) if isinstance(out_size, int) else out_size
-    total = None
-    for t, s in zip(teacher_feats, student_feats):
-        distance = cosine_distance(t, s)
-        h, w = distance.shape[-2:]
-        term = _separable(distance, _to_tensor(matrix(h, out_h), distance),
-                          _to_tensor(matrix(w, out_w).T, distance))
-        total = term if total is None else total + term
-    return total
-
-
-def raw_anomaly_map(teacher_feats: list[paddle.Tensor], student_feats: list[paddle.Tensor],
-                    out_size: int | tuple[int, int]) -> paddle.Tensor:
-    """[N, H, W] sum over scales of upsampled 1 - cos(teacher, student), not smoothed."""
-    return _map(teacher_feats, student_feats, out_size, bilinear_matrix)
-
-
-def gaussian_smooth(maps: paddle.Tensor, sigma: float = SIGMA) -> paddle.Tensor:
-    """scipy.ndimage.gaussian_filter(map, sigma) (truncate 4, reflect) over [..., H, W]."""
-    h, w = maps.shape[-2:]
-    return _separable(maps, _to_tensor(gaussian_matrix(h, sigma), maps),
-                      _to_tensor(gaussian_matrix(w, sigma).T, maps))
-
-
-def anomaly_map(teacher_feats: list[paddle.Tensor], student_feats: list[paddle.Tensor],
-                out_size: int | tuple[int, int], sigma: float = SIGMA) -> paddle.Tensor:
-    """Smoothed anomaly map [N, H, W], as the reference's evaluation (amap_mode 'a')."""
-    return _map(teacher_feats, student_feats, out_size,
-                lambda n_in, n_out: smoothed_upsampling_matrix(n_in, n_out, sigma))
-
-
-def image_scores(maps: paddle.Tensor) -> paddle.Tensor:
-    """Image anomaly score [N]: the maximum of each smoothed map."""
-    return maps.flatten(1).max(axis=1)
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class AnomalyMapHead(paddle.nn.Layer):
-    """anomaly_map + image_scores as a Layer with its matrices as fixed buffers, for a
-    static graph: features [f1, f2, f3] of a known image size -> (maps [N,H,W], scores [N])."""
+    """Teacher and student features -> (anomaly maps [N, H, W], image scores [N]).
 
-    def __init__(self, feature_sizes: list[int], image_size: int, sigma: float = SIGMA) -> None:
+    Per scale 1 - cos(teacher, student), bilinearly upsampled (align_corners=True) to the
+    image, summed, Gaussian smoothed (sigma 4), as the reference's evaluation; the score
+    is the map's maximum. Upsampling and smoothing are folded into one fixed matrix per
+    axis and scale, kept as buffers, so the head exports to a static graph and ONNX
+    unchanged. The only implementation: evaluation, export and tests all use it.
+    """
+
+    def __init__(self, feature_sizes: list, image_size: int | tuple[int, int], sigma: float = SIGMA,
+                 smooth: bool = True) -> None:
         super().__init__()
+        out_h, out_w = _pair(image_size)
+        matrix = (lambda n_in, n_out: smoothed_upsampling_matrix(n_in, n_out, sigma)) if smooth \
+            else bilinear_matrix
         self.num_scales = len(feature_sizes)
         for k, size in enumerate(feature_sizes):
-            m = smoothed_upsampling_matrix(size, image_size, sigma).astype(np.float32)
-            self.register_buffer(f"rows_{k}", paddle.to_tensor(m))
-            self.register_buffer(f"cols_t_{k}", paddle.to_tensor(m.T.copy()))
+            h, w = _pair(size)
+            self.register_buffer(f"rows_{k}", paddle.to_tensor(matrix(h, out_h).astype(np.float32)))
+            self.register_buffer(f"cols_t_{k}", paddle.to_tensor(matrix(w, out_w).T.astype(np.float32)))
+
+    @classmethod
+    def for_image(cls, image_size: int, strides: tuple[int, ...], sigma: float = SIGMA) -> "AnomalyMapHead":
+        return cls([image_size // s for s in strides], image_size, sigma)
 
     def forward(self, teacher_feats: list[paddle.Tensor],
                 student_feats: list[paddle.Tensor]) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -134,3 +112,15 @@ class AnomalyMapHead(paddle.nn.Layer):
                               getattr(self, f"rows_{k}"), getattr(self, f"cols_t_{k}"))
             total = term if total is None else total + term
         return total, image_scores(total)
+
+
+def anomaly_map(teacher_feats: list[paddle.Tensor], student_feats: list[paddle.Tensor],
+                out_size: int | tuple[int, int], sigma: float = SIGMA, smooth: bool = True) -> paddle.Tensor:
+    """The head's map for features of any size (smooth=False: before the Gaussian)."""
+    head = AnomalyMapHead([tuple(t.shape[-2:]) for t in teacher_feats], out_size, sigma, smooth)
+    return head(teacher_feats, student_feats)[0]
+
+
+def image_scores(maps: paddle.Tensor) -> paddle.Tensor:
+    """Image anomaly score [N]: the maximum of each smoothed map."""
+    return maps.flatten(1).max(axis=1)
