@@ -286,7 +286,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_class_name(args.cls)
         test_dir = mvtec_source(args.data_dir, args.cls).test_dir
         if is_within(args.output_dir, test_dir):
-            raise UsageError(f"{args.output_dir}: --output_dir is (inside) the test folder {test_dir}: "
+            raise UsageError(f"{args.output_dir}: --output_dir is inside the test folder {test_dir} (or is it): "
                              f"the next run would read its pictures as test images")
     else:
         raise UsageError("give --image FILE_OR_FOLDER, or --data_dir DIR with --cls CLASS")
