@@ -234,10 +234,11 @@ def image_size_of(path: str) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def normalize(rgb: np.ndarray) -> np.ndarray:
-    """[S, S, 3] uint8 -> [3, S, S] float32, ImageNet mean/std."""
+def normalize(rgb: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """[S, S, 3] uint8 -> [3, S, S] float32, ImageNet mean/std (or an export's own)."""
     x = rgb.astype(np.float32) / 255.0
-    return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy()
+    mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return ((x - mean) / std).transpose(2, 0, 1).copy()
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:

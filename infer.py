@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import (IMAGE_EXTENSIONS, DataError, index_test, load_mask, load_rgb,  # noqa: E402
-                     mvtec_source)
+                     mvtec_source, normalize)
 from model.inference import (Deployment, ModelError, PredictorSession, check_graph_size,  # noqa: E402
                              check_outputs, paddle_graph_input_shape, read_deployment)
 from utils.benchmark import StageTimer, benchmark_report, format_report  # noqa: E402
@@ -360,7 +360,7 @@ def score_all(args: argparse.Namespace, deployment: Deployment, calibration: Cal
             pictures, errors = _load_chunk(chunk, size)
         results = {}
         if pictures:
-            batch = np.stack([_normalize(rgb, deployment) for rgb in pictures.values()])
+            batch = np.stack([normalize(rgb, deployment.mean, deployment.std) for rgb in pictures.values()])
             with timer.stage("inference"):
                 maps, scores = _predict(predictor, batch, size)
             timer.images += len(pictures)
@@ -382,13 +382,6 @@ def _load_chunk(chunk: list[dict], size: int) -> tuple[dict[int, np.ndarray], di
         except DataError as err:
             errors[k] = str(err)
     return pictures, errors
-
-
-def _normalize(rgb: np.ndarray, deployment: Deployment) -> np.ndarray:
-    """[S, S, 3] uint8 -> [3, S, S] float32 with the export's mean and std."""
-    mean = np.asarray(deployment.mean, dtype=np.float32)
-    std = np.asarray(deployment.std, dtype=np.float32)
-    return ((rgb.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
 
 
 def _predict(predictor, batch: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

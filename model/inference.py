@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import paddle
 
+from utils.checkpoint import is_whole_number
 from utils.decision import Calibration, CalibrationError
 from utils.errors import UserError, bounded_line, shorten
 
@@ -187,7 +188,7 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     if meta.get("arch") not in ARCHS:
         raise bad("arch", "one of " + ", ".join(ARCHS))
     size = meta.get("image_size")
-    if not _is_int(size) or size < 64 or size % 32:
+    if not is_whole_number(size) or size < 64 or size % 32:
         raise bad("image_size", "a whole number, a multiple of 32, at least 64")
     mean, std = meta.get("mean"), meta.get("std")
     if not _numbers(mean, 3):
@@ -218,17 +219,13 @@ def _check_manifest(files: Any, path: str) -> dict[str, dict] | None:
         return None
     ok = isinstance(files, dict) and all(
         isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..")
-        and isinstance(r, dict) and _is_int(r.get("bytes")) and r["bytes"] > 0
+        and isinstance(r, dict) and is_whole_number(r.get("bytes")) and r["bytes"] > 0
         and isinstance(r.get("sha256"), str) and len(r["sha256"]) == 64 and set(r["sha256"]) <= _HEX
         for name, r in files.items())
     if not ok:
         raise ModelError(f"{path}: 'files' must map file names to {{bytes, sha256}} (got "
                          f"{shorten(files)}); export the model again")
     return files
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _numbers(values: Any, count: int) -> bool:
@@ -265,7 +262,7 @@ def check_graph_size(shape: Any, deployment: Deployment, model_path: str) -> Non
     if not isinstance(shape, list | tuple) or len(shape) != 4:
         return
     h, w = shape[2], shape[3]
-    if _is_int(h) and _is_int(w) and h > 0 and w > 0 and (h, w) != (deployment.image_size,) * 2:
+    if is_whole_number(h) and is_whole_number(w) and h > 0 and w > 0 and (h, w) != (deployment.image_size,) * 2:
         raise ModelError(f"{deployment.path}: image_size {deployment.image_size} disagrees with "
                          f"the graph's input {h}x{w} ({model_path}); export the model again")
 

@@ -135,9 +135,9 @@ def check_checkpoint(state: dict, path: str) -> None:
     if state.get("arch") not in ARCHS:
         raise bad("arch", "one of " + ", ".join(ARCHS))
     size = state.get("image_size")
-    if not _is_int(size) or size < 64 or size % 32:
+    if not is_whole_number(size) or size < 64 or size % 32:
         raise bad("image_size", "a multiple of 32, at least 64")
-    if not _is_int(state.get("epoch")) or state["epoch"] < 0:
+    if not is_whole_number(state.get("epoch")) or state["epoch"] < 0:
         raise bad("epoch", "a whole number >= 0")
     for key, longest in (("class", 255), ("teacher_weights", 4096)):
         if not isinstance(state.get(key), str) or len(state[key]) > longest:
@@ -169,7 +169,8 @@ def check_checkpoint(state: dict, path: str) -> None:
         raise bad("score_stats", "a dict of finite numbers")
 
 
-def _is_int(value: Any) -> bool:
+def is_whole_number(value: Any) -> bool:
+    """An int (numpy's too), not a bool."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
