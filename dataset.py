@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
 from paddle.io import Dataset
+from PIL import Image, ImageOps
 
 from utils.errors import UserError
 
@@ -145,13 +145,29 @@ def index_test_dir(test_dir: str | None, gt_dir: str | None) -> list[Sample]:
                 continue
             mask_path = None
             if has_gt:
-                stem = os.path.splitext(os.path.basename(image_path))[0]
-                mask_path = os.path.join(gt_dir, defect, f"{stem}_mask.png")
+                mask_path = mask_path_for(gt_dir, defect, image_path)
                 if not os.path.isfile(mask_path):
                     raise DataError(f"{image_path}: defective test image has no mask "
                                     f"(expected {mask_path})")
             samples.append(Sample(image_path, mask_path, 1, defect))
     return samples
+
+
+def mask_path_for(gt_dir: str, defect: str, image_path: str) -> str:
+    """MVTec AD's mask naming: test/<defect>/<name>.png -> ground_truth/<defect>/<name>_mask.png."""
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return os.path.join(gt_dir, defect, f"{stem}_mask.png")
+
+
+def guess_mask(image_path: str) -> str | None:
+    """The mask of an image inside an MVTec layout (.../test/<defect>/<name>.png), when that
+    file exists; None for good images and images elsewhere."""
+    defect_dir = os.path.dirname(os.path.abspath(image_path))
+    test_dir, defect = os.path.split(defect_dir)
+    if os.path.basename(test_dir) != "test" or defect == "good":
+        return None
+    mask = mask_path_for(os.path.join(os.path.dirname(test_dir), "ground_truth"), defect, image_path)
+    return mask if os.path.isfile(mask) else None
 
 
 def index_train(root: str, cls: str) -> list[Sample]:
@@ -298,6 +314,11 @@ def denormalize(image: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def read_sample(sample: Sample, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb [S, S, 3] uint8, mask [1, S, S] uint8) of a sample; DataError when unreadable."""
+    return load_rgb(sample.image_path, image_size), load_mask(sample.mask_path, image_size).astype(np.uint8)
+
+
 class MVTecDataset(Dataset):
     """Yields (image [3,S,S] float32, mask [1,S,S] float32, label int64).
 
@@ -305,25 +326,27 @@ class MVTecDataset(Dataset):
     set evaluated every few epochs is decoded once (per loader process).
     """
 
-    def __init__(self, samples: list[Sample], image_size: int, cache: bool = True) -> None:
+    def __init__(self, samples: list[Sample], image_size: int, cache: bool = True,
+                 decoded: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """`decoded`: each sample's (rgb, mask) as read_sample gives them, already read."""
         super().__init__()
         self.samples = samples
         self.image_size = image_size
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        if decoded is not None:
+            if len(decoded) != len(samples):
+                raise ValueError(f"{len(decoded)} decoded images for {len(samples)} samples")
+            self._cache = dict(enumerate(decoded))
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def _read(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-        s = self.samples[idx]
-        return load_rgb(s.image_path, self.image_size), load_mask(s.mask_path, self.image_size).astype(np.uint8)
 
     def __getitem__(self, idx: int):
         s = self.samples[idx]
         if self._cache is not None and idx in self._cache:
             rgb, mask = self._cache[idx]
         else:
-            rgb, mask = self._read(idx)
+            rgb, mask = read_sample(s, self.image_size)
             if self._cache is not None:
                 self._cache[idx] = (rgb, mask)
         return normalize(rgb), mask.astype(np.float32), np.int64(s.label)
@@ -336,14 +359,13 @@ def load_checked(samples: list[Sample], image_size: int, progress: bool = False,
     for the others, warnings about masks that will be fixed on reading)."""
     from tqdm import tqdm
 
-    probe = MVTecDataset(samples, image_size)
     good: list[Sample] = []
     decoded: list[tuple[np.ndarray, np.ndarray]] = []
     failed: list[tuple[Sample, str]] = []
     warnings: list[str] = []
-    for idx, sample in enumerate(tqdm(samples, desc=desc, leave=False, disable=not progress)):
+    for sample in tqdm(samples, desc=desc, leave=False, disable=not progress):
         try:
-            item = probe._read(idx)
+            item = read_sample(sample, image_size)
             if sample.mask_path is not None:
                 warnings += mask_problems(sample.image_path, sample.mask_path)
         except DataError as err:
@@ -351,6 +373,4 @@ def load_checked(samples: list[Sample], image_size: int, progress: bool = False,
             continue
         good.append(sample)
         decoded.append(item)
-    dataset = MVTecDataset(good, image_size)
-    dataset._cache = dict(enumerate(decoded))
-    return dataset, failed, warnings
+    return MVTecDataset(good, image_size, decoded=decoded), failed, warnings

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import paddle
@@ -14,6 +15,7 @@ from utils.safe_pickle import load_plain_pickle
 
 from .arch import get_arch
 from .layers import use_inplace_relu
+
 
 class TeacherWeightsError(UserError):
     """The teacher's weights could not be found, downloaded or loaded."""
@@ -46,6 +48,45 @@ class Teacher(nn.Layer):
         return [f1, f2, f3]
 
 
+DOWNLOAD_PROBE_SECONDS = 5.0  # 'auto' gives up on the download this soon when offline
+
+
+def cached_imagenet_weights(arch: str) -> str:
+    """Where Paddle's downloader keeps the official weights of `arch` (may not exist)."""
+    from paddle.utils import download
+
+    return os.path.join(download.WEIGHTS_HOME, os.path.basename(paddle_resnet.model_urls[arch][0]))
+
+
+def can_download(url: str, timeout: float = DOWNLOAD_PROBE_SECONDS) -> str | None:
+    """None when `url` answers within `timeout` seconds; otherwise why not (one line)."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return None
+    except Exception as err:  # DNS, refused, timeout, proxy, HTTP error: all mean "not now"
+        return f"{type(err).__name__}: {shorten(str(getattr(err, 'reason', err)), 80)}"
+
+
+def resolve_teacher_weights(weights: str, arch: str, warn: Callable[[str], None] | None = None) -> str:
+    """--teacher_weights as the run will use it. 'auto': 'imagenet' when the official
+    weights are cached or the download server answers, else 'none' (a random teacher)
+    with one warning through `warn`; anything else is returned as given."""
+    choice = weights.lower()
+    if choice == "auto":
+        cached = cached_imagenet_weights(arch)
+        why = None if os.path.isfile(cached) else can_download(paddle_resnet.model_urls[arch][0])
+        if why is None:
+            return "imagenet"
+        if warn is not None:
+            warn(f"--teacher_weights auto: no ImageNet weights for {arch} (not in {cached}; download: "
+                 f"{why}): using a RANDOM teacher, so heatmaps will be poor; put the file there or pass "
+                 f"--teacher_weights PATH")
+        return "none"
+    return weights
+
+
 def imagenet_weights_path(arch: str) -> str:
     """Paddle's official ImageNet weights for `arch`: the cached file, downloaded once."""
     from paddle.utils import download
@@ -75,7 +116,8 @@ def load_teacher_weights(teacher: Teacher, weights: str) -> None:
     A file may hold either a plain Paddle ResNet state dict (conv1.weight, ...) or this
     project's converted dict (teacher.conv1.weight, ...). layer4/fc keys are ignored.
     """
-    if weights is None or weights.lower() == "none":
+    weights = resolve_teacher_weights(weights or "none", teacher.arch)
+    if weights.lower() == "none":
         return
     path = imagenet_weights_path(teacher.arch) if weights.lower() == "imagenet" else weights
     state = read_teacher_weights(path)

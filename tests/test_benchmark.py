@@ -35,7 +35,7 @@ def test_benchmark_of_a_given_checkpoint_and_chosen_stages(tmp_path):
     import paddle
 
     from model import build_rd4ad
-    from utils.checkpoint import save_checkpoint
+    from engine.checkpoint import save_checkpoint
 
     paddle.seed(3)
     ckpt = str(tmp_path / "model.pdparams")

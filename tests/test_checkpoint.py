@@ -6,8 +6,8 @@ import paddle
 import pytest
 
 from model import build_rd4ad
-from utils.checkpoint import (CheckpointError, apply_checkpoint, atomic_write_text,
-                              load_checkpoint, save_checkpoint)
+from engine.checkpoint import CheckpointError, apply_checkpoint, load_checkpoint, save_checkpoint
+from utils.io import atomic_write_text
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     class Boom(Exception):
         pass
 
-    from utils.checkpoint import atomic_write
+    from utils.io import atomic_write
 
     def half_write(tmp):
         with open(tmp, "w") as f:

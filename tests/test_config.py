@@ -4,7 +4,8 @@ import os
 import pytest
 
 from conftest import ROOT
-from utils.config import ConfigError, config_yaml, parse_config
+from engine.config import config_yaml, parse_config
+from utils.config import ConfigError
 
 
 def write(tmp_path, text):

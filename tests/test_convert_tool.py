@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from model import build_rd4ad, convert_reference_state_dicts
 from reference_weights import deterministic_state_dicts
-from utils.checkpoint import apply_checkpoint, load_checkpoint
+from engine.checkpoint import apply_checkpoint, load_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import convert_torch_checkpoint as tool  # noqa: E402

@@ -15,11 +15,14 @@ import paddle
 import pytest
 from PIL import Image
 
+import deploy.export
 import export_model
 import infer
+from deploy.export import ExportError
+from deploy.predictor import PaddlePredictor
 from conftest import ROOT
 from model import build_rd4ad
-from utils.checkpoint import save_checkpoint
+from engine.checkpoint import save_checkpoint
 from utils.lock import LOCK_NAME, OutputLock
 
 SIZE = 64
@@ -273,7 +276,7 @@ def test_cls_must_be_a_name(exported, tmp_path, capsys, cls):
 
 def _poison(monkeypatch, which):
     """Make the predictor's outputs non-finite for the images `which` picks."""
-    original = infer.PaddlePredictor.__call__
+    original = PaddlePredictor.run
 
     def call(self, images):
         maps, scores = original(self, images)
@@ -283,7 +286,7 @@ def _poison(monkeypatch, which):
                 scores[k] = np.nan
                 maps[k, 0, 0] = np.inf
         return maps, scores
-    monkeypatch.setattr(infer.PaddlePredictor, "__call__", call)
+    monkeypatch.setattr(PaddlePredictor, "run", call)
 
 
 def test_non_finite_output_is_never_a_verdict(exported, tmp_path, capsys, monkeypatch):
@@ -311,14 +314,14 @@ def test_all_outputs_non_finite_exits_1(exported, tmp_path, capsys, monkeypatch)
 
 
 def test_a_map_with_inf_but_finite_score_is_not_a_verdict(exported, tmp_path, capsys, monkeypatch):
-    original = infer.PaddlePredictor.__call__
+    original = PaddlePredictor.run
 
     def call(self, images):
         maps, scores = original(self, images)
         maps = maps.copy()
         maps[:, 3, 3] = -np.inf  # the maximum (the score) stays finite
         return maps, scores
-    monkeypatch.setattr(infer.PaddlePredictor, "__call__", call)
+    monkeypatch.setattr(PaddlePredictor, "run", call)
     out = str(tmp_path / "out")
     code = run_infer(exported[1], images_folder(tmp_path, ("a.png",)), out)
     expect_one_line(capsys, code, 1, "no image could be processed")
@@ -423,7 +426,7 @@ def test_a_folder_in_use_is_refused(exported, tmp_path, capsys):
 def test_ctrl_c_is_one_line_exit_130(exported, tmp_path, capsys, monkeypatch):
     def interrupted(self, images):
         raise KeyboardInterrupt
-    monkeypatch.setattr(infer.PaddlePredictor, "__call__", interrupted)
+    monkeypatch.setattr(PaddlePredictor, "run", interrupted)
     out = tmp_path / "out"
     code = run_infer(exported[1], images_folder(tmp_path), str(out))
     assert expect_one_line(capsys, code, 130) == "error: interrupted"
@@ -491,8 +494,8 @@ def test_export_to_a_file_is_one_line(exported, tmp_path, capsys):
 
 def test_export_that_fails_midway_removes_the_folder_it_created(exported, tmp_path, capsys, monkeypatch):
     def fail(*args, **kwargs):
-        raise export_model.ExportError("model.onnx: paddle2onnx could not convert the graph")
-    monkeypatch.setattr(export_model, "export_onnx", fail)
+        raise ExportError("model.onnx: paddle2onnx could not convert the graph")
+    monkeypatch.setattr(deploy.export, "export_onnx", fail)
     save_dir = tmp_path / "new" / "bottle"
     code = export_model.main(["--checkpoint", exported[0], "--save_dir", str(save_dir), "--onnx"])
     expect_one_line(capsys, code, 2, "paddle2onnx could not convert")
@@ -549,7 +552,7 @@ def test_model_json_of_another_shape_is_one_line(exported, tmp_path, capsys, gra
     os.remove(os.path.join(folder, "model.json"))
     with open(os.path.join(folder, "model.json"), "w") as f:
         f.write(graph)
-    from model.inference import file_record
+    from deploy.deployment import file_record
 
     edit_deploy(folder, lambda m: {**m, "files": {**m["files"], "model.json": file_record(os.path.join(folder, "model.json"))}})
     code = run_infer(folder, images_folder(tmp_path), str(tmp_path / "out"))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from report.pictures import layout
+
 from conftest import ROOT
 
 SMALL = ["--data_dir", os.path.join(ROOT, "sample_data"), "--cls", "bottle", "--arch", "resnet18",
@@ -68,14 +70,19 @@ def test_infer_writes_side_by_side_pictures_and_scores(trained):
         assert 0.0 <= float(r["normalized_score"]) <= 1.0
         assert (float(r["normalized_score"]) > 0.5) == (r["verdict"] == "DEFECT"), r
     picture = Image.open(os.path.join(infer_dir, "crack_000.png"))
-    # original | ground truth | heatmap | predicted mask
-    assert picture.size[0] == 4 * 64 and picture.size[1] > 64
-    panels = np.asarray(picture.convert("RGB"))[:64]
-    gt = panels[:, 64:128, 0]
-    assert set(np.unique(gt)) == {0, 255}  # the ground-truth panel is the binary mask
+    # image | ground truth | anomaly map + colour scale | predicted mask
+    corners, size = layout(64, 64, predicted=True)
+    assert picture.size == size
+    pixels = np.asarray(picture.convert("RGB"))
+
+    def panel(name):
+        x, y = corners[name]
+        return pixels[y:y + 64, x:x + 64, 0]
+
+    assert set(np.unique(panel("ground truth"))) == {0, 255}  # the ground-truth panel is the binary mask
     predicted = np.asarray(Image.open(os.path.join(infer_dir, "masks", "crack_000.png")))
     assert predicted.shape == (64, 64) and set(np.unique(predicted)) <= {0, 255}
-    assert np.array_equal(panels[:, 192:256, 0], predicted)
+    assert np.array_equal(panel("predicted mask"), predicted)
 
 
 def test_unknown_class_is_one_line_and_exit_2(tmp_path):
@@ -128,7 +135,8 @@ def test_eval_writes_the_visual_report(trained):
         assert Image.open(os.path.join(folder, name)).size[0] > 100, name
     # grids: one row per image (2 good; 6 of the 8 defective), 4 panels each
     grid = Image.open(os.path.join(folder, "defect_lowest.png"))
-    assert grid.size[0] == 4 * 64 and grid.size[1] == 6 * (64 + 18)
+    _, (width, height) = layout(64, 64, predicted=True)
+    assert grid.size == (width, 6 * height)
     page = open(os.path.join(folder, "index.html")).read()
     metrics = json.load(open(os.path.join(out, "results.json")))["classes"]["bottle"]
     assert f"<td>{100 * metrics['pixel_auroc']:.1f}</td>" in page and "Thresholds from" in page

@@ -11,8 +11,11 @@ from scipy.ndimage import gaussian_filter
 import export_model
 from conftest import ROOT
 import infer
+from deploy.deployment import read_deployment
+from deploy.predictor import PredictorOptions, build_predictor
+from report.pictures import layout
 from model import build_rd4ad
-from utils.checkpoint import save_checkpoint
+from engine.checkpoint import save_checkpoint
 
 SIZE = 96  # not a power of two on purpose: feature maps 24, 12, 6
 CALIBRATION = {"image_threshold": 1.0, "pixel_threshold": 1.0, "image_low": 0.8, "pixel_low": 0.2,
@@ -39,11 +42,7 @@ def images(n=3, seed=0):
 
 
 def predictor(save_dir, **overrides):
-    args = infer.parse_args(["--model_dir", save_dir])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    cls = infer.OnnxPredictor if args.backend == "onnxruntime" else infer.PaddlePredictor
-    return cls(save_dir, args)
+    return build_predictor(read_deployment(save_dir), PredictorOptions(**overrides))
 
 
 def test_export_writes_graph_onnx_and_metadata(exported):
@@ -129,7 +128,8 @@ def test_infer_cli_writes_pictures_csv_and_benchmark(exported, tmp_path):
             min(1.0, max(0.0, 0.5 + 0.5 * (score - 1.0) / 0.2)), abs=1e-4)
         assert mask.shape == (SIZE, SIZE) and mask.any() == (rows[name]["verdict"] == "DEFECT")
     picture = Image.open(os.path.join(out, "gray.png"))
-    assert picture.size[0] == 3 * SIZE  # original | heatmap | predicted mask: no ground truth
+    # a loose image: image | ground truth ("no mask") | anomaly map | predicted mask
+    assert picture.size == layout(SIZE, SIZE, predicted=True)[1]
     report = json.load(open(os.path.join(out, "benchmark.json")))
     assert report["images"] == 2 and report["inference_ms"] > 0 and report["batch_size"] == 2
     assert report["cpu_rss_mb"] > 0

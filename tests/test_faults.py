@@ -8,9 +8,11 @@ import tracemalloc
 import numpy as np
 import paddle
 
+import engine.run
+import engine.train
 import main
 from conftest import ROOT
-from utils.evaluate import Predictions, compute_metrics
+from engine.evaluate import Predictions, compute_metrics
 from utils.safe_pickle import load_plain_pickle
 
 
@@ -26,7 +28,7 @@ TINY = ["--arch", "resnet18", "--image_size", "64", "--teacher_weights", "none",
 
 
 def test_nan_loss_stops_that_class_keeps_its_last_state_and_the_others_go_on(tmp_path, monkeypatch, capsys):
-    real_loss = main.cosine_distillation_loss
+    real_loss = engine.train.cosine_distillation_loss
     calls = {"aaa": 0}
 
     def loss_that_diverges_in_aaa(teacher_feats, student_feats):
@@ -38,14 +40,14 @@ def test_nan_loss_stops_that_class_keeps_its_last_state_and_the_others_go_on(tmp
         return loss
 
     current = {"cls": None}
-    real_train_class = main.train_class
+    real_train_class = engine.run.train_class
 
     def tracking_train_class(cfg, source, ctx):
         current["cls"] = source.name
         return real_train_class(cfg, source, ctx)
 
-    monkeypatch.setattr(main, "cosine_distillation_loss", loss_that_diverges_in_aaa)
-    monkeypatch.setattr(main, "train_class", tracking_train_class)
+    monkeypatch.setattr(engine.train, "cosine_distillation_loss", loss_that_diverges_in_aaa)
+    monkeypatch.setattr(engine.run, "train_class", tracking_train_class)
     out = str(tmp_path / "out")
     code = main.main(["--data_dir", two_classes(tmp_path), *TINY, "--output_dir", out])
     err = capsys.readouterr()
@@ -66,13 +68,14 @@ def test_evaluation_falls_back_to_smaller_batches_when_out_of_memory(tmp_path, m
     """A GPU running out of memory mid-evaluation: same predictions with a smaller batch."""
     from dataset import index_test
     from model import build_rd4ad
-    from utils.config import Config
+    from engine.config import Config
+    from engine.evaluate import predict_samples
 
     cfg = Config(mode="eval", arch="resnet18", image_size=64, batch_size=8, eval_backend="dygraph")
     samples = index_test(os.path.join(ROOT, "sample_data"), "bottle")
     paddle.seed(0)
     net = build_rd4ad("resnet18", "none")
-    expected = main.predict_samples(net, samples, cfg, "eval", progress=False)
+    expected = predict_samples(net, samples, cfg, "eval", progress=False)
 
     real_forward = type(net).forward
 
@@ -82,7 +85,7 @@ def test_evaluation_falls_back_to_smaller_batches_when_out_of_memory(tmp_path, m
         return real_forward(self, images)
 
     monkeypatch.setattr(type(net), "forward", forward_that_runs_out)
-    got = main.predict_samples(net, samples, cfg, "eval", progress=False)
+    got = predict_samples(net, samples, cfg, "eval", progress=False)
     assert "out of memory" in capsys.readouterr().out.lower()
     np.testing.assert_allclose(got.maps, expected.maps, atol=1e-5)
     np.testing.assert_array_equal(got.labels, expected.labels)

@@ -7,7 +7,7 @@ import paddle
 
 from model import build_rd4ad
 from test_end_to_end import SMALL, run_main
-from utils.feature_cache import EpochBatchSampler, TeacherFeatureCache
+from engine.feature_cache import EpochBatchSampler, TeacherFeatureCache
 
 
 def losses_of(tmp_path, name, *flags):

@@ -84,7 +84,7 @@ def test_fuzzed_checkpoint_in_eval_and_infer(trained, capsys, data):
 
 
 def still_a_checkpoint(path) -> bool:
-    from utils.checkpoint import CheckpointError, load_checkpoint
+    from engine.checkpoint import CheckpointError, load_checkpoint
 
     try:
         load_checkpoint(str(path), arch="resnet18", image_size=64)
@@ -144,9 +144,9 @@ def _make_training_state(trained, target):
     import numpy as np
 
     from model import build_rd4ad
-    from utils.config import parse_config
-    from utils.optim import build_optimizer
-    from utils.train_state import save_train_state
+    from engine.config import parse_config
+    from engine.optim import build_optimizer
+    from engine.train_state import save_train_state
 
     run = trained / "state_run"
     cfg = parse_config([*TINY, "--teacher_weights", "none", "--output_dir", str(run)])

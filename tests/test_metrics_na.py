@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from utils.checkpoint import atomic_write_json
-from utils.decision import Calibration
-from utils.evaluate import MetricsError, Predictions, compute_metrics
-from utils.metrics import aupro, pixel_auroc
-from utils.report import mean_row, results_table
+from utils.io import atomic_write_json
+from engine.decision import Calibration
+from engine.evaluate import MetricsError, Predictions, compute_metrics
+from engine.metrics import aupro, pixel_auroc
+from report.tables import mean_row, results_table
 
 SIZE = 8
 CAL = Calibration(image_threshold=0.5, pixel_threshold=0.5, image_low=0.0, pixel_low=0.0,
@@ -180,7 +180,7 @@ def test_results_table_shows_na():
 
 
 def test_summary_report_shows_na_for_null_metrics(tmp_path):
-    from utils.html_report import write_summary_report
+    from report.html import write_summary_report
     results = {"a": {"pixel_auroc": None, "sample_auroc": 0.5}, "b": {"pixel_auroc": float("nan")}}
     with open(write_summary_report(str(tmp_path), results, {}), encoding="utf-8") as f:
         page = f.read()

@@ -4,7 +4,7 @@ import paddle
 
 from model import build_rd4ad
 from model.loss import cosine_distillation_loss
-from utils.optim import build_optimizer
+from engine.optim import build_optimizer
 
 
 def test_merged_adam_equals_per_parameter_adam():

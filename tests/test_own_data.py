@@ -68,7 +68,7 @@ def test_plain_folders_of_any_size_and_format_without_defects(tmp_path):
     run_main(*args, "--mode", "infer")
     rows = list(csv.DictReader(open(os.path.join(out, "photos", "infer", "scores.csv"))))
     assert [r["image"] for r in rows] == ["line/new_a.png", "line/new_b.jpg"]
-    assert all(r["label"] == "-1" and r["verdict"] in ("OK", "DEFECT") for r in rows)
+    assert all(r["label"] == "" and r["verdict"] in ("OK", "DEFECT") for r in rows)  # unlabelled
     for r in rows:
         mask = Image.open(os.path.join(out, "photos", "infer", "masks", f"unlabeled_{r['image'][5:-4]}.png"))
         assert mask.size == (64, 64)

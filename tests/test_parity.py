@@ -16,7 +16,7 @@ import pytest
 from model import build_rd4ad, convert_reference_state_dicts
 from reference_weights import deterministic_images, deterministic_state_dicts
 from model.loss import cosine_distillation_loss
-from utils.optim import build_optimizer
+from engine.optim import build_optimizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-4

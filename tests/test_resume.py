@@ -11,7 +11,7 @@ import paddle
 import pytest
 
 from conftest import ROOT
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 
 ARGS = ["--data_dir", os.path.join(ROOT, "sample_data"), "--cls", "bottle", "--arch", "resnet18",
         "--image_size", "64", "--teacher_weights", "none", "--batch_size", "1", "--epochs", "12",
@@ -101,11 +101,11 @@ def test_training_state_round_trip_continues_identically(tmp_path):
     """In one process: save after a step, restore into a fresh model (other parameter
     names), and the next step equals the original's next step."""
     from model import build_rd4ad
-    from utils.config import Config
-    from utils.feature_cache import EpochBatchSampler
+    from engine.config import Config
+    from engine.feature_cache import EpochBatchSampler
     from model.loss import cosine_distillation_loss
-    from utils.optim import build_optimizer
-    from utils.train_state import load_train_state, restore_train_state, save_train_state
+    from engine.optim import build_optimizer
+    from engine.train_state import load_train_state, restore_train_state, save_train_state
 
     cfg = Config(arch="resnet18", image_size=64, output_dir=str(tmp_path), teacher_weights="none")
     paddle.seed(0)

@@ -20,7 +20,7 @@ import pytest
 import export_model
 import main
 from conftest import ROOT
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from utils.safe_pickle import UnsafeWeightsError, WeightsFileError, load_plain_pickle
 
 SAMPLE = os.path.join(ROOT, "sample_data", "bottle")

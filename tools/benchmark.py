@@ -28,26 +28,28 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import utils.runtime  # noqa: E402,F401  (first: quiet paddle import, every CPU core)
+sys.path.insert(0, ROOT)  # a script in tools/: the repository's packages by path
+from utils import runtime  # noqa: E402
+
+runtime.start()  # before Paddle loads: a quiet import, every CPU core
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-import export_model  # noqa: E402
-import infer  # noqa: E402
 from dataset import MVTecDataset, index_test, index_train, load_image  # noqa: E402
-from model import build_rd4ad  # noqa: E402
-from model.inference import StaticGraphRunner  # noqa: E402
-from model.trained import load_trained  # noqa: E402
+from deploy.deployment import read_deployment  # noqa: E402
+from deploy.export import export  # noqa: E402
+from deploy.predictor import PredictorOptions, StaticGraphRunner, build_predictor, cpu_has_bf16  # noqa: E402
+from engine.checkpoint import load_checkpoint, load_trained, save_checkpoint  # noqa: E402
+from engine.evaluate import compute_metrics, predict  # noqa: E402
+from engine.metrics import aupro  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
 from model.arch import ARCH_NAMES as ARCHS  # noqa: E402
-from utils.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint  # noqa: E402
+from model.loss import cosine_distillation_loss  # noqa: E402
+from model.rd4ad import build_rd4ad  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError, shorten  # noqa: E402
-from utils.evaluate import compute_metrics, predict  # noqa: E402
-from model.loss import cosine_distillation_loss  # noqa: E402
-from utils.metrics import aupro  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
+from utils.io import atomic_write_json  # noqa: E402
 
 
 # ---------------------------------------------------------------- helpers
@@ -87,13 +89,6 @@ def median_seconds(fn, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def predictor_args(**kw) -> argparse.Namespace:
-    args = infer.parse_args([])
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
-
-
 def reference_style_pro_loop(masks: np.ndarray, maps: np.ndarray, num_th: int = 200) -> float:
     """The reference's compute_pro, step by step as it runs (what exact mode replaces):
     per threshold, binarise every map, label every mask and read each region's overlap
@@ -125,18 +120,18 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
     model = net
     backends = [("dynamic graph", "dygraph", None)]
     backends.append(("Paddle Inference fp32 oneDNN", "paddle",
-                     predictor_args(enable_mkldnn=True, cpu_threads=args.threads, precision="fp32")))
+                     PredictorOptions(enable_mkldnn=True, cpu_threads=args.threads, precision="fp32")))
     try:
         import onnxruntime  # noqa: F401
         backends.append(("ONNX Runtime fp32", "onnxruntime",
-                         predictor_args(backend="onnxruntime", cpu_threads=args.threads)))
+                         PredictorOptions(backend="onnxruntime", cpu_threads=args.threads)))
         backends.append(("ONNX Runtime int8", "onnxruntime",
-                         predictor_args(backend="onnxruntime", cpu_threads=args.threads, precision="int8")))
+                         PredictorOptions(backend="onnxruntime", cpu_threads=args.threads, precision="int8")))
     except ImportError:
         notes.append({"path": "ONNX Runtime fp32", "note": "onnxruntime not installed"})
-    if infer.cpu_has_bf16():
+    if cpu_has_bf16():
         backends.append(("Paddle Inference bf16 oneDNN", "paddle",
-                         predictor_args(enable_mkldnn=True, cpu_threads=args.threads, precision="bf16")))
+                         PredictorOptions(enable_mkldnn=True, cpu_threads=args.threads, precision="bf16")))
     else:
         notes.append({"path": "Paddle Inference bf16 oneDNN", "note": "CPU has no bf16 instructions"})
     outputs = {}
@@ -148,8 +143,7 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
                     m, s = model(paddle.to_tensor(x))
                 return m.numpy(), s.numpy()
         else:
-            predictor = (infer.OnnxPredictor if kind == "onnxruntime" else infer.PaddlePredictor)(model_dir, pargs)
-            run = predictor
+            run = build_predictor(read_deployment(model_dir), pargs)
         row = {"path": name}
         for batch in sorted({1, args.batch}):
             x = np.random.default_rng(batch).normal(size=(batch, 3, size, size)).astype(np.float32)
@@ -348,7 +342,7 @@ def benchmark(a: argparse.Namespace) -> int:
             "cores": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "predictor threads": a.threads, "paddle": paddle.__version__,
             "FLAGS_use_mkldnn": os.environ.get("FLAGS_use_mkldnn", "unset"),
-            "bf16 CPU": infer.cpu_has_bf16(), "weights": a.checkpoint or "random"}
+            "bf16 CPU": cpu_has_bf16(), "weights": a.checkpoint or "random"}
     print("benchmark:", json.dumps(info), flush=True)
     work = tempfile.mkdtemp(prefix="rd4ad-bench-")
     try:
@@ -368,7 +362,7 @@ def benchmark(a: argparse.Namespace) -> int:
         # int8: ONNX Runtime's post-training quantisation, calibrated on the train-good images
         calibration = [load_image(s.image_path, a.image_size)[None]
                        for s in index_train(os.path.join(ROOT, "sample_data"), "bottle")]
-        export_model.export(ckpt, model_dir, onnx=onnx, int8_calibration=calibration if onnx else None)
+        export(ckpt, model_dir, onnx=onnx, int8_calibration=calibration if onnx else None)
         samples = index_test(os.path.join(ROOT, "sample_data"), "bottle")
         sample_images = np.stack([load_image(s.image_path, a.image_size) for s in samples])
 

@@ -19,10 +19,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.checkpoint import save_checkpoint  # noqa: E402
 from model import ARCHS, build_rd4ad, convert_reference_state_dicts  # noqa: E402
-from utils.checkpoint import atomic_write, save_checkpoint  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.io import atomic_write  # noqa: E402
 from utils.names import check_class_name  # noqa: E402
 
 

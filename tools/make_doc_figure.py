@@ -1,6 +1,6 @@
 """Stack a few of `main.py --mode infer`'s pictures into doc/heatmap_example.png.
 
-    python tools/make_doc_figure.py --infer_dir output/sample/bottle/infer \
+    python tools/make_doc_figure.py --infer_dir output/bottle/infer \
         --names missing_000 scratch_001 stain_000 good_000 --out doc/heatmap_example.png
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.visualize import stack_vertically  # noqa: E402
+from report.pictures import stack_vertically  # noqa: E402
 
 
 def main() -> None:

@@ -20,14 +20,18 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # a script in tools/: the repository's packages by path
+from utils import runtime  # noqa: E402
 
-import utils.runtime  # noqa: E402,F401  (first: quiet paddle import)
+runtime.start()  # before Paddle loads: a quiet import
+
 from dataset import resolve_sources  # noqa: E402
-from utils.runtime import child_environment  # noqa: E402
+from engine.config import parse_config  # noqa: E402
+from engine.preflight import check_before_work, check_config  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
-from utils.config import ConfigError, parse_config  # noqa: E402
+from utils.config import ConfigError  # noqa: E402
 from utils.lock import TOKEN_ENV, OutputLock  # noqa: E402
+from utils.runtime import child_environment  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +52,9 @@ def fan_out(argv: list[str]) -> int:
     if cfg.mode != "train":
         raise ConfigError("tools/train_all.py runs training; use main.py for --mode eval/infer")
     # main.py's own checks, once for every class, before any child starts or anything is written
-    import main as rd4ad_main
-
-    rd4ad_main.check_config(cfg)
+    check_config(cfg)
     sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
-    rd4ad_main.check_before_work(cfg, sources)
+    check_before_work(cfg, sources)
     classes = [s.name for s in sources]
     os.makedirs(cfg.output_dir, exist_ok=True)
     with OutputLock(cfg.output_dir) as lock:  # the children write into it under this lock
@@ -89,7 +91,7 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 
 def run_classes(cfg, classes: list[str], devices: list[str], main_args: list[str], token: str | None) -> int:
-    log_dir = os.path.join(cfg.output_dir, "logs")
+    log_dir = cfg.paths.log_dir()
     os.makedirs(log_dir, exist_ok=True)
     print(f"{len(classes)} classes on devices {', '.join(devices)}; logs in {log_dir}")
 

@@ -1,25 +1,71 @@
-"""Import this before anything else that imports paddle: quiet import, every CPU core.
+"""The process's runtime, set up once by each command before Paddle loads.
 
-Paddle pins OMP_NUM_THREADS to 1 at import (and warns when it is larger), so its eager CPU
-kernels use one core. Raising it right after the import, before the first operator runs,
-lets them use every core without the warning. A value the user set is left alone.
+`start()` runs first in every entry point's main(), which imports the rest only then:
+- Paddle's import warns that no ccache is installed (it only matters when compiling
+  custom operators): filtered before the import, so no command prints it.
+- Paddle pins OMP_NUM_THREADS to 1 at import (and warns when it finds a larger value),
+  so its eager CPU kernels use one core. Raising it right after the import, before the
+  first operator runs, lets them use every core without the warning. A value the user
+  set is left alone.
 """
+from __future__ import annotations
+
 import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-_THREADS_SET_BY_USER = "OMP_NUM_THREADS" in os.environ
-warnings.filterwarnings("ignore", message="No ccache found")  # printed by paddle's import
+_USER_THREADS = "OMP_NUM_THREADS" in os.environ  # read when this module loads, before Paddle
+_started = False
 
-import paddle  # noqa: E402,F401
 
-if not _THREADS_SET_BY_USER:
-    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+def start() -> None:
+    """Import Paddle quietly and let its CPU kernels use every core (idempotent)."""
+    global _started
+    if _started:
+        return
+    warnings.filterwarnings("ignore", message="No ccache found")
+    import paddle  # noqa: F401  (the import that pins OMP_NUM_THREADS)
+
+    if not _USER_THREADS:
+        os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    _started = True
 
 
 def child_environment(**extra: str) -> dict[str, str]:
     """The environment for a child Python process that imports paddle itself: without the
     thread count set here (paddle warns at import when it finds one above 1)."""
     env = dict(os.environ, **extra)
-    if not _THREADS_SET_BY_USER:
+    if not _USER_THREADS:
         env.pop("OMP_NUM_THREADS", None)
     return env
+
+
+@contextmanager
+def quiet_output() -> Iterator[None]:
+    """Send the process's stdout and stderr (file descriptors 1 and 2) to a temporary file
+    while a third-party step runs: Paddle's and paddle2onnx's C++ logging bypasses Python,
+    so only this silences it. With RD4AD_DEBUG=1 what was caught is shown when the step
+    fails."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 1)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            if os.environ.get("RD4AD_DEBUG"):
+                caught.seek(0)
+                os.write(saved[1], caught.read())
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)

@@ -14,12 +14,16 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from .checkpoint import atomic_write, atomic_write_text
-from .decision import Calibration
-from .evaluate import Predictions
-from .metrics import pro_curve
-from .report import HEADERS, TABLE_NAMES, finite_value, mean_row
-from .visualize import side_by_side, stack_vertically
+from engine.decision import Calibration
+from engine.evaluate import Predictions
+from engine.metrics import pro_curve
+from engine.paths import RunPaths
+from utils.io import atomic_write, atomic_write_text
+from utils.log import number, percent
+
+from .per_image import ImageItem, caption, colour_range
+from .pictures import side_by_side, stack_vertically
+from .tables import HEADERS, TABLE_NAMES, mean_row
 
 # Mean over the 15 MVTec AD classes (pixel AUROC / sample AUROC / AUPRO per image).
 PUBLISHED = {
@@ -34,14 +38,8 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}.note{color:#a40}")
 
 
-def _pct(v: object) -> str:
-    v = finite_value(v)  # None, nan (n/a metrics) and inf all read n/a
-    return "n/a" if v is None else f"{100 * v:.1f}"
-
-
 def _threshold(v: object) -> str:
-    v = finite_value(v)
-    return "n/a" if v is None else f"{v:.5f}"
+    return number(v, 5)
 
 
 def _save_figure(fig: Figure, path: str) -> None:
@@ -55,7 +53,7 @@ def _roc_plot(path: str, labels: np.ndarray, values: np.ndarray, title: str, auc
     fpr, tpr, _ = roc_curve(labels, np.asarray(values).ravel(), drop_intermediate=True)
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.add_subplot()
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC {_pct(auc)}%")
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {percent(auc)}%")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
            xlim=(0, 1), ylim=(0, 1.01))
@@ -70,8 +68,8 @@ def _pro_plot(path: str, masks: np.ndarray, maps: np.ndarray, metrics: dict) -> 
         return False
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.add_subplot()
-    ax.plot(fpr, pro, lw=2, label=f"AUPRO set {_pct(metrics.get('aupro_set'))}%, "
-                                  f"per image {_pct(metrics.get('aupro_per_image'))}%")
+    ax.plot(fpr, pro, lw=2, label=f"AUPRO set {percent(metrics.get('aupro_set'))}%, "
+                                  f"per image {percent(metrics.get('aupro_per_image'))}%")
     ax.set(xlabel="false positive rate", ylabel="per-region overlap", title="PRO curve (FPR <= 0.3)",
            xlim=(0, 0.3), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
@@ -88,15 +86,13 @@ def _grid(path: str, indices: list[int], pred: Predictions, samples: list,
     rows = []
     for i in indices:
         s = samples[i]
-        verdict = ""
-        if calibration is not None:
-            norm = float(calibration.normalize_scores(pred.scores[i]))
-            verdict = f"  {norm:.2f} {calibration.verdict(pred.scores[i])}"
+        item = ImageItem(s.image_path, "", s.defect, None if s.label < 0 else int(s.label), s.mask_path)
         rows.append(side_by_side(
-            image_of(i), pred.masks[i] if s.has_mask else np.zeros_like(pred.masks[i]),
-            pred.maps[i], vmin, vmax,
-            f"{s.defect}/{os.path.basename(s.image_path)}  score {pred.scores[i]:.4f}{verdict}",
-            calibration.masks(pred.maps[i]) if calibration is not None else None))
+            image_of(i), pred.masks[i] if s.has_mask else None, pred.maps[i], vmin, vmax,
+            caption(item, pred.scores[i], calibration),
+            calibration.masks(pred.maps[i]) if calibration is not None else None,
+            truth="mask" if s.has_mask else ("good" if s.label == 0 else "none"),
+            threshold=None if calibration is None else calibration.pixel_threshold))
     canvas = stack_vertically(rows)
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
     return True
@@ -106,17 +102,16 @@ def _metrics_table(rows: dict[str, dict]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
     body = ""
     for name, r in rows.items():
-        cells = "".join(f"<td>{_pct(r.get(n))}</td>" for n in TABLE_NAMES)
+        cells = "".join(f"<td>{percent(r.get(n))}</td>" for n in TABLE_NAMES)
         body += f"<tr><td>{name}</td>{cells}</tr>\n"
     return f"<table><tr>{head}</tr>\n{body}</table>"
 
 
-def write_class_report(output_dir: str, cls: str, pred: Predictions, samples: list,
+def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,
                        image_of: Callable[[int], np.ndarray], metrics: dict,
                        calibration: Calibration | None, note: str = "") -> str:
-    """Write report/CLASS/ and return the path of its index.html. `image_of(i)` gives test
-    image i as [H, W, 3] uint8 at the maps' size."""
-    folder = os.path.join(output_dir, "report", cls)
+    """Write the class's report into `folder` (OUTPUT_DIR/report/CLASS) and return the path
+    of its index.html. `image_of(i)` gives test image i as [H, W, 3] uint8 at the maps' size."""
     labelled = pred.labels >= 0
     known = pred.known_masks()
     figures = []
@@ -129,10 +124,7 @@ def write_class_report(output_dir: str, cls: str, pred: Predictions, samples: li
             figures.append(("roc_pixel.png", "Pixel-level ROC"))
         if _pro_plot(os.path.join(folder, "pro.png"), pred.masks[known], pred.maps[known], metrics):
             figures.append(("pro.png", "PRO curve"))
-    if calibration is not None:
-        vmin, vmax = calibration.heatmap_range()
-    else:
-        vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
+    vmin, vmax = colour_range(calibration, {}, pred.maps)
     good = [int(i) for i in np.flatnonzero(pred.labels == 0)]
     bad = [int(i) for i in np.flatnonzero(pred.labels == 1)]
     good_top = sorted(good, key=lambda i: -pred.scores[i])[:GRID_SIZE]
@@ -156,16 +148,15 @@ def write_class_report(output_dir: str, cls: str, pred: Predictions, samples: li
             f"<p>Thresholds from {calibration.count} {calibration.source}-good image(s) at the "
             f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
             f"pixel {calibration.pixel_threshold:.5f}. Normalised score 0.5 = threshold."
-            + (f" F1-optimal on this test set (for comparison): image {_pct(metrics.get('best_image_f1'))}% "
+            + (f" F1-optimal on this test set (for comparison): image {percent(metrics.get('best_image_f1'))}% "
                f"at {_threshold(metrics.get('best_image_threshold'))}, pixel "
-               f"{_pct(metrics.get('best_pixel_f1'))}% at {_threshold(metrics.get('best_pixel_threshold'))}."
+               f"{percent(metrics.get('best_pixel_f1'))}% at {_threshold(metrics.get('best_pixel_threshold'))}."
                if "best_image_threshold" in metrics else "") + "</p>")
     for name, title in figures:
         parts.append(f'<figure style="display:inline-block"><img src="{name}"><figcaption>{title}'
                      f"</figcaption></figure>")
     for name, title in grids:
-        parts.append(f"<h2>{html.escape(title)}</h2><p>original | ground truth | heatmap | "
-                     f"predicted mask</p><img src=\"{name}\">")
+        parts.append(f"<h2>{html.escape(title)}</h2><img src=\"{name}\">")
     index = os.path.join(folder, "index.html")
     atomic_write_text(index, _page(f"RD4AD {cls}", "\n".join(parts)))
     return index
@@ -176,7 +167,7 @@ def write_summary_report(output_dir: str, results: dict[str, dict], config: dict
     published means beside ours."""
     rows = {}
     for cls, r in results.items():
-        page = os.path.join("report", cls, "index.html")
+        page = os.path.join(os.path.relpath(RunPaths(output_dir).report_dir(cls), output_dir), "index.html")
         label = (f'<a href="{html.escape(page)}">{html.escape(cls)}</a>'
                  if os.path.isfile(os.path.join(output_dir, page)) else html.escape(cls))
         rows[label] = r
@@ -189,7 +180,7 @@ def write_summary_report(output_dir: str, results: dict[str, dict], config: dict
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Values in percent; the published "
             f"rows are 15-class MVTec AD means (AUPRO per image), comparable only to a full "
             f"15-class run with ImageNet weights.</p>" + _metrics_table(rows))
-    path = os.path.join(output_dir, "report.html")
+    path = RunPaths(output_dir).file("report.html")
     atomic_write_text(path, _page("RD4AD results", body))
     return path
 

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import UserError, shorten
-
+from utils.errors import UserError, shorten
 
 MIN_SPREAD_IMAGES = 5
 # An image score is a smoothed sum of three cosine distances, so it lies in [0, 6]. A
@@ -77,9 +76,6 @@ class Calibration:
 
     def normalize_scores(self, scores: np.ndarray) -> np.ndarray:
         return normalize(scores, self.image_threshold, self.image_low)
-
-    def normalize_maps(self, maps: np.ndarray) -> np.ndarray:
-        return normalize(maps, self.pixel_threshold, self.pixel_low)
 
     def verdicts(self, scores: np.ndarray) -> np.ndarray:
         """True = DEFECT."""

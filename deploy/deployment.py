@@ -1,5 +1,6 @@
-"""The deployable pipeline: image batch -> (anomaly map, image score), one Layer; and the
-exported folder (deploy.json, its file manifest, the graph's input size), checked."""
+"""deploy.json: the exported folder's description (format, arch, size, preprocessing,
+thresholds, score statistics, a manifest of every file), written by the export and checked
+by every predictor before any file is loaded."""
 from __future__ import annotations
 
 import hashlib
@@ -9,68 +10,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import paddle
-
-from utils.checkpoint import is_whole_number
-from utils.decision import Calibration, CalibrationError
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+from engine.decision import Calibration, CalibrationError
+from model.arch import ARCH_NAMES
 from utils.errors import UserError, bounded_line, shorten
-
-from .rd4ad import RD4AD
-from .arch import ARCH_NAMES as ARCHS
-
-def save_static(net: RD4AD, path_prefix: str) -> None:
-    """paddle.jit.save the whole pipeline, the model in eval mode (image -> (anomaly map,
-    score)): input `image` [N, 3, S, S] float32, ImageNet-normalised, any N."""
-    if not net.image_size:
-        raise ValueError("build the model with its image_size to export it")
-    net.eval()
-    size = net.image_size
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
-    paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True), path_prefix)
-
-
-class PredictorSession:
-    """A Paddle Inference predictor of an exported pipeline: images -> (maps, scores)."""
-
-    def __init__(self, config) -> None:
-        import paddle.inference as pi
-
-        self.predictor = pi.create_predictor(config)
-        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
-
-    def __call__(self, images) -> tuple:
-        array = images.numpy() if isinstance(images, paddle.Tensor) else images
-        self.input.reshape(list(array.shape))
-        self.input.copy_from_cpu(np.ascontiguousarray(array, dtype=np.float32))
-        self.predictor.run()
-        return tuple(h.copy_to_cpu() for h in self.outputs)
-
-
-class StaticGraphRunner(PredictorSession):
-    """The current weights as a Paddle Inference predictor (oneDNN on CPU): evaluation
-    runs about 5x faster than the dynamic graph on a 2-core CPU (tools/benchmark.py).
-    Build it again after the weights change."""
-
-    def __init__(self, net: RD4AD, threads: int) -> None:
-        import tempfile
-
-        import paddle.inference as pi
-
-        self._dir = tempfile.TemporaryDirectory(prefix="rd4ad-static-")
-        prefix = f"{self._dir.name}/model"
-        save_static(net, prefix)  # leaves the model in eval mode
-        config = pi.Config(prefix + ".json", prefix + ".pdiparams")
-        config.disable_glog_info()
-        config.disable_gpu()
-        config.enable_mkldnn()
-        config.set_cpu_math_library_num_threads(threads)
-        super().__init__(config)
-
-    def close(self) -> None:
-        self._dir.cleanup()
-
+from utils.io import is_whole_number
 
 # ---------------------------------------------------------------- the exported folder
 # What export_model.py writes and infer.py reads. deploy.json carries a manifest of every
@@ -185,8 +129,8 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     if fmt != DEPLOY_FORMAT:
         raise ModelError(f"{path}: export format {shorten(fmt)} is not {DEPLOY_FORMAT}, the one "
                          f"this version reads")
-    if meta.get("arch") not in ARCHS:
-        raise bad("arch", "one of " + ", ".join(ARCHS))
+    if meta.get("arch") not in ARCH_NAMES:
+        raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = meta.get("image_size")
     if not is_whole_number(size) or size < 64 or size % 32:
         raise bad("image_size", "a whole number, a multiple of 32, at least 64")
@@ -275,3 +219,27 @@ def check_outputs(maps: Any, scores: Any, count: int, size: int, model_path: str
         raise ModelError(f"{model_path}: the graph gave outputs of shapes {shapes[0]} and "
                          f"{shapes[1]} for {count} images of {size} px, not ({count}, {size}, "
                          f"{size}) and ({count},); export the model again")
+def deploy_meta(state: dict, onnx: bool, int8_calibration: list | None, files: dict) -> dict:
+    """deploy.json: what infer.py needs besides the graph, and the manifest of the files."""
+    return {
+        "format": DEPLOY_FORMAT,
+        "arch": state["arch"],
+        "image_size": state["image_size"],
+        "class": state.get("class"),
+        "epoch": state.get("epoch"),
+        "teacher_weights": state.get("teacher_weights"),
+        "mean": [round(float(v), 6) for v in IMAGENET_MEAN],
+        "std": [round(float(v), 6) for v in IMAGENET_STD],
+        "input": "image",
+        "outputs": list(OUTPUT_NAMES),
+        "score_stats": state.get("score_stats"),
+        # thresholds calibrated on validation-good images: verdicts and masks at deployment
+        "calibration": state.get("calibration"),
+        "onnx": onnx,
+        "onnx_int8": {"calibration_images": len(int8_calibration)} if onnx and int8_calibration else None,
+        # size and sha256 of every file written: infer.py names one that is missing,
+        # truncated or replaced before loading it
+        "files": files,
+    }
+
+

@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 import paddle
 
-from .checkpoint import CheckpointError, atomic_write, atomic_write_json
-from .config import Config, ConfigError
-from .errors import UserError, shorten
-from .safe_pickle import load_plain_pickle
+from utils.config import ConfigError
+from utils.errors import UserError, shorten
+from utils.io import atomic_write, atomic_write_json
+from utils.safe_pickle import load_plain_pickle
+
+from .checkpoint import CheckpointError
+from .config import Config
 
 STATE_FORMAT = "rd4ad-paddle-train-state/1"
 # Settings that change the trained weights; paths are left out so data can move.
@@ -40,11 +43,11 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
 
 
 def state_path(cfg: Config, cls: str) -> str:
-    return os.path.join(cfg.class_dir(cls), "train_state.pdparams")
+    return cfg.paths.train_state(cls)
 
 
 def status_path(cfg: Config, cls: str) -> str:
-    return os.path.join(cfg.class_dir(cls), "status.json")
+    return cfg.paths.status(cls)
 
 
 def _differences(saved: dict, current: dict) -> str:
@@ -66,7 +69,7 @@ def finished_metrics(cfg: Config, cls: str) -> dict | None:
         saved, metrics = status["fingerprint"], status["metrics"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable marker: train again
-    if not os.path.isfile(cfg.checkpoint_path(cls)):
+    if not os.path.isfile(cfg.paths.checkpoint(cls)):
         return None
     diff = _differences(saved, fingerprint(cfg))
     if diff:

@@ -1,88 +1,27 @@
-"""Class checkpoints: bottleneck + student weights with the settings they were trained at.
-
-Every write goes to a temporary file in the same folder and is renamed over the target,
-so a kill at any moment leaves the previous file intact.
-"""
+"""Class checkpoints: one dict of bottleneck + student weights with the settings they
+were trained at, thresholds and score statistics; and the one way back to a network
+(`load_trained`, used by evaluation, inference, export and the benchmark)."""
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
-from typing import Any, Callable
 
 import numpy as np
 import paddle
 
-from .cli import output_error
-from .errors import UserError, shorten
-from .safe_pickle import load_plain_pickle
-from model.arch import ARCH_NAMES as ARCHS
+from model.arch import ARCH_NAMES
+from model.rd4ad import RD4AD, build_rd4ad
+from utils.errors import UserError, shorten
+from utils.io import atomic_write, is_whole_number
+from utils.safe_pickle import load_plain_pickle
+
+from .decision import Calibration, CalibrationError
 
 FORMAT = "rd4ad-paddle/1"
 
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or for another model."""
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) then rename tmp_path over path (same folder, so atomic)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        # The temporary name is bounded so a long (but valid) target name still fits 255 bytes.
-        prefix = "." + os.path.basename(path).encode("utf-8", "surrogateescape")[:64].decode(
-            "utf-8", "ignore") + "."
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file a normal mode
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # disk full, permission, a file where a folder should be
-        _remove_quietly(tmp)
-        raise output_error(path, err) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str | None) -> None:
-    if path and os.path.exists(path):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def strict_json(obj: Any) -> Any:
-    """obj with every non-finite float (nan, inf) as None: JSON has no NaN, and a strict
-    reader (JSON.parse, jq) rejects the bare NaN that json.dumps writes by default."""
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(strict_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path: str, net: paddle.nn.Layer, *, arch: str, image_size: int, epoch: int,
@@ -132,8 +71,8 @@ def check_checkpoint(state: dict, path: str) -> None:
         got = shorten(state[key]) if key in state else "missing"
         return CheckpointError(f"{path}: damaged checkpoint: {key!r} must be {need} ({got})")
 
-    if state.get("arch") not in ARCHS:
-        raise bad("arch", "one of " + ", ".join(ARCHS))
+    if state.get("arch") not in ARCH_NAMES:
+        raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = state.get("image_size")
     if not is_whole_number(size) or size < 64 or size % 32:
         raise bad("image_size", "a multiple of 32, at least 64")
@@ -156,8 +95,6 @@ def check_checkpoint(state: dict, path: str) -> None:
                 raise CheckpointError(f"{path}: {part} weight {shorten(name)} is not finite (NaN or "
                                       f"inf): the training diverged; retrain this class")
     if "calibration" in state:
-        from .decision import Calibration, CalibrationError
-
         try:
             Calibration.from_dict(state["calibration"])
         except CalibrationError as err:
@@ -167,11 +104,6 @@ def check_checkpoint(state: dict, path: str) -> None:
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             for v in stats.values())):
         raise bad("score_stats", "a dict of finite numbers")
-
-
-def is_whole_number(value: Any) -> bool:
-    """An int (numpy's too), not a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def apply_checkpoint(net: paddle.nn.Layer, state: dict, path: str = "checkpoint") -> None:
@@ -185,3 +117,23 @@ def apply_checkpoint(net: paddle.nn.Layer, state: dict, path: str = "checkpoint"
             raise CheckpointError(f"{path}: {part} weights do not fit the {state['arch']} model")
         layer.set_state_dict({k: np.asarray(v, dtype=np.float32) if own[k].dtype == paddle.float32 else v
                               for k, v in given.items()})
+
+
+def load_trained(path: str, *, arch: str | None = None, image_size: int | None = None,
+                 teacher_weights: str | None = None) -> tuple[RD4AD, dict]:
+    """(eval-mode model, checkpoint contents). The checkpoint is read without running code
+    and checked part by part; `arch` / `image_size`, when given, must match it. The
+    teacher: the one the checkpoint carries (trained with a random teacher), else
+    `teacher_weights` when given, else the one the checkpoint names."""
+    state = load_checkpoint(path, arch=arch, image_size=image_size)
+    if "teacher" in state:
+        source = "none"  # the checkpoint's own teacher is applied below
+    else:
+        source = teacher_weights or state["teacher_weights"]
+        if source.lower() == "none":
+            raise CheckpointError(f"{path}: trained with teacher weights {state['teacher_weights']!r}; "
+                                  f"--teacher_weights none would pair it with a random teacher")
+    net = build_rd4ad(state["arch"], source, state["image_size"])
+    apply_checkpoint(net, state, path)
+    net.eval()
+    return net, state

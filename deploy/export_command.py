@@ -1,0 +1,98 @@
+"""`python export_model.py`: a trained class's checkpoint -> OUTPUT_DIR/inference/CLASS."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import paddle
+
+from engine.checkpoint import load_checkpoint
+from engine.config import load_config_file
+from engine.paths import RunPaths
+from utils.cli import OneLineArgumentParser, run_main
+from utils.names import check_class_name
+
+from .export import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET, ExportError, calibration_images, export
+
+DESCRIPTION = "Export a trained RD4AD class to one static graph: image -> (anomaly map, score)."
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = OneLineArgumentParser(description=DESCRIPTION)
+    add = p.add_argument
+    add("--output_dir", default="output", metavar="DIR", help="the training run's folder (default: output)")
+    add("--cls", help="class to export (default: the training run's, when it trained one)")
+    add("--checkpoint", metavar="PATH", help="a checkpoint (default: OUTPUT_DIR/CLS/model.pdparams)")
+    add("--save_dir", metavar="DIR", help="where the export goes (default: OUTPUT_DIR/inference/CLS)")
+    add("--teacher_weights", metavar="PATH", help="the teacher's weights (default: the checkpoint's)")
+    add("--onnx", action="store_true", help="also write model.onnx with paddle2onnx (default: off)")
+    add("--opset", type=int, default=13, metavar="N", help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: 13)")
+    add("--int8", action="store_true", help="also write model_int8.onnx, quantised by ONNX Runtime; "
+                                            "needs --onnx and --calib_dir (default: off)")
+    add("--calib_dir", metavar="DIR", help="good images to calibrate int8 on, e.g. train/good (default: none)")
+    add("--calib_images", type=int, default=32, metavar="N", help="calibrate on at most N images (default: 32)")
+    return p.parse_args(argv)
+
+
+def class_of_run(output_dir: str) -> str:
+    """The one class the run in `output_dir` trained (its saved config.yaml)."""
+    saved = RunPaths(output_dir).config_yaml("train")
+    cls = load_config_file(saved).get("cls", "") if os.path.isfile(saved) else ""
+    names = [c.strip() for c in cls.split(",") if c.strip()]
+    if len(names) != 1 or names[0] == "all":
+        trained = sorted(n for n in os.listdir(output_dir) if os.path.isfile(RunPaths(output_dir).checkpoint(n))) \
+            if os.path.isdir(output_dir) else []
+        raise ExportError("--cls: which class? " + (f"{output_dir} holds checkpoints of: {', '.join(trained)}"
+                                                   if trained else f"{output_dir} holds no trained class"))
+    return names[0]
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Every setting, before anything is read or written."""
+    if not MIN_OPSET <= a.opset <= MAX_OPSET:
+        raise ExportError(f"--opset {a.opset}: must lie in {MIN_OPSET}..{MAX_OPSET} (what paddle2onnx exports)")
+    if not 1 <= a.calib_images <= MAX_CALIB_IMAGES:
+        raise ExportError(f"--calib_images {a.calib_images}: must lie in 1..{MAX_CALIB_IMAGES}")
+    if a.int8 and (not a.onnx or not a.calib_dir):
+        raise ExportError("--int8 needs --onnx and --calib_dir (a folder of good images)")
+    for wanted, module in ((a.onnx, "paddle2onnx"), (a.int8, "onnxruntime")):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise ExportError(f"--{'int8' if module == 'onnxruntime' else 'onnx'} needs {module}: "
+                              f"pip install -r requirements-deploy.txt")
+    if a.checkpoint is None:
+        a.cls = check_class_name(a.cls) if a.cls is not None else class_of_run(a.output_dir)
+        a.checkpoint = RunPaths(a.output_dir).checkpoint(a.cls)
+    elif a.cls is not None:
+        check_class_name(a.cls)
+    if a.save_dir is None:
+        a.save_dir = RunPaths(a.output_dir).export_dir(a.cls or load_checkpoint(a.checkpoint)["class"])
+    if os.path.exists(a.save_dir) and not os.path.isdir(a.save_dir):
+        raise ExportError(f"{a.save_dir}: --save_dir is a file, not a folder")
+
+
+def run(a: argparse.Namespace) -> dict:
+    check_args(a)
+    paddle.set_device("cpu")
+    calibration = None
+    if a.int8:
+        calibration = calibration_images(a.calib_dir, load_checkpoint(a.checkpoint)["image_size"], a.calib_images)
+    meta = export(a.checkpoint, a.save_dir, a.teacher_weights, a.onnx, a.opset, calibration)
+    files = ", ".join(sorted(meta["files"]) + ["deploy.json"])
+    print(f"exported {meta['arch']} ({meta['image_size']} px, class {meta['class']}) to {a.save_dir}: {files}; "
+          f"input 'image' [N, 3, {meta['image_size']}, {meta['image_size']}], outputs {', '.join(meta['outputs'])}")
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 exported, 2 a mistake (one line), 130 interrupted."""
+    try:
+        a = parse_args(argv)
+    except SystemExit as done:  # argparse: --help (0) or a one-line mistake (2)
+        return int(done.code or 0)
+
+    def body() -> None:
+        run(a)
+
+    return run_main(body)

@@ -1,0 +1,233 @@
+"""Predictors: one options object -> a runtime that maps a batch of normalised images
+[N, 3, S, S] to (anomaly maps [N, S, S], scores [N]).
+
+A backend is one subclass of `Predictor` and one entry in BACKENDS; `build_predictor`
+makes any of them from a `PredictorOptions`, so infer.py, the benchmark and evaluation
+build predictors the same way.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+from model.rd4ad import RD4AD
+from utils.errors import UserError, bounded_line
+
+from .deployment import Deployment, ModelError, check_graph_size, check_outputs, paddle_graph_input_shape
+from .export import save_static
+
+BACKEND_NAMES = ("paddle", "onnxruntime")
+DEVICE_NAMES = ("cpu", "gpu")
+PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
+
+
+class UsageError(UserError):
+    """A setting this machine or model cannot honour."""
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """How to run an exported model (infer.py's flags, the benchmark's settings)."""
+    backend: str = "paddle"
+    device: str = "cpu"
+    precision: str = "fp32"
+    cpu_threads: int = os.cpu_count() or 1
+    enable_mkldnn: bool = True
+    use_tensorrt: bool = False
+    batch_size: int = 1
+
+    def check(self) -> None:
+        """UsageError for a backend, device and precision that cannot run together here."""
+        if self.backend not in BACKEND_NAMES:
+            raise UsageError(f"--backend {self.backend}: one of {', '.join(BACKEND_NAMES)}")
+        if self.backend == "onnxruntime":
+            if self.precision not in ("fp32", "int8"):
+                raise UsageError(f"--backend onnxruntime runs fp32 or int8, not {self.precision}")
+            return
+        if self.device == "gpu":
+            if self.precision not in ("fp32", "fp16"):
+                raise UsageError(f"--precision {self.precision} is not available on GPU (fp32, fp16)")
+            return
+        if self.use_tensorrt:
+            raise UsageError("--use_tensorrt needs --device gpu")
+        if self.precision not in ("fp32", "bf16"):
+            hint = "; int8: --backend onnxruntime with export_model.py --int8" if self.precision == "int8" else ""
+            raise UsageError(f"--precision {self.precision} is not available on CPU (fp32, bf16 with oneDNN){hint}")
+        if self.precision == "bf16" and not self.enable_mkldnn:
+            raise UsageError("--precision bf16 needs --enable_mkldnn True")
+        if self.precision == "bf16" and not cpu_has_bf16():
+            raise UsageError("--precision bf16: this CPU has no bf16 instructions")
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def first_line(err: BaseException) -> str:
+    """A runtime's message cut to its first line, bounded (Paddle's run to many lines of
+    C++ context)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return bounded_line(first, 200)
+
+
+def _load_error(path: str, engine: str, err: BaseException) -> ModelError:
+    """Whatever a runtime raises while loading a model, as one line naming the file."""
+    return ModelError(f"{path}: {engine} cannot load this model ({first_line(err)}); export the model again")
+
+
+class Predictor:
+    """images -> (maps, scores) as numpy. Subclasses load a model and implement `run`;
+    calling the predictor checks the outputs against what the export promises."""
+    model_path: str = "model"
+    image_size: int | None = None
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
+        array = images.numpy() if isinstance(images, paddle.Tensor) else images
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        try:
+            maps, scores = self.run(array)
+        except (MemoryError, UserError):
+            raise
+        except Exception as err:  # the runtime failed on a well-formed batch: the model is at fault
+            raise ModelError(f"{self.model_path}: the model failed to run on a batch of {len(array)} "
+                             f"images ({first_line(err)}); export the model again") from None
+        check_outputs(maps, scores, len(array), self.image_size or array.shape[-1], self.model_path)
+        return maps, scores
+
+    def close(self) -> None:
+        """Release what the predictor holds beyond memory (temporary files)."""
+
+
+class PaddleInferenceSession(Predictor):
+    """A Paddle Inference predictor built from a paddle.inference.Config."""
+
+    def _start(self, config) -> None:
+        import paddle.inference as pi
+
+        self.predictor = pi.create_predictor(config)
+        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.input.reshape(list(images.shape))
+        self.input.copy_from_cpu(images)
+        self.predictor.run()
+        maps, scores = (h.copy_to_cpu() for h in self.outputs)
+        return maps, scores
+
+
+class PaddlePredictor(PaddleInferenceSession):
+    """Paddle Inference on CPU (oneDNN) or GPU (optionally TensorRT), on a checked export."""
+
+    def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
+        import paddle.inference as pi
+
+        options.check()
+        self.image_size = deployment.image_size
+        self.model_path = deployment.model_file("model.json")
+        params = deployment.model_file("model.pdiparams")
+        check_graph_size(paddle_graph_input_shape(self.model_path), deployment, self.model_path)
+        try:
+            config = pi.Config(self.model_path, params)
+            config.disable_glog_info()
+            _configure_paddle(pi, config, options)
+            self._start(config)
+        except MemoryError:
+            raise
+        except Exception as err:  # the graph parsed above, so the weights are the likely culprit
+            raise _load_error(params, f"Paddle Inference (with {os.path.basename(self.model_path)})",
+                              err) from None
+        check_graph_size(self.input.shape(), deployment, self.model_path)  # when Paddle says
+
+
+def _configure_paddle(pi, config, options: PredictorOptions) -> None:
+    """Device, precision and threads (the combination is checked by PredictorOptions.check)."""
+    if options.device == "gpu":
+        precision = {"fp32": pi.PrecisionType.Float32, "fp16": pi.PrecisionType.Half}[options.precision]
+        config.enable_use_gpu(256, 0, precision)
+        if options.use_tensorrt:
+            config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=options.batch_size,
+                                          min_subgraph_size=3, precision_mode=precision,
+                                          use_static=False, use_calib_mode=False)
+        return
+    config.disable_gpu()
+    config.set_cpu_math_library_num_threads(options.cpu_threads)
+    if options.enable_mkldnn:
+        config.enable_mkldnn()
+        if options.precision == "bf16":
+            config.enable_mkldnn_bfloat16()
+
+
+class OnnxPredictor(Predictor):
+    """ONNX Runtime on model.onnx (export_model.py --onnx) or model_int8.onnx, checked."""
+
+    def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UsageError("--backend onnxruntime needs: pip install -r requirements-deploy.txt") from None
+        options.check()
+        int8 = options.precision == "int8"
+        self.image_size = deployment.image_size
+        hint = "export with: python export_model.py --onnx" + (" --int8 --calib_dir GOOD_IMAGES" if int8 else "")
+        self.model_path = deployment.model_file("model_int8.onnx" if int8 else "model.onnx", hint)
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.cpu_threads
+        providers = (["CUDAExecutionProvider"] if options.device == "gpu" else []) + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(self.model_path, session_options, providers=providers)
+        except MemoryError:
+            raise
+        except Exception as err:
+            raise _load_error(self.model_path, "ONNX Runtime", err) from None
+        self.input_name = self.session.get_inputs()[0].name
+        check_graph_size(self.session.get_inputs()[0].shape, deployment, self.model_path)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(None, {self.input_name: images})
+        return maps, scores
+
+
+BACKENDS: dict[str, type[Predictor]] = {"paddle": PaddlePredictor, "onnxruntime": OnnxPredictor}
+
+
+def build_predictor(deployment: Deployment, options: PredictorOptions) -> Predictor:
+    """The predictor of `options.backend` on a checked export."""
+    options.check()
+    return BACKENDS[options.backend](deployment, options)
+
+
+class StaticGraphRunner(PaddleInferenceSession):
+    """The current weights of a model in memory as a Paddle Inference predictor (oneDNN on
+    CPU): evaluation runs about 5x faster than the dynamic graph on a 2-core CPU
+    (tools/benchmark.py). Build it again after the weights change."""
+
+    def __init__(self, net: RD4AD, threads: int) -> None:
+        import paddle.inference as pi
+
+        self.image_size = net.image_size
+        self._dir = tempfile.TemporaryDirectory(prefix="rd4ad-static-")
+        prefix = os.path.join(self._dir.name, "model")
+        self.model_path = prefix + ".json"
+        save_static(net, prefix)  # leaves the model in eval mode
+        config = pi.Config(prefix + ".json", prefix + ".pdiparams")
+        config.disable_glog_info()
+        config.disable_gpu()
+        config.enable_mkldnn()
+        config.set_cpu_math_library_num_threads(threads)
+        self._start(config)
+
+    def close(self) -> None:
+        self._dir.cleanup()

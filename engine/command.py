@@ -1,0 +1,38 @@
+"""`python main.py`: the settings, then the run; every ending as an exit status."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from dataset import DataError
+from utils.cli import run_main
+
+from .config import Config, parse_config
+from .run import run
+
+QUICK_START = "python main.py --config configs/sample_bottle.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 all asked for succeeded; 1 some class failed (the others finished);
+    2 a mistake in the settings or inputs (one line); 130 interrupted."""
+    interrupted = ["interrupted"]
+
+    def body() -> None:
+        cfg = parse_config(argv)
+        if cfg.mode == "train":
+            interrupted[0] = "interrupted; run again with --resume to continue"
+        check_data_folder(cfg)
+        run(cfg)
+
+    return run_main(body, interrupted=lambda: interrupted[0])
+
+
+def check_data_folder(cfg: Config) -> None:
+    """A missing data folder, named with the way to a first run."""
+    if not cfg.train_dir and not os.path.isdir(cfg.data_dir):
+        given = "data_dir" in cfg.explicit
+        raise DataError(f"{cfg.data_dir}: data directory not found"
+                        + ("" if given else " (the default --data_dir)")
+                        + f"; try the bundled sample first: {QUICK_START}, or give --data_dir DIR "
+                          f"holding CLASS/train/good (the MVTec AD layout, README 'Data')")

@@ -1,0 +1,164 @@
+"""The one config object of a run: every setting, its flag, its check; passed down.
+
+Where a setting comes from, lowest first: its default; for --mode eval and infer, the
+data settings of the training run saved in OUTPUT_DIR/config.yaml; a --config YAML file;
+the command line. The model's own settings (arch, image size, teacher) come from each
+class's checkpoint in eval and infer (engine/preflight.py checks a contradicting flag).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from model.arch import ARCH_NAMES
+from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
+                          settings_dict, settings_yaml)
+from utils.errors import shorten
+from utils.names import check_class_name
+
+from .paths import RunPaths
+
+DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
+DATA, RUNS = "own data and decisions", "long runs and reports"
+# What --mode eval / infer take from the training run's saved config.yaml.
+RUN_DATA_KEYS = ("data_dir", "cls", "train_dir", "test_dir")
+# What each class's checkpoint decides in --mode eval / infer.
+MODEL_KEYS = ("arch", "image_size")
+
+
+@dataclass
+class Config:
+    mode: str = setting("train", "train, evaluate saved checkpoints, or draw heatmaps and verdicts",
+                        choices=("train", "eval", "infer"))
+    data_dir: str = setting("mvtec", "root of the MVTec AD layout (DIR/CLASS/train/good, test, ground_truth)")
+    cls: str = setting("all", "class name, comma list, or 'all'")
+    arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
+                        choices=ARCH_NAMES)
+    image_size: int = setting(256, "input size in pixels, a multiple of 32 (eval/infer: the checkpoint's)")
+    epochs: int = setting(200, "training epochs")
+    batch_size: int = setting(16, "training batch size (evaluation uses at most 8)")
+    lr: float = setting(0.005, "Adam learning rate")
+    beta1: float = setting(0.5, "Adam beta1")
+    beta2: float = setting(0.999, "Adam beta2")
+    eval_interval: int = setting(10, "evaluate every N epochs (0: only at the end)")
+    select_best_on_test: bool = setting(
+        False, "also keep and report the checkpoint with the best TEST score (selects on the test "
+               "set; the paper reports the last epoch)")
+    output_dir: str = setting("output", "where checkpoints, results and reports go")
+    teacher_weights: str = setting(
+        "imagenet", "'imagenet' (Paddle's official weights, cached), 'auto' (imagenet when cached "
+                    "or downloadable, else a random teacher with a warning), a .pdparams path, or "
+                    "'none' (random teacher: smoke tests only)")
+    device: str = setting("auto", "auto: a GPU when Paddle has one", choices=("auto", "cpu", "gpu"))
+    seed: int = setting(111, "random seed (batches, initialisation)")
+    num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)")
+    log_interval: int = setting(10, "print a loss / ips / reader_cost line every N training steps (0: never)")
+    feature_cache: bool = setting(True, "cache the frozen teacher's features once instead of running it "
+                                        "every step", off_flag="--no_feature_cache")
+    feature_cache_mb: float = setting(8192.0, "a teacher-feature cache above this size goes to a "
+                                              "memory-mapped file")
+    feature_cache_dtype: str = setting("float16", "dtype of the cached teacher features",
+                                       choices=("float16", "float32"))
+    eval_backend: str = setting(
+        "auto", "evaluate with the dynamic graph or a Paddle Inference predictor of the current "
+                "weights (auto: static in eval/infer on CPU for 32+ images; dygraph while training, "
+                "as a predictor slows later eager training in the same process)",
+        choices=("auto", "dygraph", "static"))
+    train_dir: str = setting("", "a folder of good training images (instead of --data_dir's layout)",
+                             group=DATA)
+    test_dir: str = setting("", "test images: subfolders good/ and <defect>/ are labelled, loose images "
+                                "unlabelled", group=DATA)
+    val_ratio: float = setting(0.1, "share of train-good images held out (deterministically) to "
+                                    "calibrate thresholds; 0: calibrate on the training images", group=DATA)
+    threshold_quantile: float = setting(0.995, "image threshold = this quantile of validation-good "
+                                               "scores", group=DATA)
+    config: str = setting("", "YAML file of flag values; flags on the command line override it", group=RUNS)
+    resume: bool = setting(False, "continue each class from its last training state "
+                                  "(OUTPUT_DIR/CLASS/train_state.pdparams)", group=RUNS)
+    force: bool = setting(False, "retrain classes that already finished (otherwise skipped)", group=RUNS)
+    save_interval: int = setting(5, "save the training state (for --resume) every N epochs", group=RUNS)
+    report: bool = setting(True, "write the HTML/PNG report after evaluation", group=RUNS,
+                           off_flag="--no_report")
+    visualdl: bool = setting(False, "log loss and metrics with VisualDL (pip install visualdl) to "
+                                    "OUTPUT_DIR/visualdl", group=RUNS)
+    amp: bool = setting(False, "automatic mixed precision (float16) training on GPU", group=RUNS)
+    # the settings the user chose (command line or --config); the rest are defaults or the run's
+    explicit: frozenset = setting(frozenset(), "", internal=True)
+
+    def to_dict(self) -> dict:
+        return settings_dict(self)
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.output_dir)
+
+    def class_names(self) -> list[str] | None:
+        """The classes --cls asks for; None for 'all'. Each must be one folder name."""
+        if self.cls.strip() in ("", "all"):
+            return None
+        names = [c.strip() for c in self.cls.split(",")]
+        if not any(names):
+            raise ConfigError(f"--cls {shorten(self.cls)}: names no class")
+        return [check_class_name(c) for c in names if c]
+
+    def check(self) -> None:
+        """Settings that cannot work, refused before anything is read or written."""
+        for name in ("image_size", "epochs", "batch_size", "save_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
+        for name in ("seed", "num_workers", "eval_interval", "log_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be 0 or more")
+        if self.seed >= 2 ** 32:
+            raise ConfigError(f"--seed {self.seed}: must be below 2**32")
+        if self.image_size < 64 or self.image_size % 32:
+            raise ConfigError(f"--image_size {self.image_size}: must be a multiple of 32, at least 64")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} {getattr(self, name)}: must lie in [0, 1)")
+        if not (math.isfinite(self.feature_cache_mb) and self.feature_cache_mb >= 0):
+            raise ConfigError(f"--feature_cache_mb {self.feature_cache_mb}: must be a finite number >= 0")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
+        for name in ("output_dir", "data_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"--{name}: must not be empty")
+        self.class_names()
+
+
+def build_config_parser():
+    return build_parser(Config, DESCRIPTION)
+
+
+def load_config_file(path: str) -> dict:
+    """The settings of a --config YAML file, checked (ConfigError naming the file)."""
+    return checked_values(Config, read_yaml_mapping(path), path)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """Defaults < the training run's data settings (eval, infer) < --config < flags."""
+    parser = build_config_parser()
+    flags = given_flags(Config, argv)
+    from_file = load_config_file(flags["config"]) if flags.get("config") else {}
+    chosen = {**from_file, **flags}
+    mode = chosen.get("mode", Config.mode)
+    output_dir = chosen.get("output_dir", Config.output_dir)
+    from_run = {}
+    if mode != "train":
+        saved = RunPaths(output_dir).config_yaml("train")
+        if os.path.isfile(saved):
+            from_run = {k: v for k, v in load_config_file(saved).items() if k in RUN_DATA_KEYS}
+    parser.set_defaults(**from_run, **from_file)
+    args = vars(parser.parse_args(argv))
+    return Config(**args, explicit=frozenset(chosen))
+
+
+def config_yaml(cfg: Config) -> str:
+    """The config actually used, as YAML that --config reads back."""
+    return settings_yaml(cfg, leave_out=("config",))

@@ -1,0 +1,222 @@
+"""A run over classes: the settings checked, then each class trained, evaluated or drawn
+(one failing class does not stop the others), the results table, JSON and report."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+
+import paddle
+from tqdm import tqdm
+
+from dataset import DataError, DataSource, MVTecDataset, Sample, index_test_dir, load_checked, resolve_sources
+from model.rd4ad import RD4AD
+from model.teacher import resolve_teacher_weights
+from report.html import write_class_report, write_summary_report
+from report.per_image import ImageItem, ImageWriter, colour_range
+from report.tables import mean_row, results_table
+from utils import distributed
+from utils.config import ConfigError
+from utils.errors import PartialFailure
+from utils.io import atomic_write_json, atomic_write_text
+from utils.lock import OutputLock
+from utils.log import log, warn
+from utils.names import output_names
+
+from .checkpoint import load_trained
+from .config import Config, config_yaml
+from .decision import Calibration, CalibrationError
+from .evaluate import MetricsError, compute_metrics, image_reader, metric_line, no_metrics, predict_samples
+from .preflight import check_before_work, check_config
+from .train import TrainingDiverged, pixel_note, train_class
+
+
+class ClassFailed(RuntimeError):
+    """Some of a class's images or results could not be trusted (unreadable, non-finite):
+    everything else is written, the class is reported failed, the others go on."""
+
+    def __init__(self, message: str, metrics: dict | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+
+def run(cfg: Config) -> dict[str, dict]:
+    """Check everything, then run every class; raise PartialFailure (after writing all
+    else) when some class failed."""
+    check_config(cfg)
+    ctx = distributed.init()
+    device = set_device(cfg, ctx)
+    sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+    if cfg.mode == "train":
+        cfg = dataclasses.replace(cfg, teacher_weights=resolve_teacher_weights(cfg.teacher_weights, cfg.arch, warn))
+    model_settings = check_before_work(cfg, sources)
+    # Every check passed: only now is anything created. Rank 0 holds the folder's lock.
+    lock = OutputLock(cfg.output_dir)
+    if ctx.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        lock.acquire()
+    try:
+        return run_classes(cfg, ctx, device, sources, model_settings)
+    finally:
+        lock.release()
+
+
+def set_device(cfg: Config, ctx: distributed.Context) -> str:
+    device = cfg.device
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if device == "auto":
+        device = "gpu" if has_gpu else "cpu"
+    elif device == "gpu" and not paddle.device.is_compiled_with_cuda():
+        raise ConfigError("--device gpu: this Paddle build has no CUDA (pip install paddlepaddle-gpu)")
+    if cfg.amp and device != "gpu":
+        raise ConfigError("--amp: automatic mixed precision (float16) needs a GPU; on CPU train in float32")
+    # Under paddle.distributed.launch each rank takes the GPU the launcher assigned to it.
+    paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}" if device == "gpu" and ctx.parallel
+                      else device)
+    return device
+
+
+def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: list[DataSource],
+                model_settings: dict[str, dict]) -> dict[str, dict]:
+    if ctx.is_main:
+        # The settings actually used (flags over --config over defaults), readable by --config.
+        atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(cfg))
+    log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
+    results, failed = {}, {}
+    for source in sources:
+        # eval / infer: the model's settings are the checkpoint's (preflight checked the flags)
+        class_cfg = dataclasses.replace(cfg, **model_settings.get(source.name, {}))
+        try:
+            if cfg.mode == "train":
+                results[source.name] = dict(train_class(class_cfg, source, ctx))
+            elif cfg.mode == "eval":
+                results[source.name] = dict(eval_class(class_cfg, source, ctx))
+            else:
+                infer_class(class_cfg, source, ctx)
+                results[source.name] = {}
+        except (TrainingDiverged, ClassFailed, CalibrationError, MetricsError) as err:
+            message = str(err) if str(err).startswith("[") else f"[{source.name}] {err}"
+            log(f"error: {message}")
+            failed[source.name] = message
+            metrics = getattr(err, "metrics", None) or no_metrics()
+            results[source.name] = dict(metrics) | {"error": message}
+        if cfg.mode != "infer" and ctx.is_main:
+            write_results(cfg, results)  # after every class: nothing finished is lost
+    if cfg.mode != "infer":
+        if cfg.report and ctx.is_main:
+            log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict())}")
+        log("\n" + results_table(results))
+    if failed:
+        raise PartialFailure(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
+                             f"(see the error lines above; the others finished)")
+    return results
+
+
+def write_results(cfg: Config, results: dict[str, dict]) -> str:
+    selection = ("best test-set epoch (--select_best_on_test: selected ON THE TEST SET)"
+                 if cfg.select_best_on_test else "last epoch")
+    table = results_table(results)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    md = (f"# RD4AD results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
+          f"Command: `{command}`\n\nCheckpoint: {selection}. Values in percent; n/a where a class "
+          f"cannot define a metric. AUPRO up to FPR 0.3 (per image: the reference's and paper's "
+          f"protocol; set: MVTec AD's). F1, precision and recall at the thresholds calibrated on "
+          f"validation-good images ({100 * cfg.threshold_quantile:g}% quantile), which are set "
+          f"without the test set: an AUROC of 100 with a low F1 means the scores rank every defect "
+          f"above every good image but the threshold lies elsewhere.\n\n{table}\n")
+    atomic_write_text(cfg.paths.file("results.md"), md)
+    atomic_write_json(cfg.paths.file("results.json"), {
+        "config": cfg.to_dict(), "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
+        "classes": results, "mean": mean_row(results)})
+    return table
+
+
+def load_class_model(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None, dict]:
+    """The class's trained model (eval mode), its thresholds (None for a checkpoint that has
+    none) and its good-image score statistics."""
+    path = cfg.paths.checkpoint(cls, best=cfg.select_best_on_test)
+    override = cfg.teacher_weights if "teacher_weights" in cfg.explicit else None
+    net, state = load_trained(path, teacher_weights=override)
+    calibration = Calibration.from_dict(state["calibration"]) if "calibration" in state else None
+    if calibration is None:
+        log(f"[{cls}] note: {path} has no calibrated thresholds (trained by an older version): "
+            f"no verdicts or F1")
+    return net, calibration, dict(state.get("score_stats") or {})
+
+
+def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
+                      ) -> tuple[MVTecDataset, list[tuple[Sample, str]]]:
+    samples = index_test_dir(source.test_dir, source.gt_dir)
+    if not samples:
+        raise DataError(f"{source.test_dir or '--test_dir'}: no test images to evaluate")
+    dataset, failed, mask_warnings = load_checked(samples, cfg.image_size, ctx.is_main, f"read {source.name} test")
+    for message in mask_warnings:
+        warn(message)
+    return dataset, failed
+
+
+def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
+    dataset, failed = _checked_test_set(cfg, source, ctx)
+    for _, reason in failed:
+        warn(f"{reason}: skipped (not in the metrics)")
+    samples = dataset.samples
+    if not samples:
+        raise DataError(f"{source.test_dir}: no readable test images")
+    net, calibration, _ = load_class_model(cfg, source.name)
+    pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset)
+    metrics = compute_metrics(pred, calibration, names=[s.image_path for s in samples], warn=warn)
+    log(f"[{source.name}] {metric_line(metrics)}")
+    if cfg.report and ctx.is_main:
+        log(f"[{source.name}] report: " + write_class_report(
+            cfg.paths.report_dir(source.name), source.name, pred, samples, image_reader(dataset), metrics,
+            calibration, pixel_note(samples, source)))
+    if failed:  # the metrics stand for the readable images only: say so in the exit status
+        raise ClassFailed(f"[{source.name}] {len(failed)} unreadable test image(s) left out of the metrics "
+                          f"(first: {failed[0][0].image_path})", metrics)
+    return metrics
+
+
+def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> None:
+    """For every test image: its picture, predicted mask and scores.csv row with the
+    verdict (report/per_image.py, the writer infer.py uses too). An image that could not be
+    read, or whose score is not finite, gets no verdict: its row says why and the class is
+    reported failed once everything else is written."""
+    cls = source.name
+    dataset, failed = _checked_test_set(cfg, source, ctx)
+    samples = dataset.samples
+    net, calibration, stats = load_class_model(cfg, cls)
+    pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset) if samples else None
+    if not ctx.is_main:
+        return
+    writer = ImageWriter(cfg.paths.infer_dir(cls), calibration, stats)
+    writer.clear_previous()
+    everything = samples + [sample for sample, _ in failed]
+    names = output_names([os.path.relpath(s.image_path, source.test_dir) for s in everything],
+                         [s.name for s in everything])
+    items = [ImageItem(_display_path(s.image_path, cfg), names[i], s.defect,
+                       None if s.label < 0 else int(s.label), s.mask_path) for i, s in enumerate(everything)]
+    if pred is not None:
+        vmin, vmax = colour_range(calibration, stats, pred.maps)
+        for i, sample in enumerate(tqdm(samples, desc=f"images {cls}", leave=False)):
+            writer.add(items[i], image_reader(dataset)(i), pred.maps[i], pred.scores[i], vmin, vmax,
+                       pred.masks[i] if sample.has_mask else None)
+    for k, (_, reason) in enumerate(failed):  # unreadable: its row says why; the others went on
+        writer.add_failed(items[len(samples) + k], reason)
+    path = writer.finish()
+    for row in writer.rows:
+        if row["error"]:
+            warn(row["error"])
+    scored = len(writer.rows) - writer.failed
+    log(f"[{cls}] wrote {scored} pictures, masks and scores.csv to {writer.folder}"
+        + (f": {writer.defects} DEFECT / {scored - writer.defects} OK" if calibration else "")
+        + (f", {writer.failed} without a verdict" if writer.failed else ""))
+    if writer.failed:
+        raise ClassFailed(f"[{cls}] {writer.failed} of {len(everything)} images got no verdict (unreadable or "
+                          f"non-finite score; see {path})")
+
+
+def _display_path(path: str, cfg: Config) -> str:
+    base = cfg.data_dir if not cfg.train_dir else os.path.dirname(os.path.normpath(cfg.test_dir))
+    rel = os.path.relpath(path, base)
+    return path if rel.startswith("..") else rel

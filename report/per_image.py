@@ -1,0 +1,158 @@
+"""The files of scored images, written one way for `main.py --mode infer` and `infer.py`:
+
+    FOLDER/NAME.png        the picture: image | ground truth | anomaly map (colour scale) |
+                           predicted mask, captioned folder/name, score, normalised score, verdict
+    FOLDER/masks/NAME.png  the predicted defect mask (255 = defect) at the pixel threshold
+    FOLDER/scores.csv      one row per image, in input order, failures included (their error)
+
+An image whose score or map is not finite gets no verdict, mask or picture: its row says
+why. A new run first removes the pictures and masks the folder's previous scores.csv
+listed, so a folder never mixes earlier pictures with a new scores.csv.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.decision import Calibration
+from utils.io import atomic_write, atomic_write_text
+
+from .pictures import binary_mask_image, side_by_side
+
+CSV_FIELDS = ("image", "defect", "label", "output", "score", "normalized_score", "verdict", "z_score", "error")
+MAX_PREVIOUS_CSV_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One input image: where it is, what it is called in the outputs, what is known of it."""
+    path: str                  # as written in scores.csv
+    name: str                  # output base name (utils/names.output_names: unique, safe)
+    defect: str = ""           # its folder: good, a defect type, or '' when unknown
+    label: int | None = None   # 1 defective, 0 good, None unknown
+    mask_path: str | None = None
+
+    @property
+    def short_name(self) -> str:
+        """folder/file, as captions show it."""
+        folder = os.path.basename(os.path.dirname(self.path))
+        return f"{folder}/{os.path.basename(self.path)}" if folder else os.path.basename(self.path)
+
+
+def colour_range(calibration: Calibration | None, score_stats: dict, maps: np.ndarray) -> tuple[float, float]:
+    """One colour scale for every picture of a model: blue at the lowest value seen on good
+    images, red as far again above the threshold. Without thresholds: from the good
+    images' statistics, else the finite range of `maps`."""
+    if calibration is not None:
+        return calibration.heatmap_range()
+    if score_stats.get("map_min") is not None and score_stats.get("max") is not None:
+        return score_stats["map_min"], 2 * score_stats["max"] - score_stats["map_min"]
+    finite = np.asarray(maps)[np.isfinite(maps)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+
+
+def caption(item: ImageItem, score: float, calibration: Calibration | None) -> str:
+    text = f"{item.short_name}  score {score:.4f}"
+    if calibration is not None:
+        text += f"  normalised {float(calibration.normalize_scores(score)):.2f}  {calibration.verdict(score)}"
+    return text
+
+
+class ImageWriter:
+    """Pictures, masks and scores.csv of scored images in `folder` (see the module)."""
+
+    def __init__(self, folder: str, calibration: Calibration | None, score_stats: dict | None = None,
+                 pictures: bool = True) -> None:
+        self.folder, self.calibration, self.pictures = folder, calibration, pictures
+        self.score_stats = score_stats or {}
+        self.rows: list[dict] = []
+
+    @property
+    def csv_path(self) -> str:
+        return os.path.join(self.folder, "scores.csv")
+
+    def clear_previous(self) -> None:
+        """Remove what the folder's previous scores.csv listed (pictures, masks, the csv)."""
+        for name in previous_outputs(self.csv_path):
+            for path in (os.path.join(self.folder, name + ".png"), os.path.join(self.folder, "masks", name + ".png")):
+                if os.path.isfile(path):
+                    os.remove(path)
+        if os.path.isfile(self.csv_path):
+            os.remove(self.csv_path)
+
+    def add(self, item: ImageItem, rgb: np.ndarray, amap: np.ndarray, score: float,
+            vmin: float, vmax: float, mask: np.ndarray | None = None) -> dict:
+        """Write one scored image's mask and picture; return (and keep) its row."""
+        score = float(score)
+        bad = int(np.size(amap) - np.isfinite(amap).sum())
+        if not math.isfinite(score) or bad:  # never a verdict, mask or picture from a broken output
+            return self.add_failed(item, f"{item.path}: the model's output is not finite (score {score}, "
+                                         f"{bad} map values NaN or inf): no verdict")
+        row = self._row(item)
+        row["score"] = f"{score:.6f}"
+        stats = self.score_stats
+        if stats.get("std") and "mean" in stats:
+            row["z_score"] = f"{(score - stats['mean']) / stats['std']:.3f}"
+        predicted = None
+        if self.calibration is not None:
+            row["normalized_score"] = f"{float(self.calibration.normalize_scores(score)):.4f}"
+            row["verdict"] = self.calibration.verdict(score)
+            predicted = self.calibration.masks(amap)
+            atomic_write(os.path.join(self.folder, "masks", item.name + ".png"),
+                         lambda tmp: binary_mask_image(predicted).save(tmp, format="PNG"))
+            row["output"] = item.name
+        if self.pictures:
+            truth = "mask" if mask is not None else ("good" if item.label == 0 else "none")
+            picture = side_by_side(rgb, mask, amap, vmin, vmax, caption(item, score, self.calibration),
+                                   predicted, truth=truth,
+                                   threshold=None if self.calibration is None else self.calibration.pixel_threshold)
+            atomic_write(os.path.join(self.folder, item.name + ".png"),
+                         lambda tmp: picture.save(tmp, format="PNG"))
+            row["output"] = item.name
+        self.rows.append(row)
+        return row
+
+    def add_failed(self, item: ImageItem, reason: str) -> dict:
+        row = self._row(item)
+        row["error"] = reason
+        self.rows.append(row)
+        return row
+
+    def finish(self) -> str:
+        """Write scores.csv (atomically); return its path."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.csv_path, buf.getvalue())
+        return self.csv_path
+
+    @property
+    def failed(self) -> int:
+        return sum(bool(r["error"]) for r in self.rows)
+
+    @property
+    def defects(self) -> int:
+        return sum(r["verdict"] == "DEFECT" for r in self.rows)
+
+    def _row(self, item: ImageItem) -> dict:
+        return {"image": item.path, "defect": item.defect, "label": "" if item.label is None else item.label,
+                "output": "", "score": "", "normalized_score": "", "verdict": "", "z_score": "", "error": ""}
+
+
+def previous_outputs(csv_path: str) -> list[str]:
+    """The output names a previous scores.csv lists (plain names only: a damaged or
+    hostile csv never names a path outside its folder)."""
+    if not os.path.isfile(csv_path) or os.path.getsize(csv_path) > MAX_PREVIOUS_CSV_BYTES:
+        return []
+    try:
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            names = [row.get("output") or "" for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [n for n in names if n and n == os.path.basename(n) and not n.startswith(".") and "\x00" not in n]
