@@ -37,16 +37,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def class_of_run(output_dir: str) -> str:
-    """The one class the run in `output_dir` trained (its saved config.yaml)."""
-    saved = RunPaths(output_dir).config_yaml("train")
+    """The one class the run in `output_dir` trained: its config.yaml names one, or the
+    folder holds one class checkpoint."""
+    paths = RunPaths(output_dir)
+    saved = paths.config_yaml("train")
     cls = load_config_file(saved).get("cls", "") if os.path.isfile(saved) else ""
-    names = [c.strip() for c in cls.split(",") if c.strip()]
-    if len(names) != 1 or names[0] == "all":
-        trained = sorted(n for n in os.listdir(output_dir) if os.path.isfile(RunPaths(output_dir).checkpoint(n))) \
-            if os.path.isdir(output_dir) else []
-        raise ExportError("--cls: which class? " + (f"{output_dir} holds checkpoints of: {', '.join(trained)}"
-                                                   if trained else f"{output_dir} holds no trained class"))
-    return names[0]
+    names = [c.strip() for c in cls.split(",") if c.strip() and c.strip() != "all"]
+    if len(names) == 1:
+        return check_class_name(names[0])
+    trained = sorted(n for n in os.listdir(output_dir) if os.path.isfile(paths.checkpoint(n))) \
+        if os.path.isdir(output_dir) else []
+    if len(trained) == 1:
+        return trained[0]
+    raise ExportError("--cls: which class? " + (f"{output_dir} holds checkpoints of: {', '.join(trained)}"
+                                               if trained else f"{output_dir} holds no trained class"))
 
 
 def check_args(a: argparse.Namespace) -> None:

@@ -50,15 +50,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--data_dir", metavar="DIR", help="MVTec-layout root: with --cls, all its test images (default: none)")
     add("--cls", help="class of --data_dir, and of the default --model_dir (default: none)")
     add("--output_dir", default="", metavar="DIR", help="pictures, masks/, scores.csv (default: MODEL_DIR/infer)")
-    add("--backend", default=d.backend, choices=BACKEND_NAMES, help=f"runtime (default: {d.backend})")
-    add("--device", default=d.device, choices=DEVICE_NAMES, help=f"(default: {d.device})")
+    add("--backend", default=d.backend, choices=BACKEND_NAMES, metavar="NAME",
+        help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {d.backend})")
+    add("--device", default=d.device, choices=DEVICE_NAMES, metavar="NAME",
+        help=f"one of {', '.join(DEVICE_NAMES)} (default: {d.device})")
     add("--enable_mkldnn", type=str2bool, nargs="?", const=True, default=d.enable_mkldnn, metavar="BOOL",
         help=f"oneDNN on CPU (default: {d.enable_mkldnn})")
-    add("--cpu_threads", type=int, default=d.cpu_threads, metavar="N", help=f"(default: {d.cpu_threads}, every core)")
+    add("--cpu_threads", type=int, default=d.cpu_threads, metavar="N", help=f"CPU threads of the runtime (default: {d.cpu_threads}, every core)")
     add("--use_tensorrt", type=str2bool, nargs="?", const=True, default=d.use_tensorrt, metavar="BOOL",
         help=f"TensorRT on GPU (default: {d.use_tensorrt})")
-    add("--precision", default=d.precision, choices=PRECISION_NAMES, help=f"(default: {d.precision})")
-    add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"(default: {d.batch_size})")
+    add("--precision", default=d.precision, choices=PRECISION_NAMES, metavar="NAME",
+        help=f"one of {', '.join(PRECISION_NAMES)} (default: {d.precision})")
+    add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"images per run (default: {d.batch_size})")
     add("--benchmark", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
         help="print AutoLog-style timings and save benchmark.json (default: False)")
     add("--warmup", type=int, default=2, metavar="N", help="untimed runs before a benchmark (default: 2)")

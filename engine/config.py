@@ -30,60 +30,48 @@ MODEL_KEYS = ("arch", "image_size")
 
 @dataclass
 class Config:
-    mode: str = setting("train", "train, evaluate saved checkpoints, or draw heatmaps and verdicts",
+    mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
-    data_dir: str = setting("mvtec", "root of the MVTec AD layout (DIR/CLASS/train/good, test, ground_truth)")
+    data_dir: str = setting("mvtec", "MVTec AD layout root: DIR/CLASS/train/good, test, ground_truth")
     cls: str = setting("all", "class name, comma list, or 'all'")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)
-    image_size: int = setting(256, "input size in pixels, a multiple of 32 (eval/infer: the checkpoint's)")
+    image_size: int = setting(256, "input size, a multiple of 32 (eval/infer: the checkpoint's)")
     epochs: int = setting(200, "training epochs")
     batch_size: int = setting(16, "training batch size (evaluation uses at most 8)")
     lr: float = setting(0.005, "Adam learning rate")
     beta1: float = setting(0.5, "Adam beta1")
     beta2: float = setting(0.999, "Adam beta2")
     eval_interval: int = setting(10, "evaluate every N epochs (0: only at the end)")
-    select_best_on_test: bool = setting(
-        False, "also keep and report the checkpoint with the best TEST score (selects on the test "
-               "set; the paper reports the last epoch)")
+    select_best_on_test: bool = setting(False, "also keep the epoch best on the TEST set (the paper reports the last)")
     output_dir: str = setting("output", "where checkpoints, results and reports go")
     teacher_weights: str = setting(
-        "imagenet", "'imagenet' (Paddle's official weights, cached), 'auto' (imagenet when cached "
-                    "or downloadable, else a random teacher with a warning), a .pdparams path, or "
-                    "'none' (random teacher: smoke tests only)")
+        "imagenet", "imagenet (official, cached); auto (imagenet when at hand, else random); a file; none")
     device: str = setting("auto", "auto: a GPU when Paddle has one", choices=("auto", "cpu", "gpu"))
     seed: int = setting(111, "random seed (batches, initialisation)")
     num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)")
-    log_interval: int = setting(10, "print a loss / ips / reader_cost line every N training steps (0: never)")
-    feature_cache: bool = setting(True, "cache the frozen teacher's features once instead of running it "
-                                        "every step", off_flag="--no_feature_cache")
-    feature_cache_mb: float = setting(8192.0, "a teacher-feature cache above this size goes to a "
-                                              "memory-mapped file")
+    log_interval: int = setting(10, "a loss / ips / reader_cost line every N steps (0: never)")
+    feature_cache: bool = setting(True, "run the teacher every step instead of caching its features once",
+                                  off_flag="--no_feature_cache")
+    feature_cache_mb: float = setting(8192.0, "a feature cache above this many MB goes to a memory-mapped file")
     feature_cache_dtype: str = setting("float16", "dtype of the cached teacher features",
                                        choices=("float16", "float32"))
-    eval_backend: str = setting(
-        "auto", "evaluate with the dynamic graph or a Paddle Inference predictor of the current "
-                "weights (auto: static in eval/infer on CPU for 32+ images; dygraph while training, "
-                "as a predictor slows later eager training in the same process)",
-        choices=("auto", "dygraph", "static"))
-    train_dir: str = setting("", "a folder of good training images (instead of --data_dir's layout)",
-                             group=DATA)
-    test_dir: str = setting("", "test images: subfolders good/ and <defect>/ are labelled, loose images "
-                                "unlabelled", group=DATA)
-    val_ratio: float = setting(0.1, "share of train-good images held out (deterministically) to "
-                                    "calibrate thresholds; 0: calibrate on the training images", group=DATA)
-    threshold_quantile: float = setting(0.995, "image threshold = this quantile of validation-good "
-                                               "scores", group=DATA)
-    config: str = setting("", "YAML file of flag values; flags on the command line override it", group=RUNS)
-    resume: bool = setting(False, "continue each class from its last training state "
-                                  "(OUTPUT_DIR/CLASS/train_state.pdparams)", group=RUNS)
-    force: bool = setting(False, "retrain classes that already finished (otherwise skipped)", group=RUNS)
-    save_interval: int = setting(5, "save the training state (for --resume) every N epochs", group=RUNS)
-    report: bool = setting(True, "write the HTML/PNG report after evaluation", group=RUNS,
-                           off_flag="--no_report")
-    visualdl: bool = setting(False, "log loss and metrics with VisualDL (pip install visualdl) to "
-                                    "OUTPUT_DIR/visualdl", group=RUNS)
-    amp: bool = setting(False, "automatic mixed precision (float16) training on GPU", group=RUNS)
+    # auto: a predictor (static) in eval/infer on CPU for 32+ images; the dynamic graph while
+    # training, as a predictor slows later eager training in the same process
+    eval_backend: str = setting("auto", "evaluate with the dynamic graph or a predictor",
+                                choices=("auto", "dygraph", "static"))
+    train_dir: str = setting("", "a folder of good training images (instead of --data_dir)", group=DATA)
+    test_dir: str = setting("", "test images; subfolders good/ and DEFECT/ label them", group=DATA)
+    val_ratio: float = setting(0.1, "share of good images held out to calibrate thresholds (0: train images)",
+                               group=DATA)
+    threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
+    config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
+    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
+    force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
+    save_interval: int = setting(5, "save the training state for --resume every N epochs", group=RUNS)
+    report: bool = setting(True, "skip the HTML report after evaluation", group=RUNS, off_flag="--no_report")
+    visualdl: bool = setting(False, "log to OUTPUT_DIR/visualdl (pip install visualdl)", group=RUNS)
+    amp: bool = setting(False, "mixed precision (float16) training on GPU", group=RUNS)
     # the settings the user chose (command line or --config); the rest are defaults or the run's
     explicit: frozenset = setting(frozenset(), "", internal=True)
 

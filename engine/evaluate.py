@@ -202,8 +202,6 @@ METRICS: tuple[Metric, ...] = (
            needs_calibration=True),
 )
 TABLE_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if m.header)
-# measured without thresholds (during training, or a checkpoint without calibration)
-THRESHOLD_FREE_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS if not m.needs_calibration)
 
 
 def no_metrics() -> dict[str, float]:

@@ -15,7 +15,7 @@ from model.rd4ad import RD4AD
 from model.teacher import resolve_teacher_weights
 from report.html import write_class_report, write_summary_report
 from report.per_image import ImageItem, ImageWriter, colour_range
-from report.tables import mean_row, results_table
+from report.tables import TABLE_NOTE, mean_row, results_table
 from utils import distributed
 from utils.config import ConfigError
 from utils.errors import PartialFailure
@@ -106,7 +106,7 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
     if cfg.mode != "infer":
         if cfg.report and ctx.is_main:
             log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict())}")
-        log("\n" + results_table(results))
+        log("\n" + results_table(results) + "\n" + TABLE_NOTE)
     if failed:
         raise PartialFailure(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
                              f"(see the error lines above; the others finished)")
@@ -119,12 +119,10 @@ def write_results(cfg: Config, results: dict[str, dict]) -> str:
     table = results_table(results)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     md = (f"# RD4AD results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
-          f"Command: `{command}`\n\nCheckpoint: {selection}. Values in percent; n/a where a class "
-          f"cannot define a metric. AUPRO up to FPR 0.3 (per image: the reference's and paper's "
-          f"protocol; set: MVTec AD's). F1, precision and recall at the thresholds calibrated on "
-          f"validation-good images ({100 * cfg.threshold_quantile:g}% quantile), which are set "
-          f"without the test set: an AUROC of 100 with a low F1 means the scores rank every defect "
-          f"above every good image but the threshold lies elsewhere.\n\n{table}\n")
+          f"Command: `{command}`\n\nCheckpoint: {selection}. AUPRO up to FPR 0.3 (per image: the "
+          f"reference's and paper's protocol; set: MVTec AD's). Thresholds: the "
+          f"{100 * cfg.threshold_quantile:g}% quantile of held-out good images' scores.\n\n{table}\n\n"
+          f"{TABLE_NOTE}\n")
     atomic_write_text(cfg.paths.file("results.md"), md)
     atomic_write_json(cfg.paths.file("results.json"), {
         "config": cfg.to_dict(), "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",

@@ -71,10 +71,14 @@ class TrainData:
 
 
 def pixel_note(samples: list[Sample], source: DataSource) -> str:
-    if any(s.label == 1 and s.mask_path is None for s in samples):
-        return (f"{source.gt_dir or 'ground_truth'}: no masks, pixel metrics skipped "
-                f"(image metrics still computed)")
-    return ""
+    """Why pixel metrics are n/a, when defect images have no masks. The masks' folder is
+    named only when it is the MVTec layout's own (plain folders never had one)."""
+    if not any(s.label == 1 and s.mask_path is None for s in samples):
+        return ""
+    where = (f" (MVTec layout: {source.gt_dir}/DEFECT/NAME_mask.png)"
+             if source.gt_dir and source.train_dir == os.path.join(os.path.dirname(source.gt_dir), "train", "good")
+             else "")
+    return f"no ground-truth masks{where}: pixel metrics n/a, image metrics still computed"
 
 
 def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:

@@ -114,13 +114,6 @@ class AnomalyMapHead(paddle.nn.Layer):
         return total, image_scores(total)
 
 
-def anomaly_map(teacher_feats: list[paddle.Tensor], student_feats: list[paddle.Tensor],
-                out_size: int | tuple[int, int], sigma: float = SIGMA, smooth: bool = True) -> paddle.Tensor:
-    """The head's map for features of any size (smooth=False: before the Gaussian)."""
-    head = AnomalyMapHead([tuple(t.shape[-2:]) for t in teacher_feats], out_size, sigma, smooth)
-    return head(teacher_feats, student_feats)[0]
-
-
 def image_scores(maps: paddle.Tensor) -> paddle.Tensor:
     """Image anomaly score [N]: the maximum of each smoothed map."""
     return maps.flatten(1).max(axis=1)

@@ -23,7 +23,7 @@ from utils.log import number, percent
 
 from .per_image import ImageItem, caption, colour_range
 from .pictures import side_by_side, stack_vertically
-from .tables import HEADERS, TABLE_NAMES, mean_row
+from .tables import HEADERS, TABLE_NAMES, TABLE_NOTE, mean_row
 
 # Mean over the 15 MVTec AD classes (pixel AUROC / sample AUROC / AUPRO per image).
 PUBLISHED = {
@@ -104,7 +104,7 @@ def _metrics_table(rows: dict[str, dict]) -> str:
     for name, r in rows.items():
         cells = "".join(f"<td>{percent(r.get(n))}</td>" for n in TABLE_NAMES)
         body += f"<tr><td>{name}</td>{cells}</tr>\n"
-    return f"<table><tr>{head}</tr>\n{body}</table>"
+    return f"<table><tr>{head}</tr>\n{body}</table>\n<p>{html.escape(TABLE_NOTE)}</p>"
 
 
 def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,

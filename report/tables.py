@@ -7,6 +7,11 @@ from engine.evaluate import TABLE_METRICS
 from utils.log import finite_value, percent
 
 TABLE_NAMES = tuple(m.name for m in TABLE_METRICS)
+# Shown wherever the table is (console, results.md, HTML): why F1 can be low beside a high AUROC.
+TABLE_NOTE = ("Values in percent; n/a where a class cannot define a metric. AUROC and AUPRO measure how the "
+              "scores rank; F1, precision and recall are decisions at thresholds calibrated on held-out good "
+              "images only, never on the test set: an AUROC of 100 with a low F1 means every defect outscores "
+              "every good image, but the calibrated threshold lies elsewhere.")
 HEADERS = ("Class",) + tuple(m.header for m in TABLE_METRICS)
 
 

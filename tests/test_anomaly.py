@@ -5,7 +5,7 @@ import paddle.nn.functional as F
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from model.anomaly_map import anomaly_map, bilinear_matrix, gaussian_matrix, image_scores
+from model.anomaly_map import AnomalyMapHead, bilinear_matrix, gaussian_matrix, image_scores
 from model.loss import cosine_distillation_loss
 
 
@@ -25,6 +25,12 @@ def numpy_bilinear_align_corners(img, out_h, out_w):
             out[i, j] = ((1 - dy) * (1 - dx) * img[y0, x0] + (1 - dy) * dx * img[y0, x1]
                          + dy * (1 - dx) * img[y1, x0] + dy * dx * img[y1, x1])
     return out
+
+
+def anomaly_map(teacher_feats, student_feats, out_size, smooth=True):
+    """The model's head, built for these features' sizes."""
+    head = AnomalyMapHead([tuple(t.shape[-2:]) for t in teacher_feats], out_size, smooth=smooth)
+    return head(teacher_feats, student_feats)[0]
 
 
 def numpy_anomaly_map(teacher, student, size):

@@ -114,7 +114,7 @@ def test_the_model_owns_its_anomaly_map_head():
         teacher_feats, student_feats = net.features(images)
     assert list(maps.shape) == [2, 64, 64] and list(scores.shape) == [2]
     np.testing.assert_array_equal(scores.numpy(), maps.numpy().reshape(2, -1).max(1))
-    from model.anomaly_map import anomaly_map
+    from test_anomaly import anomaly_map
 
     np.testing.assert_allclose(anomaly_map(teacher_feats, student_feats, 64).numpy(), maps.numpy(), rtol=1e-6)
     assert net.head_for(64, 64) is net.head

@@ -30,7 +30,7 @@ def test_class_without_ground_truth_skips_pixel_metrics_with_a_note(tmp_path):
     shutil.copytree(SAMPLE, data / "widget", ignore=shutil.ignore_patterns("ground_truth"))
     out = str(tmp_path / "out")
     log = run_main("--data_dir", str(data), "--cls", "widget", "--output_dir", out)
-    assert "no masks, pixel metrics skipped" in log
+    assert "no ground-truth masks (MVTec layout: " in log and "pixel metrics n/a, image metrics still" in log
     metrics = json.load(open(os.path.join(out, "results.json")))["classes"]["widget"]
     # strict JSON: n/a is null
     assert metrics["pixel_auroc"] is None and metrics["aupro_per_image"] is None
@@ -72,6 +72,18 @@ def test_plain_folders_of_any_size_and_format_without_defects(tmp_path):
     for r in rows:
         mask = Image.open(os.path.join(out, "photos", "infer", "masks", f"unlabeled_{r['image'][5:-4]}.png"))
         assert mask.size == (64, 64)
+
+
+def test_plain_folders_with_defect_subfolders_and_no_masks_name_no_ground_truth_folder(tmp_path):
+    photos = tmp_path / "photos"
+    for folder, names in (("train", ("a", "b", "c", "d")), ("line/good", ("g",)), ("line/scratch", ("s",))):
+        (photos / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copy(os.path.join(SAMPLE, "train", "good", "000.png"), photos / folder / f"{name}.png")
+    out = str(tmp_path / "out")
+    log = run_main("--train_dir", str(photos / "train"), "--test_dir", str(photos / "line"), "--output_dir", out)
+    assert "no ground-truth masks: pixel metrics n/a, image metrics still computed" in log
+    assert "ground_truth" not in log and "nan" not in log.replace("nan_", "")  # n/a, never nan
 
 
 def test_validation_split_is_deterministic_and_stable():

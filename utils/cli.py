@@ -17,9 +17,20 @@ from .errors import OutputError, PartialFailure, UserError, bounded_line
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+class OneLineHelp(argparse.HelpFormatter):
+    """--help with each flag, its help and its default on one line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=160)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a mistake (unknown flag, bad choice, bad number) is one line plus
-    'see --help' instead of the whole usage block."""
+    'see --help' instead of the whole usage block; --help gives one line per flag."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", OneLineHelp)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {bounded_line(message)} (see {self.prog} --help)", file=sys.stderr)

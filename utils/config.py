@@ -40,7 +40,7 @@ def _flag_fields(kind: type) -> list[dataclasses.Field]:
 def build_parser(kind: type, description: str, *, suppress: bool = False) -> argparse.ArgumentParser:
     """The command line of a settings class; every flag's help ends with its default.
     suppress=True: a parser that returns only the flags actually given."""
-    parser = OneLineArgumentParser(description=description,
+    parser = OneLineArgumentParser(description=description, add_help=not suppress,
                                    argument_default=argparse.SUPPRESS if suppress else None)
     groups: dict[str | None, Any] = {None: parser}
     for f in _flag_fields(kind):
@@ -50,19 +50,20 @@ def build_parser(kind: type, description: str, *, suppress: bool = False) -> arg
         if isinstance(f.default, bool):
             flag = meta["off_flag"] or f"--{f.name}"
             action = "store_false" if meta["off_flag"] else "store_true"
-            shown = "on" if f.default else "off"
-            target.add_argument(flag, dest=f.name, action=action, help=f"{meta['help']} (default: {shown})",
+            # a switch: its default is not to give it (--no_report: the report is written)
+            target.add_argument(flag, dest=f.name, action=action, help=f"{meta['help']} (default: off)",
                                 **({} if suppress else {"default": f.default}))
             continue
+        choices = f"; one of {', '.join(map(str, meta['choices']))}" if meta["choices"] else ""
+        default = "none" if f.default == "" else f.default
         target.add_argument(f"--{f.name}", type=type(f.default), choices=meta["choices"],
                             **({} if suppress else {"default": f.default}),
-                            help=f"{meta['help']} (default: {f.default!r})" if f.default != "" else
-                            f"{meta['help']} (default: none)", metavar=_metavar(f))
+                            help=f"{meta['help']}{choices} (default: {default})", metavar=_metavar(f))
     return parser
 
 
-def _metavar(f: dataclasses.Field) -> str | None:
-    return "{" + ",".join(map(str, f.metadata["choices"])) + "}" if f.metadata["choices"] else None
+def _metavar(f: dataclasses.Field) -> str:
+    return {int: "N", float: "X"}.get(type(f.default), "NAME" if f.metadata["choices"] else "TEXT")
 
 
 def given_flags(kind: type, argv: Sequence[str] | None) -> dict[str, Any]:
