@@ -20,6 +20,7 @@ import export_model
 import infer
 from deploy.export import ExportError
 from deploy.predictor import PaddlePredictor
+from utils.runtime import child_environment
 from conftest import ROOT
 from model import build_rd4ad
 from engine.checkpoint import save_checkpoint
@@ -507,7 +508,7 @@ def test_export_that_fails_midway_removes_the_folder_it_created(exported, tmp_pa
 def test_command_line_on_a_real_export(exported, tmp_path):
     """python infer.py: exit 0 and a row per image on a good export; exit 2 and exactly
     one stderr line on a broken one (nothing from Paddle's C++ side either)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = child_environment(PYTHONWARNINGS="ignore")  # as a shell would start it: no thread count of ours
     out = str(tmp_path / "out")
     cmd = [sys.executable, os.path.join(ROOT, "infer.py"), "--model_dir", exported[1], "--image", GOOD,
            "--output_dir", out, "--cpu_threads", "1"]
