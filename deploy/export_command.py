@@ -91,12 +91,4 @@ def run(a: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 exported, 2 a mistake (one line), 130 interrupted."""
-    try:
-        a = parse_args(argv)
-    except SystemExit as done:  # argparse: --help (0) or a one-line mistake (2)
-        return int(done.code or 0)
-
-    def body() -> None:
-        run(a)
-
-    return run_main(body)
+    return run_main(lambda: run(parse_args(argv)))

@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"one of {', '.join(DEVICE_NAMES)} (default: {d.device})")
     add("--enable_mkldnn", type=str2bool, nargs="?", const=True, default=d.enable_mkldnn, metavar="BOOL",
         help=f"oneDNN on CPU (default: {d.enable_mkldnn})")
-    add("--cpu_threads", type=int, default=d.cpu_threads, metavar="N", help=f"CPU threads of the runtime (default: {d.cpu_threads}, every core)")
+    add("--cpu_threads", type=int, default=d.cpu_threads, metavar="N",
+        help=f"CPU threads of the runtime (default: {d.cpu_threads}, every core)")
     add("--use_tensorrt", type=str2bool, nargs="?", const=True, default=d.use_tensorrt, metavar="BOOL",
         help=f"TensorRT on GPU (default: {d.use_tensorrt})")
     add("--precision", default=d.precision, choices=PRECISION_NAMES, metavar="NAME",
@@ -270,12 +271,4 @@ def _benchmark(args: argparse.Namespace, deployment: Deployment, timer: StageTim
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 every image scored; 1 some image failed (scores.csv says why); 2 a
     mistake in the settings or the model folder (one line); 130 interrupted."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as done:  # argparse: --help (0) or a one-line mistake (2)
-        return int(done.code or 0)
-
-    def body() -> None:
-        run(args)
-
-    return run_main(body)
+    return run_main(lambda: run(parse_args(argv)))

@@ -20,7 +20,6 @@ from utils.errors import UserError, bounded_line
 from .deployment import Deployment, ModelError, check_graph_size, check_outputs, paddle_graph_input_shape
 from .export import save_static
 
-BACKEND_NAMES = ("paddle", "onnxruntime")
 DEVICE_NAMES = ("cpu", "gpu")
 PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
 
@@ -42,25 +41,11 @@ class PredictorOptions:
 
     def check(self) -> None:
         """UsageError for a backend, device and precision that cannot run together here."""
-        if self.backend not in BACKEND_NAMES:
-            raise UsageError(f"--backend {self.backend}: one of {', '.join(BACKEND_NAMES)}")
-        if self.backend == "onnxruntime":
-            if self.precision not in ("fp32", "int8"):
-                raise UsageError(f"--backend onnxruntime runs fp32 or int8, not {self.precision}")
-            return
-        if self.device == "gpu":
-            if self.precision not in ("fp32", "fp16"):
-                raise UsageError(f"--precision {self.precision} is not available on GPU (fp32, fp16)")
-            return
-        if self.use_tensorrt:
-            raise UsageError("--use_tensorrt needs --device gpu")
-        if self.precision not in ("fp32", "bf16"):
-            hint = "; int8: --backend onnxruntime with export_model.py --int8" if self.precision == "int8" else ""
-            raise UsageError(f"--precision {self.precision} is not available on CPU (fp32, bf16 with oneDNN){hint}")
-        if self.precision == "bf16" and not self.enable_mkldnn:
-            raise UsageError("--precision bf16 needs --enable_mkldnn True")
-        if self.precision == "bf16" and not cpu_has_bf16():
-            raise UsageError("--precision bf16: this CPU has no bf16 instructions")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend}: one of {', '.join(BACKENDS)}")
+        if self.device not in DEVICE_NAMES:
+            raise UsageError(f"--device {self.device}: one of {', '.join(DEVICE_NAMES)}")
+        BACKENDS[self.backend].check_options(self)
 
 
 def cpu_has_bf16() -> bool:
@@ -89,6 +74,10 @@ class Predictor:
     calling the predictor checks the outputs against what the export promises."""
     model_path: str = "model"
     image_size: int | None = None
+
+    @classmethod
+    def check_options(cls, options: "PredictorOptions") -> None:
+        """UsageError for options this backend cannot honour (before anything is loaded)."""
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -130,6 +119,22 @@ class PaddleInferenceSession(Predictor):
 
 class PaddlePredictor(PaddleInferenceSession):
     """Paddle Inference on CPU (oneDNN) or GPU (optionally TensorRT), on a checked export."""
+
+    @classmethod
+    def check_options(cls, options: PredictorOptions) -> None:
+        if options.device == "gpu":
+            if options.precision not in ("fp32", "fp16"):
+                raise UsageError(f"--precision {options.precision} is not available on GPU (fp32, fp16)")
+            return
+        if options.use_tensorrt:
+            raise UsageError("--use_tensorrt needs --device gpu")
+        if options.precision not in ("fp32", "bf16"):
+            hint = "; int8: --backend onnxruntime with export_model.py --int8" if options.precision == "int8" else ""
+            raise UsageError(f"--precision {options.precision} is not available on CPU (fp32, bf16 with oneDNN){hint}")
+        if options.precision == "bf16" and not options.enable_mkldnn:
+            raise UsageError("--precision bf16 needs --enable_mkldnn True")
+        if options.precision == "bf16" and not cpu_has_bf16():
+            raise UsageError("--precision bf16: this CPU has no bf16 instructions")
 
     def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
         import paddle.inference as pi
@@ -173,6 +178,11 @@ def _configure_paddle(pi, config, options: PredictorOptions) -> None:
 class OnnxPredictor(Predictor):
     """ONNX Runtime on model.onnx (export_model.py --onnx) or model_int8.onnx, checked."""
 
+    @classmethod
+    def check_options(cls, options: PredictorOptions) -> None:
+        if options.precision not in ("fp32", "int8"):
+            raise UsageError(f"--backend onnxruntime runs fp32 or int8, not {options.precision}")
+
     def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
         try:
             import onnxruntime as ort
@@ -200,7 +210,9 @@ class OnnxPredictor(Predictor):
         return maps, scores
 
 
+# A backend is one Predictor subclass and one entry here (infer.py's --backend choices).
 BACKENDS: dict[str, type[Predictor]] = {"paddle": PaddlePredictor, "onnxruntime": OnnxPredictor}
+BACKEND_NAMES = tuple(BACKENDS)
 
 
 def build_predictor(deployment: Deployment, options: PredictorOptions) -> Predictor:

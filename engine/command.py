@@ -18,11 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     2 a mistake in the settings or inputs (one line); 130 interrupted."""
     interrupted = ["interrupted"]
 
-    def body() -> int | None:
-        try:
-            cfg = parse_config(argv)
-        except SystemExit as done:  # argparse: --help (0) or a one-line mistake (2)
-            return int(done.code or 0)
+    def body() -> None:
+        cfg = parse_config(argv)
         if cfg.mode == "train":
             interrupted[0] = "interrupted; run again with --resume to continue"
         check_data_folder(cfg)

@@ -40,10 +40,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def run_main(body: Callable[[], int | None], *, interrupted: str | Callable[[], str] = "interrupted",
              user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a command's body and turn every way it can end into an exit status and, for a
-    failure, exactly one `error:` line on stderr."""
+    failure, exactly one `error:` line on stderr. The body returns an exit status, or
+    anything else for success; argparse's exit (--help: 0, a mistake: 2) is returned."""
     try:
         code = body()
-        return EXIT_OK if code is None else int(code)
+        return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_OK
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (EXIT_OK if done.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail(interrupted() if callable(interrupted) else interrupted, EXIT_INTERRUPTED)
     except (UserError, *user_errors) as err:
