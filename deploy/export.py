@@ -26,6 +26,7 @@ from utils.runtime import quiet_output
 from .deployment import OUTPUT_NAMES, ModelError, check_deployment, deploy_meta, file_manifest
 
 MODEL_FILES = ("model.json", "model.pdiparams")
+ALL_MODEL_FILES = MODEL_FILES + ("model.onnx", "model_int8.onnx")
 # paddle2onnx 2.1 exports opsets 7..21 (below 13 it upgrades to 13); at 22 and above it
 # aborts the whole process (SIGABRT), which no error handling can turn into one line.
 MIN_OPSET, MAX_OPSET = 7, 21
@@ -191,6 +192,10 @@ def _write_model_files(model: RD4AD, save_dir: str, onnx: bool, opset: int,
         manifest = file_manifest(staging, files)
         for name in files:
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
+        for name in set(ALL_MODEL_FILES) - set(files):  # an earlier export's, which this one replaces
+            stale = os.path.join(save_dir, name)
+            if os.path.isfile(stale) and not os.path.islink(stale):
+                os.remove(stale)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

@@ -96,6 +96,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.output_dir}: --output_dir is a file, not a folder")
     if args.cls is not None:
         check_class_name(args.cls)
+    if args.image and args.data_dir:
+        raise UsageError("give --image or --data_dir, not both")
     if args.image:
         if not os.path.exists(args.image):
             raise DataError(f"{args.image}: no such file or folder")
@@ -105,8 +107,8 @@ def check_args(args: argparse.Namespace) -> None:
     elif args.data_dir and args.cls is not None:
         test_dir = mvtec_source(args.data_dir, args.cls).test_dir
         if is_within(args.output_dir, test_dir):
-            raise UsageError(f"{args.output_dir}: --output_dir is inside the test folder {test_dir} (or is it): "
-                             f"the next run would read its pictures as test images")
+            raise UsageError(f"{args.output_dir}: --output_dir is inside the test folder {test_dir} (or is "
+                             f"that folder): the next run would read its pictures as test images")
     else:
         raise UsageError("give --image FILE_OR_FOLDER, or --data_dir DIR with --cls CLASS")
 
@@ -178,6 +180,9 @@ def run(args: argparse.Namespace) -> dict:
     with OutputLock(args.output_dir):
         writer = ImageWriter(args.output_dir, calibration, deployment.score_stats, pictures=args.save_images)
         writer.clear_previous()
+        stale = os.path.join(args.output_dir, "benchmark.json")
+        if not args.benchmark and os.path.isfile(stale):  # an earlier run's figures, not this one's
+            os.remove(stale)
         timer = score_all(args, deployment, writer, predictor, items)
         path = writer.finish()
         print(summary(args, writer, timer))
@@ -252,7 +257,7 @@ def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer) ->
         return f"no image could be processed ({failed} failed); see scores.csv"
     verdicts = (f"{writer.defects} DEFECT / {len(ok) - writer.defects} OK, "
                 if writer.calibration is not None else "")
-    return (f"{len(ok)} images ({failed} failed) with {args.backend} on {args.device} "
+    return (f"{len(ok)} of {len(writer.rows)} images scored ({failed} failed) with {args.backend} on {args.device} "
             f"({args.precision}): {verdicts}scores {min(ok):.4f}..{max(ok):.4f}, "
             f"{timer.per_image_ms()['inference']:.1f} ms/image inference; results in {args.output_dir}")
 

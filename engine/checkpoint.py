@@ -127,6 +127,10 @@ def load_trained(path: str, *, arch: str | None = None, image_size: int | None =
     `teacher_weights` when given, else the one the checkpoint names."""
     state = load_checkpoint(path, arch=arch, image_size=image_size)
     if "teacher" in state:
+        if teacher_weights is not None and teacher_weights != state["teacher_weights"]:
+            raise CheckpointError(f"{path}: carries its own random teacher (trained with --teacher_weights "
+                                  f"{state['teacher_weights']}), which --teacher_weights {teacher_weights} "
+                                  f"cannot replace")
         source = "none"  # the checkpoint's own teacher is applied below
     else:
         source = teacher_weights or state["teacher_weights"]

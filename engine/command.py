@@ -10,7 +10,7 @@ from utils.cli import run_main
 from .config import Config, parse_config
 from .run import run
 
-QUICK_START = "python main.py --config configs/sample_bottle.yaml"
+QUICK_START = "python main.py --config configs/sample_bottle.yaml (in the repository's folder)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,10 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_data_folder(cfg: Config) -> None:
-    """A missing data folder, named with the way to a first run."""
+    """A missing data folder or training run, named with the way to a first run."""
+    if cfg.mode != "train" and not os.path.isdir(cfg.output_dir):
+        raise DataError(f"{cfg.output_dir}: no training run here (no such folder); --mode {cfg.mode} reads "
+                        f"the checkpoints of a run: train first, e.g. {QUICK_START}, or give its --output_dir")
     if not cfg.train_dir and not os.path.isdir(cfg.data_dir):
-        given = "data_dir" in cfg.explicit
+        default = "data_dir" not in cfg.explicit and cfg.data_dir == Config.data_dir
         raise DataError(f"{cfg.data_dir}: data directory not found"
-                        + ("" if given else " (the default --data_dir)")
+                        + (" (the default --data_dir)" if default else "")
                         + f"; try the bundled sample first: {QUICK_START}, or give --data_dir DIR "
                           f"holding CLASS/train/good (the MVTec AD layout, README 'Data')")

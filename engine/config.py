@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from model.arch import ARCH_NAMES
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
                           settings_dict, settings_yaml)
-from utils.errors import shorten
+from utils.errors import UserError, shorten
 from utils.names import check_class_name
 
 from .paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
 DATA, RUNS = "own data and decisions", "long runs and reports"
-# What --mode eval / infer take from the training run's saved config.yaml.
-RUN_DATA_KEYS = ("data_dir", "cls", "train_dir", "test_dir")
+# What --mode eval / infer take from the training run's saved config.yaml: the folders as
+# one group (choosing one of them takes none), and the classes.
+RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir")
 # What each class's checkpoint decides in --mode eval / infer.
 MODEL_KEYS = ("arch", "image_size")
 
@@ -32,11 +33,12 @@ MODEL_KEYS = ("arch", "image_size")
 class Config:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
-    data_dir: str = setting("mvtec", "MVTec AD layout root: DIR/CLASS/train/good, test, ground_truth")
-    cls: str = setting("all", "class name, comma list, or 'all'")
+    data_dir: str = setting("mvtec", "MVTec AD layout root DIR/CLASS/train/good, test, ground_truth "
+                                     "(eval/infer: the run's)")
+    cls: str = setting("all", "class name, comma list, or 'all' (eval/infer: the run's)")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)
-    image_size: int = setting(256, "input size, a multiple of 32 (eval/infer: the checkpoint's)")
+    image_size: int = setting(256, "input size, a multiple of 32, at least 64 (eval/infer: the checkpoint's)")
     epochs: int = setting(200, "training epochs")
     batch_size: int = setting(16, "training batch size (evaluation uses at most 8)")
     lr: float = setting(0.005, "Adam learning rate")
@@ -74,6 +76,8 @@ class Config:
     amp: bool = setting(False, "mixed precision (float16) training on GPU", group=RUNS)
     # the settings the user chose (command line or --config); the rest are defaults or the run's
     explicit: frozenset = setting(frozenset(), "", internal=True)
+    # the training run's config.yaml that data settings came from ('' when none did)
+    inherited: str = setting("", "", internal=True)
 
     def to_dict(self) -> dict:
         return settings_dict(self)
@@ -114,7 +118,7 @@ class Config:
             raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
-        for name in ("output_dir", "data_dir"):
+        for name in ("output_dir", "data_dir", "teacher_weights"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"--{name}: must not be empty")
         self.class_names()
@@ -136,15 +140,30 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     from_file = load_config_file(flags["config"]) if flags.get("config") else {}
     chosen = {**from_file, **flags}
     mode = chosen.get("mode", Config.mode)
-    output_dir = chosen.get("output_dir", Config.output_dir)
-    from_run = {}
-    if mode != "train":
-        saved = RunPaths(output_dir).config_yaml("train")
-        if os.path.isfile(saved):
-            from_run = {k: v for k, v in load_config_file(saved).items() if k in RUN_DATA_KEYS}
-    parser.set_defaults(**from_run, **from_file)
+    saved = RunPaths(chosen.get("output_dir", Config.output_dir)).config_yaml("train")
+    from_run = run_data_settings(saved, chosen, mode) if mode != "train" else {}
+    parser.set_defaults(**{**from_run, **from_file})
     args = vars(parser.parse_args(argv))
-    return Config(**args, explicit=frozenset(chosen))
+    return Config(**args, explicit=frozenset(chosen), inherited=saved if from_run else "")
+
+
+def run_data_settings(saved: str, chosen: dict, mode: str) -> dict:
+    """The data settings of the training run (its saved config.yaml) that the user did not
+    choose: the folders as one group, and the classes."""
+    wanted = [] if "cls" in chosen else ["cls"]
+    if not any(k in chosen for k in RUN_FOLDER_KEYS):
+        wanted += RUN_FOLDER_KEYS
+    if not wanted or not os.path.isfile(saved):
+        return {}
+    try:
+        values = load_config_file(saved)
+        if "cls" in wanted and isinstance(values.get("cls"), str):
+            Config(cls=values["cls"]).class_names()
+    except UserError as err:  # a damaged file, or a class name that is a path
+        named = str(err) if str(err).startswith(saved) else f"{saved}: {err}"
+        raise ConfigError(f"{named} (the training run's saved settings, which --mode {mode} reads for "
+                          f"{', '.join('--' + k for k in wanted)}: fix or delete it, or give them)") from None
+    return {k: values[k] for k in wanted if k in values}
 
 
 def config_yaml(cfg: Config) -> str:

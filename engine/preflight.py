@@ -61,8 +61,9 @@ def check_before_work(cfg: Config, sources: list[DataSource]) -> dict[str, dict]
 
 
 def checkpoint_settings(cfg: Config, sources: list[DataSource]) -> dict[str, dict]:
-    """{class: {arch, image_size}} from each checkpoint (read and checked now). A setting
-    the user chose that contradicts a checkpoint is one error listing every difference."""
+    """{class: {arch, image_size, teacher_weights}} from each checkpoint (read and checked
+    now); the teacher only where the user chose none. A setting the user chose that
+    contradicts a checkpoint is one error listing every difference."""
     settings, conflicts = {}, []
     for source in sources:
         path = cfg.paths.checkpoint(source.name, best=cfg.select_best_on_test)
@@ -71,6 +72,12 @@ def checkpoint_settings(cfg: Config, sources: list[DataSource]) -> dict[str, dic
         for key in MODEL_KEYS:
             if key in cfg.explicit and getattr(cfg, key) != state[key]:
                 conflicts.append(f"{path}: trained with --{key} {state[key]}, not {getattr(cfg, key)}")
+        if "teacher_weights" not in cfg.explicit:
+            settings[source.name]["teacher_weights"] = state["teacher_weights"]
+        elif "teacher" in state and cfg.teacher_weights != state["teacher_weights"]:
+            conflicts.append(f"{path}: carries its own random teacher (trained with --teacher_weights "
+                             f"{state['teacher_weights']}), which --teacher_weights {cfg.teacher_weights} "
+                             f"cannot replace")
     if conflicts:
         raise ConfigError("; ".join(conflicts) + f" (--mode {cfg.mode} takes these from the checkpoint: "
                           f"leave the flags out)")

@@ -47,7 +47,13 @@ def run(cfg: Config) -> dict[str, dict]:
     check_config(cfg)
     ctx = distributed.init()
     device = set_device(cfg, ctx)
-    sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+    try:
+        sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+    except DataError as err:
+        if not cfg.inherited:
+            raise
+        raise DataError(f"{err} (data settings from {cfg.inherited}; give --data_dir and --cls to "
+                        f"choose others)") from None
     if cfg.mode == "train":
         cfg = dataclasses.replace(cfg, teacher_weights=resolve_teacher_weights(cfg.teacher_weights, cfg.arch, warn))
     model_settings = check_before_work(cfg, sources)
@@ -80,8 +86,11 @@ def set_device(cfg: Config, ctx: distributed.Context) -> str:
 def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: list[DataSource],
                 model_settings: dict[str, dict]) -> dict[str, dict]:
     if ctx.is_main:
-        # The settings actually used (flags over --config over defaults), readable by --config.
-        atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(cfg))
+        # The settings actually used (flags over --config over the run's over defaults; in
+        # eval and infer the checkpoints' model settings when the classes agree), readable by --config.
+        common = [dict(s) for s in model_settings.values()]
+        used = dataclasses.replace(cfg, **common[0]) if common and all(c == common[0] for c in common) else cfg
+        atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(used))
     log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     results, failed = {}, {}
     for source in sources:
@@ -192,7 +201,7 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> No
     everything = samples + [sample for sample, _ in failed]
     names = output_names([os.path.relpath(s.image_path, source.test_dir) for s in everything],
                          [s.name for s in everything])
-    items = [ImageItem(_display_path(s.image_path, cfg), names[i], s.defect,
+    items = [ImageItem(_display_path(s.image_path, cfg), names[i], s.defect if s.label >= 0 else "",
                        None if s.label < 0 else int(s.label), s.mask_path) for i, s in enumerate(everything)]
     if pred is not None:
         vmin, vmax = colour_range(calibration, stats, pred.maps)

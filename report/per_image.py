@@ -21,6 +21,7 @@ import numpy as np
 
 from engine.decision import Calibration
 from utils.io import atomic_write, atomic_write_text
+from utils.names import is_within
 
 from .pictures import binary_mask_image, side_by_side
 
@@ -57,7 +58,9 @@ def colour_range(calibration: Calibration | None, score_stats: dict, maps: np.nd
 
 
 def caption(item: ImageItem, score: float, calibration: Calibration | None) -> str:
-    text = f"{item.short_name}  score {score:.4f}"
+    """folder/name, raw score, normalised score, verdict: one line, printable characters only."""
+    name = "".join(c if c.isprintable() else "?" for c in item.short_name)
+    text = f"{name}  score {score:.4f}"
     if calibration is not None:
         text += f"  normalised {float(calibration.normalize_scores(score)):.2f}  {calibration.verdict(score)}"
     return text
@@ -80,7 +83,9 @@ class ImageWriter:
         """Remove what the folder's previous scores.csv listed (pictures, masks, the csv)."""
         for name in previous_outputs(self.csv_path):
             for path in (os.path.join(self.folder, name + ".png"), os.path.join(self.folder, "masks", name + ".png")):
-                if os.path.isfile(path):
+                # never through a link: a masks/ that points elsewhere keeps what is there
+                if os.path.isfile(path) and not os.path.islink(path) and is_within(os.path.dirname(path), self.folder) \
+                        and not os.path.islink(os.path.dirname(path)):
                     os.remove(path)
         if os.path.isfile(self.csv_path):
             os.remove(self.csv_path)

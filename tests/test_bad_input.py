@@ -48,7 +48,8 @@ def copy_class(tmp_path, name="widget", ground_truth=True):
 def test_data_dir_missing_empty_or_not_mvtec(tmp_path, capsys):
     out = str(tmp_path / "out")
     expect_error(capsys, f"{tmp_path / 'nowhere'}: data directory not found; try the bundled sample first: "
-                         f"python main.py --config configs/sample_bottle.yaml, or give --data_dir DIR",
+                         f"python main.py --config configs/sample_bottle.yaml (in the repository's folder), "
+                         f"or give --data_dir DIR",
                  "--data_dir", str(tmp_path / "nowhere"), "--output_dir", out)
     (tmp_path / "empty").mkdir()
     expect_error(capsys, "no class folders with train/good inside", "--data_dir", str(tmp_path / "empty"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 
 from .errors import UserError, shorten
 
@@ -23,7 +22,6 @@ MAX_NAME_BYTES = 150   # + ".png" and the ".NAME.xxxxxxxx.tmp" of an atomic writ
 # What a run writes at the top of OUTPUT_DIR: a class of the same name would collide.
 RESERVED_NAMES = ("config.yaml", "config_eval.yaml", "config_infer.yaml", "results.md", "results.json",
                   "report.html", "report", "inference", "visualdl", "logs", "infer")
-_UNSAFE = re.compile(r"[\x00-\x1f/\\]")
 
 
 class NameError_(UserError):
@@ -79,15 +77,20 @@ def readable_name(relative_path: str) -> str:
     control characters and backslashes replaced."""
     stem = os.path.splitext(relative_path.replace(os.sep, "/"))[0]
     parts = [p for p in stem.split("/") if p not in ("", ".")]
-    name = _UNSAFE.sub("_", "_".join(parts)) or "image"
+    return _safe("_".join(parts))
+
+
+def _safe(name: str) -> str:
+    """Control characters, separators and backslashes replaced; never hidden, never empty."""
+    name = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in name) or "image"
     return "_" + name if name.startswith(".") else name
 
 
 def output_names(relative_paths: list[str], readable: list[str] | None = None) -> list[str]:
     """A distinct, file-system-safe output name for each relative path (see module doc).
     `readable` gives the preferred names (default: readable_name of each path)."""
-    wanted = [_fit(n, p) for n, p in zip(readable or [readable_name(p) for p in relative_paths],
-                                         relative_paths)]
+    wanted = [_fit(_safe(n), p) for n, p in zip(readable or [readable_name(p) for p in relative_paths],
+                                                relative_paths)]
     counts: dict[str, int] = {}
     for name in wanted:
         counts[name.lower()] = counts.get(name.lower(), 0) + 1
