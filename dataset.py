@@ -83,7 +83,7 @@ def resolve_classes(root: str, cls: str) -> list[str]:
     present = list_classes(root)
     if cls in (None, "", "all"):
         return present
-    wanted = [c.strip() for c in cls.split(",") if c.strip()]
+    wanted = list(dict.fromkeys(c.strip() for c in cls.split(",") if c.strip()))  # each class once
     unknown = [c for c in wanted if c not in present]
     if unknown:
         raise DataError(f"{root}: class {unknown[0]!r} not found (present: {', '.join(present)})")

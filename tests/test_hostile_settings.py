@@ -122,3 +122,10 @@ def test_clearing_never_follows_a_masks_link(tmp_path):
     ImageWriter(str(folder), None).clear_previous()
     assert (elsewhere / "keep.png").read_bytes() == b"not ours"
 
+
+
+def test_a_class_named_twice_runs_once(tmp_path):
+    from dataset import resolve_classes
+
+    data = make_data(tmp_path)
+    assert resolve_classes(str(data), "widget, widget,widget") == ["widget"]
