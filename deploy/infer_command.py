@@ -54,6 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {d.backend})")
     add("--device", default=d.device, choices=DEVICE_NAMES, metavar="NAME",
         help=f"one of {', '.join(DEVICE_NAMES)} (default: {d.device})")
+    add("--use_gpu", type=str2bool, default=None, metavar="BOOL",
+        help="TIPC's spelling of --device: True is gpu, False cpu (default: none)")
     add("--enable_mkldnn", type=str2bool, nargs="?", const=True, default=d.enable_mkldnn, metavar="BOOL",
         help=f"oneDNN on CPU (default: {d.enable_mkldnn})")
     add("--cpu_threads", type=int, default=d.cpu_threads, metavar="N",
@@ -71,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--save_images", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
         help="write a picture per image (default: True)")
     args = p.parse_args(argv)
+    if args.use_gpu is not None:
+        args.device = "gpu" if args.use_gpu else "cpu"
     args.model_dir = args.model_dir or RunPaths(DEFAULT_OUTPUT).export_dir(args.cls or DEFAULT_CLASS)
     args.output_dir = args.output_dir or default_infer_dir(args.model_dir)
     return args

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .cli import OneLineArgumentParser
@@ -48,10 +48,11 @@ def build_parser(kind: type, description: str, *, suppress: bool = False) -> arg
         target = groups.get(meta["group"]) or groups.setdefault(
             meta["group"], parser.add_argument_group(meta["group"]))
         if isinstance(f.default, bool):
-            flag = meta["off_flag"] or f"--{f.name}"
-            action = "store_false" if meta["off_flag"] else "store_true"
-            # a switch: its default is not to give it (--no_report: the report is written)
-            target.add_argument(flag, dest=f.name, action=action, help=f"{meta['help']} (default: off)",
+            # a switch: its default is not to give it (--no_report: the report is written);
+            # --flag=True / --flag=False also work, as TIPC's scripts write them
+            off = bool(meta["off_flag"])
+            target.add_argument(meta["off_flag"] or f"--{f.name}", dest=f.name, nargs="?", const=not off,
+                                type=_switch(off), metavar="BOOL", help=f"{meta['help']} (default: off)",
                                 **({} if suppress else {"default": f.default}))
             continue
         choices = f"; one of {', '.join(map(str, meta['choices']))}" if meta["choices"] else ""
@@ -60,6 +61,18 @@ def build_parser(kind: type, description: str, *, suppress: bool = False) -> arg
                             **({} if suppress else {"default": f.default}),
                             help=f"{meta['help']}{choices} (default: {default})", metavar=_metavar(f))
     return parser
+
+
+def _switch(off: bool) -> Callable[[str], bool]:
+    """The setting a switch's value gives: --amp=True turns amp on, --no_report=True turns
+    the report off."""
+    def parse(value: str) -> bool:
+        if value.lower() in ("true", "1", "yes", "on"):
+            return not off
+        if value.lower() in ("false", "0", "no", "off"):
+            return off
+        raise argparse.ArgumentTypeError(f"expected True or False, got {shorten(value)}")
+    return parse
 
 
 def _metavar(f: dataclasses.Field) -> str:

@@ -70,7 +70,46 @@ def _round(value: float | None) -> float | None:
 
 
 def format_report(report: dict) -> str:
-    width = max(len(k) for k in report)
-    lines = ["----------------------- benchmark -----------------------"]
-    lines += [f"{k.ljust(width)} : {'n/a' if v is None else v}" for k, v in report.items()]
+    """The report as AutoLog prints it (its Env, Paddle, Conf, Model, Data and Perf blocks,
+    with `preprocess_time(ms)`, `inference_time(ms)` and `postprocess_time(ms)`), the lines
+    TIPC's log analysers read. auto_log itself is not on PyPI, so the lines are written here."""
+    import platform
+
+    def value(key: str) -> str:
+        v = report.get(key)
+        return "None" if v is None else str(v)
+
+    blocks = [
+        ("Env info", [f"OS_version: {platform.platform()}", f"python_version: {platform.python_version()}",
+                      f"CPU: {platform.processor() or platform.machine()}"]),
+        ("Paddle info", [f"paddle_version: {_paddle_version()}", "log_api_version: 1.0"]),
+        ("Conf info", [f"runtime_device: {value('device')}", f"backend: {value('backend')}",
+                       f"enable_tensorrt: {value('use_tensorrt')}", f"enable_mkldnn: {value('enable_mkldnn')}",
+                       f"cpu_math_library_num_threads: {value('cpu_threads')}"]),
+        ("Model info", [f"model_name: {value('model_name')}", f"precision: {value('precision')}"]),
+        ("Data info", [f"batch_size: {value('batch_size')}",
+                       f"input_shape: [{value('batch_size')}, 3, {value('image_size')}, {value('image_size')}]",
+                       f"data_num: {value('images')}"]),
+        ("Perf info", [f"cpu_rss(MB): {value('cpu_rss_mb')}, gpu_rss(MB): {value('gpu_mem_mb')}, gpu_util: None%",
+                       f"total time spent(s): {_seconds(report)}",
+                       f"preprocess_time(ms): {value('preprocess_ms')}, inference_time(ms): {value('inference_ms')}, "
+                       f"postprocess_time(ms): {value('postprocess_ms')}"]),
+    ]
+    lines = []
+    for title, entries in blocks:
+        lines.append(f" {title.center(55, '-').replace(title, ' ' + title + ' ')}")
+        lines += [f" {entry}" for entry in entries]
     return "\n".join(lines)
+
+
+def _seconds(report: dict) -> str:
+    total, images = report.get("total_ms"), report.get("images")
+    return "None" if total is None or not images else f"{total * images / 1000:.4f}"
+
+
+def _paddle_version() -> str:
+    try:
+        import paddle
+    except ImportError:
+        return "None"
+    return paddle.__version__
