@@ -45,7 +45,7 @@ def run(cfg: Config) -> dict[str, dict]:
     """Check everything, then run every class; raise PartialFailure (after writing all
     else) when some class failed."""
     check_config(cfg)
-    ctx = distributed.init()
+    ctx = distributed.init(cpu=cfg.device == "cpu")
     device = set_device(cfg, ctx)
     try:
         sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)

@@ -113,6 +113,9 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
             log(f"[{cls}] --resume: no training state yet, starting at epoch 1")
         else:
             epoch, loss_history, extra = restore_train_state(state, net, optimizer, params, sampler.rng)
+            if scaler is not None and extra.get("grad_scaler"):  # --amp: the loss scale it had reached
+                scaler.load_state_dict({**extra["grad_scaler"], "scale": np.array(extra["grad_scaler"]["scale"],
+                                                                                  dtype=np.float32)})
             best = extra.get("best", best)
             first_epoch = epoch + 1
             log(f"[{cls}] resumed after epoch {epoch} from {state_path(cfg, cls)}")
@@ -131,7 +134,9 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         if cfg.feature_cache:
             cache = TeacherFeatureCache.build(
                 net.teacher, make_loader(train_set, cfg, cfg.batch_size), len(data.train),
-                cfg.feature_cache_mb, cfg.paths.class_dir(cls), desc=f"teacher features {cls}",
+                # every rank on this machine caches every image: they share its memory budget
+                cfg.feature_cache_mb / distributed.local_world_size(), cfg.paths.class_dir(cls),
+                desc=f"teacher features {cls}",
                 dtype=cfg.feature_cache_dtype)
             log(f"[{cls}] teacher features cached: {cache.nbytes / 2**20:.0f} MB {cfg.feature_cache_dtype} "
                 f"({'memory-mapped file' if cache.on_disk else 'in memory'})")
@@ -157,7 +162,8 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
                 check_finite_weights(net, cls)  # before saving: the last good state stays
             if (epoch % cfg.save_interval == 0 or last_epoch) and ctx.is_main:
                 save_train_state(cfg, cls, epoch=epoch, net=net, optimizer=optimizer, params=params,
-                                 sampler_rng=sampler.rng, loss_history=loss_history, extra={"best": best})
+                                 sampler_rng=sampler.rng, loss_history=loss_history,
+                                 extra={"best": best, "grad_scaler": scaler_state(scaler)})
     finally:
         epochs.close()
         if cache is not None:
@@ -192,7 +198,7 @@ class TrainingRun:
                 reader_cost += time.perf_counter() - t_read
                 teacher_feats = self.net.teacher_features(batch[0])
             try:
-                loss = train_step(self.branch, self.optimizer, teacher_feats, self.scaler)
+                loss = train_step(self.branch, self.optimizer, teacher_feats, self.scaler, ctx=ctx)
             except TrainingDiverged as err:
                 saved = state_path(cfg, cls)
                 raise TrainingDiverged(
@@ -254,17 +260,33 @@ class ShardedBatches:
         return len(self.sampler)
 
 
+def scaler_state(scaler: paddle.amp.GradScaler | None) -> dict:
+    """The --amp loss scaler's state as JSON values ({} without --amp, or on a CPU, where
+    Paddle disables the scaler)."""
+    if scaler is None:
+        return {}
+    return {k: (v.reshape(-1).tolist() if isinstance(v, np.ndarray) else v) for k, v in scaler.state_dict().items()}
+
+
+# Paddle's O1 lists keep conv2d_transpose (the student's upsampling) in float32; it is a
+# convolution like the others, so it runs in float16 too.
+AMP_WHITE_LIST = ["conv2d_transpose"]
+
+
 def train_step(branch: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
-               teacher_feats: list[paddle.Tensor], scaler: paddle.amp.GradScaler | None) -> float:
-    """One optimizer step of bottleneck + student on a batch of teacher features."""
+               teacher_feats: list[paddle.Tensor], scaler: paddle.amp.GradScaler | None,
+               ctx: distributed.Context = distributed.Context()) -> float:
+    """One optimizer step of bottleneck + student on a batch of teacher features. Every
+    rank agrees that the loss is finite before any rank updates: a rank that stopped alone
+    would leave the others waiting in the gradient all-reduce."""
     if scaler is None:
         loss = cosine_distillation_loss(teacher_feats, branch(teacher_feats))
     else:  # float16 compute where Paddle's O1 lists allow it; the loss in float32
-        with paddle.amp.auto_cast(level="O1", dtype="float16"):
+        with paddle.amp.auto_cast(level="O1", dtype="float16", custom_white_list=AMP_WHITE_LIST):
             student_feats = branch(teacher_feats)
         loss = cosine_distillation_loss(teacher_feats, [f.astype("float32") for f in student_feats])
     value = float(loss)
-    if not math.isfinite(value):  # before the update: the weights stay as they were
+    if not distributed.all_true(ctx, math.isfinite(value)):  # before the update: weights stay as they were
         optimizer.clear_grad()
         raise TrainingDiverged(f"loss became {value}")
     if scaler is None:

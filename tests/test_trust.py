@@ -237,8 +237,8 @@ def test_weights_that_become_non_finite_fail_the_class(tmp_path, data, capsys, m
     """A finite loss with weights that overflowed: the class fails, nothing calibrated."""
     real_step = engine.train.train_step
 
-    def overflowing_step(branch, optimizer, feats, scaler):
-        loss = real_step(branch, optimizer, feats, scaler)
+    def overflowing_step(branch, optimizer, feats, scaler, **kwargs):
+        loss = real_step(branch, optimizer, feats, scaler, **kwargs)
         param = branch.parameters()[0]
         param.set_value(np.full(param.shape, np.inf, dtype=np.float32))
         return loss

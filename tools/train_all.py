@@ -34,6 +34,19 @@ from utils.lock import TOKEN_ENV, OutputLock  # noqa: E402
 from utils.runtime import child_environment  # noqa: E402
 
 
+def visible_device(device: str, visible: str | None = None) -> str:
+    """The GPU a child sees as its only one: --devices counts the GPUs this process may use,
+    so under CUDA_VISIBLE_DEVICES=2,3 device 0 is GPU 2, not GPU 0."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    ids = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    if not ids:
+        return device
+    if int(device) >= len(ids):
+        raise ConfigError(f"--devices {device}: CUDA_VISIBLE_DEVICES={visible} leaves {len(ids)} GPU(s), "
+                          f"numbered 0..{len(ids) - 1}")
+    return ids[int(device)]
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     return run_main(lambda: fan_out(sys.argv[1:] if argv is None else argv),
@@ -48,6 +61,8 @@ def fan_out(argv: list[str]) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if not devices or not all(d.isdigit() for d in devices):
         raise ConfigError(f"--devices {args.devices[:80]!r}: expected a comma list of GPU ids such as 0,1")
+    for device in devices:
+        visible_device(device)  # each within CUDA_VISIBLE_DEVICES, before anything starts
     cfg = parse_config(main_args)
     if cfg.mode != "train":
         raise ConfigError("tools/train_all.py runs training; use main.py for --mode eval/infer")
@@ -103,7 +118,8 @@ def run_classes(cfg, classes: list[str], devices: list[str], main_args: list[str
                 if device not in running and queue:
                     cls = queue.pop(0)
                     log = open(os.path.join(log_dir, f"{cls}.log"), "w", encoding="utf-8")
-                    env = child_environment(CUDA_VISIBLE_DEVICES=device, **({TOKEN_ENV: token} if token else {}))
+                    env = child_environment(CUDA_VISIBLE_DEVICES=visible_device(device),
+                                            **({TOKEN_ENV: token} if token else {}))
                     cmd = [sys.executable, os.path.join(ROOT, "main.py"), *main_args, "--cls", cls]
                     running[device] = (cls, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                                              env=env, preexec_fn=_die_with_parent), log, time.time())

@@ -46,14 +46,36 @@ class Context:
         return padded[self.rank::self.world_size]
 
 
-def init() -> Context:
-    """Join the process group when started by paddle.distributed.launch (or alone)."""
+def init(cpu: bool = False) -> Context:
+    """Join the process group when started by paddle.distributed.launch (or alone). On the
+    CPU the group uses gloo: Paddle's "auto" picks NCCL on any CUDA build, which a CPU run
+    cannot use."""
     if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) <= 1:
         return Context()
     import paddle.distributed as dist
 
+    if cpu:
+        os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"
     dist.init_parallel_env()
     return Context(dist.get_rank(), dist.get_world_size())
+
+
+def local_world_size() -> int:
+    """Processes of this run on this machine (paddle.distributed.launch sets it): they share
+    its memory."""
+    try:
+        return max(1, int(os.environ.get("PADDLE_LOCAL_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def all_true(ctx: Context, flag: bool) -> bool:
+    """`flag` on every rank (one all-reduce when data-parallel): all ranks decide alike."""
+    if not ctx.parallel:
+        return flag
+    agreed = paddle.to_tensor([1 if flag else 0], dtype="int32")
+    paddle.distributed.all_reduce(agreed, op=paddle.distributed.ReduceOp.MIN)
+    return bool(int(agreed.numpy()[0]))
 
 
 def gather_shards(ctx: Context, total: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
