@@ -189,8 +189,8 @@ def run(args: argparse.Namespace) -> dict:
             os.remove(stale)
         timer = score_all(args, deployment, writer, predictor, items)
         path = writer.finish()
-        print(summary(args, writer, timer))
-        report = _benchmark(args, deployment, timer) if args.benchmark else None
+        print(summary(args, writer, timer, predictor.provider))
+        report = _benchmark(args, deployment, timer, predictor.provider) if args.benchmark else None
     if writer.failed == len(writer.rows):
         raise PartialFailure(f"no image could be processed ({writer.failed} failed); see {path}")
     if writer.failed:
@@ -254,22 +254,23 @@ def _ground_truth(item: ImageItem, size: int) -> np.ndarray | None:
         return None
 
 
-def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer) -> str:
+def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer, provider: str = "") -> str:
     ok = [float(r["score"]) for r in writer.rows if not r["error"]]
     failed = len(writer.rows) - len(ok)
     if not ok:
         return f"no image could be processed ({failed} failed); see scores.csv"
     verdicts = (f"{writer.defects} DEFECT / {len(ok) - writer.defects} OK, "
                 if writer.calibration is not None else "")
-    return (f"{len(ok)} of {len(writer.rows)} images scored ({failed} failed) with {args.backend} on {args.device} "
-            f"({args.precision}): {verdicts}scores {min(ok):.4f}..{max(ok):.4f}, "
+    runs_on = f"{args.device} ({args.precision}" + (f", {provider})" if provider else ")")
+    return (f"{len(ok)} of {len(writer.rows)} images scored ({failed} failed) with {args.backend} on {runs_on}: "
+            f"{verdicts}scores {min(ok):.4f}..{max(ok):.4f}, "
             f"{timer.per_image_ms()['inference']:.1f} ms/image inference; results in {args.output_dir}")
 
 
-def _benchmark(args: argparse.Namespace, deployment: Deployment, timer: StageTimer) -> dict:
+def _benchmark(args: argparse.Namespace, deployment: Deployment, timer: StageTimer, provider: str) -> dict:
     report = benchmark_report({
         "model_name": f"rd4ad_{deployment.arch}_{deployment.cls}", "backend": args.backend,
-        "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+        "device": args.device, "provider": provider, "precision": args.precision, "batch_size": args.batch_size,
         "cpu_threads": args.cpu_threads, "enable_mkldnn": args.enable_mkldnn,
         "use_tensorrt": args.use_tensorrt, "image_size": deployment.image_size}, timer, args.device)
     print(format_report(report))

@@ -15,13 +15,15 @@ import numpy as np
 import paddle
 
 from model.rd4ad import RD4AD
-from utils.errors import UserError, bounded_line
+from utils.errors import UserError, first_line, is_out_of_memory
 
 from .deployment import Deployment, ModelError, check_graph_size, check_outputs, paddle_graph_input_shape
 from .export import save_static
 
 DEVICE_NAMES = ("cpu", "gpu")
 PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
+GPU_MEMORY_POOL_MB = 256  # Paddle Inference's initial GPU memory pool; it grows as needed
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 class UsageError(UserError):
@@ -57,13 +59,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def first_line(err: BaseException) -> str:
-    """A runtime's message cut to its first line, bounded (Paddle's run to many lines of
-    C++ context)."""
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    return bounded_line(first, 200)
-
-
 def _load_error(path: str, engine: str, err: BaseException) -> ModelError:
     """Whatever a runtime raises while loading a model, as one line naming the file."""
     return ModelError(f"{path}: {engine} cannot load this model ({first_line(err)}); export the model again")
@@ -74,6 +69,7 @@ class Predictor:
     calling the predictor checks the outputs against what the export promises."""
     model_path: str = "model"
     image_size: int | None = None
+    provider: str = ""  # where the runtime says it runs (e.g. "gpu:0", "CUDAExecutionProvider")
 
     @classmethod
     def check_options(cls, options: "PredictorOptions") -> None:
@@ -90,6 +86,8 @@ class Predictor:
         except (MemoryError, UserError):
             raise
         except Exception as err:  # the runtime failed on a well-formed batch: the model is at fault
+            if is_out_of_memory(err):  # unless the device ran out of memory (CUDA's: an OSError)
+                raise MemoryError(first_line(err)) from None
             raise ModelError(f"{self.model_path}: the model failed to run on a batch of {len(array)} "
                              f"images ({first_line(err)}); export the model again") from None
         check_outputs(maps, scores, len(array), self.image_size or array.shape[-1], self.model_path)
@@ -105,6 +103,7 @@ class PaddleInferenceSession(Predictor):
     def _start(self, config) -> None:
         import paddle.inference as pi
 
+        self.provider = paddle_provider(config)  # before the predictor takes over the config
         self.predictor = pi.create_predictor(config)
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
@@ -123,8 +122,15 @@ class PaddlePredictor(PaddleInferenceSession):
     @classmethod
     def check_options(cls, options: PredictorOptions) -> None:
         if options.device == "gpu":
+            check_paddle_gpu()
             if options.precision not in ("fp32", "fp16"):
                 raise UsageError(f"--precision {options.precision} is not available on GPU (fp32, fp16)")
+            if options.use_tensorrt:
+                # Paddle 3's analysis of a PIR model.json adds no TensorRT passes: the flag
+                # would change nothing while saying TensorRT (paddle.tensorrt.convert is the
+                # PIR route; not built here, where no GPU can test it).
+                raise UsageError("--use_tensorrt: Paddle 3.3.1 runs no TensorRT on the exported PIR model "
+                                 "(model.json), so the flag is refused rather than ignored; run without it")
             return
         if options.use_tensorrt:
             raise UsageError("--use_tensorrt needs --device gpu")
@@ -148,8 +154,10 @@ class PaddlePredictor(PaddleInferenceSession):
             config = pi.Config(self.model_path, params)
             config.disable_glog_info()
             _configure_paddle(pi, config, options)
+            if options.device == "gpu" and not config.use_gpu():  # else it runs on the CPU, saying so in its log
+                raise UsageError("--device gpu: Paddle Inference did not enable the GPU")
             self._start(config)
-        except MemoryError:
+        except (MemoryError, UsageError):
             raise
         except Exception as err:  # the graph parsed above, so the weights are the likely culprit
             raise _load_error(params, f"Paddle Inference (with {os.path.basename(self.model_path)})",
@@ -157,15 +165,31 @@ class PaddlePredictor(PaddleInferenceSession):
         check_graph_size(self.input.shape(), deployment, self.model_path)  # when Paddle says
 
 
+def check_paddle_gpu() -> None:
+    """UsageError unless Paddle can run on a GPU here. On a CPU build Paddle Inference's
+    Config.enable_use_gpu only logs "Please use PaddlePaddle with GPU version" and runs on
+    the CPU."""
+    if not paddle.device.is_compiled_with_cuda():
+        raise UsageError("--device gpu: this Paddle build has no CUDA (pip install paddlepaddle-gpu)")
+    if paddle.device.cuda.device_count() < 1:
+        raise UsageError("--device gpu: Paddle sees no GPU (driver, CUDA_VISIBLE_DEVICES?)")
+
+
+def paddle_provider(config) -> str:
+    """Where a Paddle Inference config runs: "gpu:N" (TensorRT) or "cpu" (oneDNN)."""
+    if config.use_gpu():
+        return f"gpu:{config.gpu_device_id()}" + (" TensorRT" if config.tensorrt_engine_enabled() else "")
+    return "cpu" + (" oneDNN" if config.mkldnn_enabled() else "")
+
+
 def _configure_paddle(pi, config, options: PredictorOptions) -> None:
-    """Device, precision and threads (the combination is checked by PredictorOptions.check)."""
+    """Device, precision and threads (the combination is checked by PredictorOptions.check).
+    fp16 on GPU is Paddle Inference's mixed precision: its auto_mixed_precision pass runs
+    every op in float16 but a few (sum, mean, exp, log, square, ...), which is why the
+    anomaly map's cosine must not overflow float16 (model/anomaly_map.py)."""
     if options.device == "gpu":
         precision = {"fp32": pi.PrecisionType.Float32, "fp16": pi.PrecisionType.Half}[options.precision]
-        config.enable_use_gpu(256, 0, precision)
-        if options.use_tensorrt:
-            config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=options.batch_size,
-                                          min_subgraph_size=3, precision_mode=precision,
-                                          use_static=False, use_calib_mode=False)
+        config.enable_use_gpu(GPU_MEMORY_POOL_MB, 0, precision)
         return
     config.disable_gpu()
     config.set_cpu_math_library_num_threads(options.cpu_threads)
@@ -182,12 +206,13 @@ class OnnxPredictor(Predictor):
     def check_options(cls, options: PredictorOptions) -> None:
         if options.precision not in ("fp32", "int8"):
             raise UsageError(f"--backend onnxruntime runs fp32 or int8, not {options.precision}")
+        if options.device == "gpu" and CUDA_PROVIDER not in _onnxruntime().get_available_providers():
+            # the CPU package would accept the CUDA provider and run on the CPU, warning only
+            raise UsageError(f"--device gpu: this onnxruntime has no {CUDA_PROVIDER} "
+                             f"(pip install onnxruntime-gpu instead of onnxruntime)")
 
     def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise UsageError("--backend onnxruntime needs: pip install -r requirements-deploy.txt") from None
+        ort = _onnxruntime()
         options.check()
         int8 = options.precision == "int8"
         self.image_size = deployment.image_size
@@ -195,19 +220,31 @@ class OnnxPredictor(Predictor):
         self.model_path = deployment.model_file("model_int8.onnx" if int8 else "model.onnx", hint)
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.cpu_threads
-        providers = (["CUDAExecutionProvider"] if options.device == "gpu" else []) + ["CPUExecutionProvider"]
+        providers = ([CUDA_PROVIDER] if options.device == "gpu" else []) + ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(self.model_path, session_options, providers=providers)
         except MemoryError:
             raise
         except Exception as err:
             raise _load_error(self.model_path, "ONNX Runtime", err) from None
+        self.provider = self.session.get_providers()[0]
+        if options.device == "gpu" and self.provider != CUDA_PROVIDER:  # it could not start (CUDA, cuDNN libraries)
+            raise UsageError(f"--device gpu: ONNX Runtime could not start its {CUDA_PROVIDER} "
+                             f"(CUDA and cuDNN libraries?) and would run on {self.provider}")
         self.input_name = self.session.get_inputs()[0].name
         check_graph_size(self.session.get_inputs()[0].shape, deployment, self.model_path)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(None, {self.input_name: images})
         return maps, scores
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("--backend onnxruntime needs: pip install -r requirements-deploy.txt") from None
+    return onnxruntime
 
 
 # A backend is one Predictor subclass and one entry here (infer.py's --backend choices).
@@ -222,9 +259,10 @@ def build_predictor(deployment: Deployment, options: PredictorOptions) -> Predic
 
 
 class StaticGraphRunner(PaddleInferenceSession):
-    """The current weights of a model in memory as a Paddle Inference predictor (oneDNN on
-    CPU): evaluation runs about 5x faster than the dynamic graph on a 2-core CPU
-    (tools/benchmark.py). Build it again after the weights change."""
+    """The current weights of a model in memory as a Paddle Inference predictor, on Paddle's
+    current device: the GPU paddle.get_device() names (float32), else the CPU with oneDNN and
+    `threads` threads, where evaluation runs about 5x faster than the dynamic graph on 2
+    cores (tools/benchmark.py). Build it again after the weights change."""
 
     def __init__(self, net: RD4AD, threads: int) -> None:
         import paddle.inference as pi
@@ -236,9 +274,13 @@ class StaticGraphRunner(PaddleInferenceSession):
         save_static(net, prefix)  # leaves the model in eval mode
         config = pi.Config(prefix + ".json", prefix + ".pdiparams")
         config.disable_glog_info()
-        config.disable_gpu()
-        config.enable_mkldnn()
-        config.set_cpu_math_library_num_threads(threads)
+        device = paddle.get_device()  # "cpu", "gpu:N" (or another accelerator: on the CPU then)
+        if device.startswith("gpu"):
+            config.enable_use_gpu(GPU_MEMORY_POOL_MB, int(device.partition(":")[2] or 0))
+        else:
+            config.disable_gpu()
+            config.enable_mkldnn()
+            config.set_cpu_math_library_num_threads(threads)
         self._start(config)
 
     def close(self) -> None:

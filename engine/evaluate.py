@@ -17,7 +17,7 @@ from dataset import MVTecDataset, Sample, denormalize
 from deploy.predictor import StaticGraphRunner
 from model.rd4ad import RD4AD
 from utils import distributed
-from utils.errors import UserError, bounded_line
+from utils.errors import UserError, bounded_line, first_line, is_out_of_memory
 from utils.log import number, warn
 
 from .config import Config
@@ -95,11 +95,11 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
                 pred = predict(net, make_loader(dataset, cfg, batch_size), len(dataset), cfg.image_size,
                                desc=desc, progress=progress and ctx.is_main, runner=runner)
                 break
-            except (MemoryError, RuntimeError) as err:
-                if not _out_of_memory(err) or batch_size == 1:
+            except (MemoryError, RuntimeError, OSError) as err:  # CUDA's own out of memory: OSError
+                if not is_out_of_memory(err) or batch_size == 1:
                     raise
                 batch_size //= 2
-                warn(f"{desc}: out of memory ({str(err).splitlines()[0][:120]}); "
+                warn(f"{desc}: out of memory ({first_line(err)}); "
                      f"evaluating again with batch size {batch_size}")
                 if paddle.device.is_compiled_with_cuda():
                     paddle.device.cuda.empty_cache()
@@ -112,11 +112,6 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
         pred = Predictions(full["maps"], full["scores"], full["masks"], full["labels"])
     pred.mask_known = np.array([s.has_mask for s in samples], dtype=bool)
     return pred
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    # Paddle raises MemoryError for its RESOURCE_EXHAUSTED errors (GPU or host).
-    return isinstance(err, MemoryError) or "out of memory" in str(err).lower()
 
 
 def metric_line(metrics: dict) -> str:

@@ -61,39 +61,35 @@ def smoothed_upsampling_matrix(in_size: int, out_size: int, sigma: float = SIGMA
     return gaussian_matrix(out_size, sigma) @ bilinear_matrix(in_size, out_size)
 
 
-# unit_vectors' floors: normal float16 numbers whose product is the eps (1e-8) of
-# F.cosine_similarity and of the reference's torch CosineSimilarity.
-SCALE_FLOOR = 1e-4
-NORM_FLOOR = 1e-4
+# Floors of _scaled, whose product is the eps (1e-8) of F.cosine_similarity and of the
+# reference's torch CosineSimilarity. Both are float16 numbers, and so is the product of
+# two norm floors (a zero vector's cosine is 0 / 1e-4, not 0 / 0).
+SCALE_FLOOR = 1e-6
+NORM_FLOOR = 1e-2
 
 
-def unit_vectors(x: paddle.Tensor, axis: int) -> paddle.Tensor:
-    """x / max(||x||, 1e-8) along `axis`, with no intermediate value above the number of
-    elements summed, so it cannot overflow in float16 (Paddle Inference's --precision fp16
-    on GPU runs these ops in float16; the squared norm of 256 values near 300 is 2.3e7,
-    far above float16's largest number, 65504).
-
-    Each vector is first divided by its largest |element| (at least SCALE_FLOOR): its
-    elements are then within +-1 and its squared norm within [1, n]; then by that norm (at
-    least NORM_FLOOR). Both cases give x / max(||x||, 1e-8): x / ||x|| when max |x| >= 1e-4,
-    else x * 1e4 / max(||x|| * 1e4, 1e-4). A zero vector stays zero. The scale carries no
-    gradient: the result does not depend on it."""
-    scale = paddle.clip(x.abs().max(axis=axis, keepdim=True), min=SCALE_FLOOR).detach()
-    scaled = x / scale
-    norm = paddle.sqrt((scaled * scaled).sum(axis=axis, keepdim=True))
-    return scaled / paddle.clip(norm, min=NORM_FLOOR)
+def _scaled(x: paddle.Tensor, axis: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """(x / s, max(||x / s||, NORM_FLOOR)) along `axis`, s = max(max |x|, SCALE_FLOOR):
+    elements within +-1, a norm within [1, sqrt(n)] (n: the elements summed). The scale
+    carries no gradient: the cosine does not depend on it."""
+    scaled = x / paddle.clip(x.abs().max(axis=axis, keepdim=True), min=SCALE_FLOOR).detach()
+    return scaled, paddle.clip(paddle.sqrt((scaled * scaled).sum(axis=axis)), min=NORM_FLOOR)
 
 
 def cosine_similarity(a: paddle.Tensor, b: paddle.Tensor, axis: int) -> paddle.Tensor:
-    """Cosine similarity along `axis`: the dot product of the unit vectors, in [-1, 1]
-    (up to rounding) in any float type.
+    """Cosine similarity along `axis` that cannot overflow in float16.
 
     F.cosine_similarity (as the reference's torch CosineSimilarity) divides a.b by
-    sqrt(max(|a|^2 |b|^2, 1e-16)), and |a|^2 |b|^2 overflows float16: the cosine becomes 0,
-    the anomaly map 1 everywhere, every image a defect. This one equals it (up to
-    rounding) whenever |a| and |b| are at least 1e-8 and |a| |b| at least 1e-8, and is 0
-    for a zero vector, as it is."""
-    return (unit_vectors(a, axis) * unit_vectors(b, axis)).sum(axis=axis)
+    sqrt(max(|a|^2 |b|^2, 1e-16)). Paddle Inference's --precision fp16 on GPU runs those
+    ops in float16, where |a|^2 |b|^2 overflows past 65504 (256 channels near 4 already):
+    the cosine becomes 0 and the map 1 (past about 256, a_i b_i overflows: NaN). Here each
+    vector is first divided by its largest |element|, so no value computed exceeds n (the
+    channels, at most 1024): the scaled vectors' dot product over their norms. It equals
+    a.b / (max(|a|, 1e-8) max(|b|, 1e-8)): the reference's (up to rounding) whenever |a|,
+    |b| and |a| |b| are at least 1e-8, and 0 for a zero vector as the reference's."""
+    a_scaled, a_norm = _scaled(a, axis)
+    b_scaled, b_norm = _scaled(b, axis)
+    return (a_scaled * b_scaled).sum(axis=axis) / (a_norm * b_norm)
 
 
 def cosine_distance(teacher: paddle.Tensor, student: paddle.Tensor) -> paddle.Tensor:

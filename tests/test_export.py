@@ -132,7 +132,7 @@ def test_infer_cli_writes_pictures_csv_and_benchmark(exported, tmp_path):
     assert picture.size == layout(SIZE, SIZE, predicted=True)[1]
     report = json.load(open(os.path.join(out, "benchmark.json")))
     assert report["images"] == 2 and report["inference_ms"] > 0 and report["batch_size"] == 2
-    assert report["cpu_rss_mb"] > 0
+    assert report["cpu_rss_mb"] > 0 and report["provider"] == "cpu oneDNN"  # as Paddle Inference's config says
 
 
 def test_infer_refuses_what_it_cannot_do(exported, tmp_path, capsys):

@@ -6,6 +6,7 @@ an error message never grows with the input (a 10 MB YAML value, an alias bomb).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 QUOTE_LIMIT = 80
@@ -50,3 +51,33 @@ def bounded_line(message: str, limit: int = 600) -> str:
         return line
     head = limit // 3
     return f"{line[:head]} [... {len(line) - limit} characters ...] {line[-(limit - head):]}"
+
+
+# Words of the messages of running out of memory: Paddle's allocator ("Out of memory error on
+# GPU 0"), CUDA ("CUDA error(2), out of memory"), cuDNN and cuBLAS (..._STATUS_ALLOC_FAILED).
+_OUT_OF_MEMORY_WORDS = ("out of memory", "alloc_failed")
+# Lines of Paddle's messages that say nothing by themselves: rules, headings, a bare error kind.
+_BANNER = re.compile(r"[-=_*\s]*|error message summary:?|c\+\+ traceback.*|\(\w+\)|\w+error:", re.IGNORECASE)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is a device or host running out of memory. Paddle raises MemoryError
+    for its allocators' failures (BadAlloc, RESOURCE_EXHAUSTED, GPU or host) but OSError for
+    its EXTERNAL errors, among them CUDA's own "CUDA error(2), out of memory" and cuDNN's or
+    cuBLAS's ..._STATUS_ALLOC_FAILED (paddle/fluid/pybind/exception.cc); a RuntimeError
+    saying so counts too."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, (RuntimeError, OSError)) and any(w in text for w in _OUT_OF_MEMORY_WORDS)
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The line of an error's message that says what happened, bounded: the first that
+    names running out of memory, else the first that is more than a rule, a heading or a
+    bare error kind (Paddle's start with blank lines and such banners, and run to many lines
+    of C++ context); the error's type name when there is none."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    memory = [line for line in lines if any(w in line.lower() for w in _OUT_OF_MEMORY_WORDS)]
+    said = memory or [line for line in lines if not _BANNER.fullmatch(line)]
+    return bounded_line(said[0], limit) if said else type(err).__name__

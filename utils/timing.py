@@ -37,14 +37,28 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
-def gpu_memory_mb() -> float | None:
-    """Memory used on GPU 0 by every process (nvidia-smi), or None without a GPU."""
+def gpu_memory_mb(device_id: int | None = None) -> float | None:
+    """Memory used by every process on the GPU in use (nvidia-smi --id), or None without a
+    GPU. `device_id`: default the one paddle.get_device() names ("gpu:N"; else 0). Not
+    mapped: CUDA_VISIBLE_DEVICES (or CUDA_DEVICE_ORDER) can give Paddle's GPU N another
+    number in nvidia-smi."""
+    if device_id is None:
+        device_id = _paddle_gpu_id()
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              f"--id={device_id}"], capture_output=True, text=True, timeout=10)
         return float(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else None
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         return None
+
+
+def _paddle_gpu_id() -> int:
+    try:
+        import paddle
+    except ImportError:
+        return 0
+    name, _, number = paddle.get_device().partition(":")
+    return int(number) if name == "gpu" and number.isdigit() else 0
 
 
 def benchmark_report(info: dict, timer: StageTimer, device: str) -> dict:
