@@ -13,7 +13,7 @@ case "$MODE" in
         # random resnet18 teacher: nothing to download.
         test -d sample_data/bottle/train/good || { echo "sample_data/ is missing"; exit 1; }
         data=../../sample_data
-        settings="arch: resnet18\nimage_size: 64\nteacher_weights: none\nlog_interval: 1" ;;
+        settings="arch: resnet18\nimage_size: 64\nbatch_size: 3\nteacher_weights: none\nlog_interval: 1" ;;
     whole_train_whole_infer|whole_infer)
         if [ ! -d mvtec/bottle ]; then
             echo "download MVTec AD from https://www.mvtec.com/company/research/datasets/mvtec-ad"
@@ -21,7 +21,7 @@ case "$MODE" in
             exit 1
         fi
         data=../../mvtec
-        settings="arch: wide_resnet50_2\nimage_size: 256\nteacher_weights: imagenet" ;;
+        settings="arch: wide_resnet50_2\nimage_size: 256\nbatch_size: 16\nteacher_weights: imagenet" ;;
     *) echo "unknown mode: $MODE"; exit 2 ;;
 esac
 ln -sfn "$data" test_tipc/data/mvtec
