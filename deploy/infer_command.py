@@ -14,8 +14,8 @@ from dataset import IMAGE_EXTENSIONS, DataError, guess_mask, index_test, load_ma
 from engine.decision import MAX_THRESHOLD, Calibration
 from engine.paths import RunPaths, default_infer_dir
 from report.per_image import ImageItem, ImageWriter, colour_range
-from utils.cli import OneLineArgumentParser, output_error, run_main
-from utils.errors import PartialFailure, bounded_line, shorten
+from utils.cli import OneLineArgumentParser, output_error, parse_bool, run_main
+from utils.errors import PartialFailure, bounded_line
 from utils.io import atomic_write_json
 from utils.lock import OutputLock
 from utils.names import check_class_name, is_within, output_names
@@ -28,16 +28,6 @@ from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor,
 DESCRIPTION = "Score images with an exported RD4AD model (Paddle Inference or ONNX Runtime)."
 DEFAULT_OUTPUT = "output"   # the training output folder whose inference/CLASS is the default model
 DEFAULT_CLASS = "bottle"    # the quick start's class
-
-
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("true", "1", "yes", "on"):
-        return True
-    if value.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {shorten(value)}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,23 +44,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {d.backend})")
     add("--device", default=d.device, choices=DEVICE_NAMES, metavar="NAME",
         help=f"one of {', '.join(DEVICE_NAMES)} (default: {d.device})")
-    add("--use_gpu", type=str2bool, default=None, metavar="BOOL",
+    add("--use_gpu", type=parse_bool, default=None, metavar="BOOL",
         help="TIPC's spelling of --device: True is gpu, False cpu (default: none)")
-    add("--enable_mkldnn", type=str2bool, nargs="?", const=True, default=d.enable_mkldnn, metavar="BOOL",
+    add("--enable_mkldnn", type=parse_bool, nargs="?", const=True, default=d.enable_mkldnn, metavar="BOOL",
         help=f"oneDNN on CPU (default: {d.enable_mkldnn})")
     add("--cpu_threads", type=int, default=d.cpu_threads, metavar="N",
         help=f"CPU threads of the runtime (default: {d.cpu_threads}, every core)")
-    add("--use_tensorrt", type=str2bool, nargs="?", const=True, default=d.use_tensorrt, metavar="BOOL",
+    add("--use_tensorrt", type=parse_bool, nargs="?", const=True, default=d.use_tensorrt, metavar="BOOL",
         help=f"TensorRT on GPU (default: {d.use_tensorrt})")
     add("--precision", default=d.precision, choices=PRECISION_NAMES, metavar="NAME",
         help=f"one of {', '.join(PRECISION_NAMES)} (default: {d.precision})")
     add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"images per run (default: {d.batch_size})")
-    add("--benchmark", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
+    add("--benchmark", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
         help="print AutoLog-style timings and save benchmark.json (default: False)")
     add("--warmup", type=int, default=2, metavar="N", help="untimed runs before a benchmark (default: 2)")
     add("--threshold", type=float, default=None, metavar="X",
         help="raw-score threshold for verdicts and masks (default: the calibrated one in deploy.json)")
-    add("--save_images", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
+    add("--save_images", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
         help="write a picture per image (default: True)")
     args = p.parse_args(argv)
     if args.use_gpu is not None:

@@ -12,9 +12,20 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-from .errors import OutputError, PartialFailure, UserError, bounded_line
+from .errors import OutputError, PartialFailure, UserError, bounded_line, shorten
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def parse_bool(value: str | bool) -> bool:
+    """A flag's True / False (also 1/0, yes/no, on/off), as TIPC's scripts write them."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {shorten(value)}")
 
 
 class OneLineHelp(argparse.HelpFormatter):

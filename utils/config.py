@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cli import OneLineArgumentParser
+from .cli import OneLineArgumentParser, parse_bool
 from .errors import UserError, shorten
 
 MAX_CONFIG_BYTES = 1 << 20   # a config of flag values is a few hundred bytes
@@ -66,13 +66,7 @@ def build_parser(kind: type, description: str, *, suppress: bool = False) -> arg
 def _switch(off: bool) -> Callable[[str], bool]:
     """The setting a switch's value gives: --amp=True turns amp on, --no_report=True turns
     the report off."""
-    def parse(value: str) -> bool:
-        if value.lower() in ("true", "1", "yes", "on"):
-            return not off
-        if value.lower() in ("false", "0", "no", "off"):
-            return off
-        raise argparse.ArgumentTypeError(f"expected True or False, got {shorten(value)}")
-    return parse
+    return lambda value: parse_bool(value) != off
 
 
 def _metavar(f: dataclasses.Field) -> str:
