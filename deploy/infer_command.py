@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from utils.errors import PartialFailure, bounded_line
 from utils.io import atomic_write_json
 from utils.lock import OutputLock
 from utils.names import check_class_name, is_within, output_names
-from utils.timing import StageTimer, benchmark_report, format_report
+from utils.timing import StageTimer, autolog_logger, benchmark_report, format_report
 
 from .deployment import Deployment, read_deployment
 from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, UsageError,
@@ -177,10 +178,12 @@ def run(args: argparse.Namespace) -> dict:
         stale = os.path.join(args.output_dir, "benchmark.json")
         if not args.benchmark and os.path.isfile(stale):  # an earlier run's figures, not this one's
             os.remove(stale)
-        timer = score_all(args, deployment, writer, predictor, items)
+        info = _run_info(args, deployment, predictor.provider)
+        timer = StageTimer(autolog_logger(info) if args.benchmark else None)
+        score_all(args, deployment, writer, predictor, items, timer)
         path = writer.finish()
         print(summary(args, writer, timer, predictor.provider))
-        report = _benchmark(args, deployment, timer, predictor.provider) if args.benchmark else None
+        report = _benchmark(args, info, timer) if args.benchmark else None
     if writer.failed == len(writer.rows):
         raise PartialFailure(f"no image could be processed ({writer.failed} failed); see {path}")
     if writer.failed:
@@ -189,35 +192,40 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def score_all(args: argparse.Namespace, deployment: Deployment, writer: ImageWriter, predictor: Predictor,
-              items: list[ImageItem]) -> StageTimer:
+              items: list[ImageItem], timer: StageTimer) -> None:
     """One scores.csv row per item, in input order; pictures and masks as asked."""
     size = deployment.image_size
-    timer = StageTimer()
     if args.benchmark and args.warmup:
         warm = np.zeros((args.batch_size, 3, size, size), dtype=np.float32)
         for _ in range(args.warmup):
             predictor(warm)
     for start in tqdm(range(0, len(items), args.batch_size), desc="infer", leave=False, disable=None):
         chunk = items[start:start + args.batch_size]
-        with timer.stage("preprocess"):
-            pictures, errors = _load_chunk(chunk, size)
-        results = {}
+        with timer.batch():
+            _score_chunk(deployment, writer, predictor, chunk, timer, args.save_images)
+
+
+def _score_chunk(deployment: Deployment, writer: ImageWriter, predictor: Predictor, chunk: list[ImageItem],
+                 timer: StageTimer, save_images: bool) -> None:
+    size = deployment.image_size
+    with timer.stage("preprocess"):
+        pictures, errors = _load_chunk(chunk, size)
+    results = {}
+    with timer.stage("inference"):  # entered even when nothing loaded: AutoLog counts every stage
         if pictures:
             batch = np.stack([normalize(rgb, deployment.mean, deployment.std) for rgb in pictures.values()])
-            with timer.stage("inference"):
-                maps, scores = predictor(batch)
+            maps, scores = predictor(batch)
             timer.images += len(pictures)
             results = dict(zip(pictures, zip(maps, scores)))
-        with timer.stage("postprocess"):
-            for k, item in enumerate(chunk):
-                if k not in results:
-                    writer.add_failed(item, errors[k])
-                    continue
-                amap, score = results[k]
-                vmin, vmax = colour_range(writer.calibration, writer.score_stats, amap)
-                writer.add(item, pictures[k], amap, score, vmin, vmax,
-                           _ground_truth(item, size) if args.save_images else None)
-    return timer
+    with timer.stage("postprocess"):
+        for k, item in enumerate(chunk):
+            if k not in results:
+                writer.add_failed(item, errors[k])
+                continue
+            amap, score = results[k]
+            vmin, vmax = colour_range(writer.calibration, writer.score_stats, amap)
+            writer.add(item, pictures[k], amap, score, vmin, vmax,
+                       _ground_truth(item, size) if save_images else None)
 
 
 def _load_chunk(chunk: list[ImageItem], size: int) -> tuple[dict[int, np.ndarray], dict[int, str]]:
@@ -257,13 +265,21 @@ def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer, pr
             f"{timer.per_image_ms()['inference']:.1f} ms/image inference; results in {args.output_dir}")
 
 
-def _benchmark(args: argparse.Namespace, deployment: Deployment, timer: StageTimer, provider: str) -> dict:
-    report = benchmark_report({
-        "model_name": f"rd4ad_{deployment.arch}_{deployment.cls}", "backend": args.backend,
-        "device": args.device, "provider": provider, "precision": args.precision, "batch_size": args.batch_size,
-        "cpu_threads": args.cpu_threads, "enable_mkldnn": args.enable_mkldnn,
-        "use_tensorrt": args.use_tensorrt, "image_size": deployment.image_size}, timer, args.device)
-    print(format_report(report))
+def _run_info(args: argparse.Namespace, deployment: Deployment, provider: str) -> dict:
+    return {"model_name": f"rd4ad_{deployment.arch}_{deployment.cls}", "backend": args.backend,
+            "device": args.device, "provider": provider, "precision": args.precision, "batch_size": args.batch_size,
+            "cpu_threads": args.cpu_threads, "enable_mkldnn": args.enable_mkldnn,
+            "use_tensorrt": args.use_tensorrt, "image_size": deployment.image_size}
+
+
+def _benchmark(args: argparse.Namespace, info: dict, timer: StageTimer) -> dict:
+    """AutoLog's report (by auto_log when installed), and the same figures in benchmark.json."""
+    report = benchmark_report(info, timer, args.device)
+    if timer.autolog is not None:
+        sys.stdout.flush()
+        timer.autolog.report()
+    else:
+        print(format_report(report))
     atomic_write_json(os.path.join(args.output_dir, "benchmark.json"), report)
     return report
 

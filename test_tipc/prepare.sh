@@ -15,12 +15,14 @@ case "$MODE" in
         data=../../sample_data
         settings="arch: resnet18\nimage_size: 64\nbatch_size: 3\nteacher_weights: none\nlog_interval: 1" ;;
     whole_train_whole_infer|whole_infer)
-        if [ ! -d mvtec/bottle ]; then
+        # MVTec AD in ./mvtec, or where TIPC_MVTEC says
+        mvtec=${TIPC_MVTEC:-./mvtec}
+        if [ ! -d "$mvtec/bottle" ]; then
             echo "download MVTec AD from https://www.mvtec.com/company/research/datasets/mvtec-ad"
-            echo "and unpack it to ./mvtec (mvtec/bottle/train/good, ...)"
+            echo "and unpack it to ./mvtec (mvtec/bottle/train/good, ...), or set TIPC_MVTEC to its folder"
             exit 1
         fi
-        data=../../mvtec
+        case "$mvtec" in /*) data=$mvtec ;; *) data=../../$mvtec ;; esac
         settings="arch: wide_resnet50_2\nimage_size: 256\nbatch_size: 16\nteacher_weights: imagenet" ;;
     *) echo "unknown mode: $MODE"; exit 2 ;;
 esac

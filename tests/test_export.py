@@ -1,5 +1,6 @@
 """export_model.py -> static graph / ONNX -> infer.py: agreement and files written."""
 import csv
+import sys
 import json
 import os
 
@@ -171,3 +172,73 @@ def test_int8_onnx_export_runs_and_follows_fp32(exported, tmp_path, capsys):
     assert int8_maps.shape == fp32_maps.shape and int8_scores.shape == (3,)
     for a, b in zip(fp32_maps, int8_maps):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+class FakeTimes:
+    """AutoLog's Times protocol (auto_log/utils.py): start(), one stamp() per time key, end()."""
+
+    def __init__(self, keys):
+        self.keys, self.batches, self.stamps = keys, [], None
+
+    def start(self):
+        assert self.stamps is None, "start() twice without end()"
+        self.stamps = []
+
+    def stamp(self):
+        assert self.stamps is not None, "stamp() outside start()/end()"
+        self.stamps.append(self.keys[len(self.stamps) % len(self.keys)])
+
+    def end(self, stamp=False):
+        assert self.stamps == self.keys, f"a batch stamped {self.stamps}, not {self.keys}"
+        self.batches.append(self.stamps)
+        self.stamps = None
+
+
+def fake_auto_log(created):
+    class AutoLogger:
+        def __init__(self, **kwargs):
+            self.kwargs, self.times, self.reports = kwargs, FakeTimes(list(kwargs["time_keys"])), 0
+            created.append(self)
+
+        def report(self):
+            self.reports += 1
+            print(f"fake auto_log: {len(self.times.batches)} batches")
+    return type(sys)("auto_log"), AutoLogger
+
+
+def test_infer_benchmark_reports_through_auto_log_when_installed(exported, tmp_path, monkeypatch, capsys):
+    _, save_dir, _ = exported
+    created = []
+    module, module.AutoLogger = fake_auto_log(created)
+    monkeypatch.setitem(sys.modules, "auto_log", module)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(folder / name)
+    out = tmp_path / "out"
+    assert infer.main(["--model_dir", save_dir, "--image", str(folder), "--output_dir", str(out),
+                       "--benchmark", "True", "--batch_size", "2"]) == 0
+    [logger] = created
+    assert logger.reports == 1 and len(logger.times.batches) == 2  # 3 images in batches of 2
+    assert logger.kwargs["model_precision"] == "fp32" and logger.kwargs["data_shape"] == [2, 3, SIZE, SIZE]
+    assert logger.kwargs["time_keys"] == ["preprocess_time", "inference_time", "postprocess_time"]
+    printed = capsys.readouterr().out
+    assert "fake auto_log: 2 batches" in printed and "Env info" not in printed  # AutoLog's report, not ours
+    assert json.load(open(out / "benchmark.json"))["images"] == 3
+
+
+def test_a_broken_auto_log_install_falls_back_to_our_lines(exported, tmp_path, monkeypatch, capsys):
+    _, save_dir, _ = exported
+    package = tmp_path / "site" / "auto_log"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import a_dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "auto_log", raising=False)
+    from PIL import Image
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "one.png")
+    assert infer.main(["--model_dir", save_dir, "--image", str(tmp_path / "one.png"),
+                       "--output_dir", str(tmp_path / "out"), "--benchmark", "True"]) == 0
+    captured = capsys.readouterr()
+    assert "auto_log is installed but cannot be imported" in captured.err
+    assert "inference_time(ms)" in captured.out and "Env info" in captured.out

@@ -73,8 +73,14 @@ def verdicts(out_dir):
     return [line for line in (out_dir / "results_python.log").read_text().splitlines() if "Run " in line]
 
 
-def test_lite_train_lite_infer_passes_and_logs_where_tipc_looks(tmp_path):
-    proc = run("lite_train_lite_infer", tmp_path)
+@pytest.fixture(scope="module")
+def lite_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tipc_lite")
+    return run("lite_train_lite_infer", out_dir), out_dir
+
+
+def test_lite_train_lite_infer_passes_and_logs_where_tipc_looks(lite_run):
+    proc, tmp_path = lite_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = verdicts(tmp_path)
     assert len(lines) == 7 and all("Run successfully with command" in line for line in lines)
@@ -99,8 +105,40 @@ def test_a_failed_training_is_reported_and_nothing_after_it_runs(tmp_path):
     assert len(lines) == 1 and "Run failed with command" in lines[0] and "--mode train" in lines[0]
 
 
+def whole_infer_config(tmp_path, trained):
+    """Our config with train_model (line 37) naming `trained` and the export folder (line 28)
+    in tmp_path, as a user points whole_infer at a model of theirs."""
+    lines = open(os.path.join(ROOT, CONFIG)).read().split("\n")
+    assert lines[27].startswith("--save_dir:") and lines[36].startswith("train_model:")
+    lines[27], lines[36] = f"--save_dir:{tmp_path / 'inference'}", f"train_model:{trained}"
+    config = tmp_path / "whole_infer.txt"
+    config.write_text("\n".join(lines))
+    return str(config)
+
+
+def run_whole_infer(tmp_path, trained):
+    # MVTec AD cannot be downloaded here: the bundled sample_data has its layout
+    env = child_environment(TIPC_OUTPUT=str(tmp_path / "logs"), TIPC_MVTEC=os.path.join(ROOT, "sample_data"))
+    config = whole_infer_config(tmp_path, trained)
+    prepared = subprocess.run(["bash", PREPARE, config, "whole_infer"], cwd=ROOT, env=env, capture_output=True,
+                              text=True)
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    return subprocess.run(["bash", SCRIPT, config, "whole_infer"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_whole_infer_exports_and_infers_the_given_model(lite_run, tmp_path):
+    trained = lite_run[1] / "norm_train_gpus_-1_autocast_null"
+    assert (trained / "bottle" / "model.pdparams").is_file()
+    proc = run_whole_infer(tmp_path, trained)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = verdicts(tmp_path / "logs")
+    assert len(lines) == 5 and all("Run successfully with command" in line for line in lines)
+    assert "export_model.py" in lines[0] and all("infer.py" in line for line in lines[1:])
+    assert (tmp_path / "inference" / "model.pdiparams").is_file()  # exported where line 28 says
+
+
 def test_whole_infer_without_a_given_model_fails_clearly(tmp_path):
-    if not os.path.isdir(os.path.join(ROOT, "mvtec", "bottle")):
-        pytest.skip("whole_infer's prepare needs ./mvtec (MVTec AD), not on this machine")
-    proc = run("whole_infer", tmp_path)
-    assert proc.returncode != 0 and "is not a training run" in verdicts(tmp_path)[0]
+    proc = run_whole_infer(tmp_path, tmp_path / "no_such_run")
+    assert proc.returncode != 0 and "is not a training run" in verdicts(tmp_path / "logs")[0]
+    assert not (tmp_path / "inference").exists()

@@ -1,17 +1,35 @@
-"""A small equivalent of PaddlePaddle's AutoLog: stage timings, throughput and memory."""
+"""Stage timings, throughput and memory, reported as PaddlePaddle's AutoLog reports them:
+through `auto_log` itself when it is installed, else with the same lines written here."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
+from typing import Any
+
+STAGES = ("preprocess", "inference", "postprocess")
 
 
 class StageTimer:
-    """Accumulates wall time per stage (preprocess / inference / postprocess)."""
+    """Accumulates wall time per stage (preprocess / inference / postprocess). Given an
+    `auto_log.AutoLogger`, it also passes it each batch's boundaries as AutoLog expects
+    them: `times.start()`, one `times.stamp()` per stage in STAGES order, `times.end()`."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
+    def __init__(self, autolog: Any = None) -> None:
+        self.seconds: dict[str, float] = {name: 0.0 for name in STAGES}
         self.images = 0
+        self.autolog = autolog
+
+    @contextmanager
+    def batch(self):
+        """One batch: every stage of STAGES is entered once inside it, in order."""
+        if self.autolog is not None:
+            self.autolog.times.start()
+        yield
+        if self.autolog is not None:
+            self.autolog.times.end()
 
     @contextmanager
     def stage(self, name: str):
@@ -20,10 +38,35 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            if self.autolog is not None:
+                self.autolog.times.stamp()
 
     def per_image_ms(self) -> dict[str, float]:
         n = max(self.images, 1)
         return {k: 1000.0 * v / n for k, v in self.seconds.items()}
+
+
+def autolog_logger(info: dict) -> Any:
+    """An `auto_log.AutoLogger` for this run when AutoLog is installed (it is not on PyPI:
+    pip install from github.com/LDOUBLEV/AutoLog), else None and our own lines are printed.
+    `info` holds the run's settings, as for benchmark_report."""
+    try:
+        import auto_log
+    except ImportError as err:
+        if getattr(err, "name", None) != "auto_log":  # installed, but one of its own imports failed
+            print(f"warning: auto_log is installed but cannot be imported ({err}); "
+                  "printing the same report lines without it", file=sys.stderr)
+        return None
+    size, batch = info["image_size"], info["batch_size"]
+    on_gpu = info["device"] == "gpu"
+    return auto_log.AutoLogger(
+        model_name=info["model_name"], model_precision=info["precision"], batch_size=batch,
+        data_shape=[batch, 3, size, size], save_path=None,
+        inference_config={"runtime_device": info["device"], "ir_optim": True,
+                          "enable_tensorrt": info["use_tensorrt"], "precision": info["precision"],
+                          "enable_mkldnn": info["enable_mkldnn"], "cpu_math_library_num_threads": info["cpu_threads"]},
+        pids=os.getpid(), process_name=None, gpu_ids=_paddle_gpu_id() if on_gpu else None,
+        time_keys=[f"{name}_time" for name in STAGES], warmup=0)
 
 
 def _proc_status_mb(field: str) -> float | None:
