@@ -3,6 +3,7 @@
     python tools/benchmark.py                       # wide_resnet50_2, 256 px (several minutes)
     python tools/benchmark.py --quick               # resnet18, 64 px, a smoke test (CI)
     python tools/benchmark.py --arch resnet18 --image_size 128 --repeats 3 --json out.json
+    python tools/benchmark.py --reference ../RD4AD      # beside hq-deng/RD4AD (needs torch)
 
 Measured, each with warm-up and the median of --repeats runs, random weights (timing does
 not depend on them):
@@ -12,7 +13,12 @@ not depend on them):
 - training images/s at --train_batch with and without the teacher-feature cache;
 - evaluation of one class end to end (--eval_images test images, metrics included);
 - AUPRO on 30 maps: exact mode against a 200-threshold loop like the reference's;
-- peak RSS of each stage (reset between stages where Linux allows), threads and flags.
+- peak RSS of each stage (reset between stages where Linux allows), threads and flags;
+- with --reference DIR (a local checkout of hq-deng/RD4AD and PyTorch installed): the
+  reference's own training step and batch-1 inference pipeline (tools/reference.py), with
+  the same threads, batch, size and random inputs, and every path's ratio to it. Training
+  steps of the reference and ours alternate round by round, so that the machine's drifts
+  hit both alike. Each figure is the median of its runs, with their range (spread).
 """
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError, shorten  # noqa: E402
 from utils.io import atomic_write_json  # noqa: E402
 
+from reference import Reference, seconds_per_run  # noqa: E402  (tools/reference.py)
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -79,14 +87,12 @@ def peak_rss_mb() -> float | None:
 
 
 def median_seconds(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds_per_run(fn, repeats, warmup))
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """'low-high' of a figure's runs: how much noise its median hides."""
+    return f"{round(min(values), digits)}-{round(max(values), digits)}"
 
 
 def reference_style_pro_loop(masks: np.ndarray, maps: np.ndarray, num_th: int = 200) -> float:
@@ -147,19 +153,31 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
         row = {"path": name}
         for batch in sorted({1, args.batch}):
             x = np.random.default_rng(batch).normal(size=(batch, 3, size, size)).astype(np.float32)
-            seconds = median_seconds(lambda: run(x), args.repeats, args.warmup)
-            row[f"ms/img b{batch}"] = round(1000 * seconds / batch, 1)
+            ms = [1000 * t / batch for t in seconds_per_run(lambda: run(x), args.repeats, args.warmup)]
+            row[f"ms/img b{batch}"] = round(statistics.median(ms), 1)
+            row[f"b{batch} range"] = spread(ms)
         row["peak RSS MB"] = peak_rss_mb() if RSS_RESETS else None
-        outputs[name] = np.concatenate([run(img[None])[0] for img in sample_images]) if sample_images is not None else None
+        if sample_images is not None:
+            outputs[name] = np.concatenate([run(img[None])[0] for img in sample_images])
         rows.append(row)
         print(f"  {name}: {row}", flush=True)
 
     notes.append({"path": "Paddle Inference int8 oneDNN",
                   "note": "not measured: Paddle 3.3.1 PTQ gives no runnable int8 predictor (README)"})
+    if args.reference_code is not None:
+        image = np.random.default_rng(1).normal(size=(1, 3, size, size)).astype(np.float32)
+        run = args.reference_code.inference(args.arch, image)
+        ms = [1000 * t for t in seconds_per_run(run, args.repeats, args.warmup)]
+        rows.append({"path": REFERENCE_INFERENCE, "ms/img b1": round(statistics.median(ms), 1),
+                     "b1 range": spread(ms)})
+        print(f"  {rows[-1]}", flush=True)
     base = next(r for r in rows if r["path"] == "dynamic graph")
+    reference = next((r for r in rows if r["path"] == REFERENCE_INFERENCE), None)
     for row in rows:
-        for key in [k for k in row if k.startswith("ms/img")]:
+        for key in [k for k in row if k.startswith("ms/img") and k in base]:
             row[key.replace("ms/img", "x vs dygraph")] = round(base[key] / row[key], 2)
+        if reference is not None:
+            row["b1 x vs reference"] = round(reference["ms/img b1"] / row["ms/img b1"], 2)
     rows += notes
 
     fp32 = outputs.get("Paddle Inference fp32 oneDNN")
@@ -181,28 +199,50 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
     return rows, agreement
 
 
+REFERENCE_TRAINING = "reference (hq-deng/RD4AD, torch): teacher every step, its backward too"
+REFERENCE_INFERENCE = "reference (hq-deng/RD4AD, torch): eager, its cal_anomaly_map + gaussian_filter"
+
+
 def bench_training(args, net) -> list[dict]:
-    rows = []
+    """Images/s of one training step, ours with and without the teacher-feature cache and,
+    with --reference, the reference's; the steps take turns, round by round."""
     size, batch = args.image_size, args.train_batch
-    images = paddle.to_tensor(np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32))
+    inputs = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
+    images = paddle.to_tensor(inputs)
     with paddle.no_grad():
         cached = net.teacher(images)  # what the cache hands over (float16 round trip below)
     cached = [paddle.to_tensor(f.numpy().astype(np.float16).astype(np.float32)) for f in cached]
-    for name, uses_cache in (("train, teacher every step", False), ("train, teacher-feature cache", True)):
-        reset_peak_rss()
-        net.train()
-        optimizer = build_optimizer(net.trainable_parameters())
+    net.train()
+    optimizer = build_optimizer(net.trainable_parameters())
 
+    def our_step(uses_cache: bool):
         def step():
             feats = cached if uses_cache else net.teacher_features(images)
             loss = cosine_distillation_loss(feats, net.student_features(feats))
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
-        seconds = median_seconds(step, args.train_repeats, 1)
-        rows.append({"path": name, "images/s": round(batch / seconds, 3), "batch": batch,
-                     "peak RSS MB": peak_rss_mb()})
-        print(f"  {rows[-1]}", flush=True)
+        return step
+    steps = {"train, teacher every step": our_step(False), "train, teacher-feature cache": our_step(True)}
+    if args.reference_code is not None:
+        steps[REFERENCE_TRAINING] = args.reference_code.training_step(args.arch, inputs)
+    for step in steps.values():  # warm-up
+        step()
+    seconds = {name: [] for name in steps}
+    for _ in range(args.train_repeats):
+        for name, step in steps.items():
+            seconds[name] += seconds_per_run(step, 1, 0)
+    rows = []
+    for name, times in seconds.items():
+        rates = [batch / t for t in times]
+        rows.append({"path": name, "images/s": round(statistics.median(rates), 3), "range": spread(rates, 3),
+                     "batch": batch, "runs": len(times)})
+    if args.reference_code is not None:
+        reference = statistics.median(seconds[REFERENCE_TRAINING])
+        for row in rows:
+            row["x vs reference"] = round(reference / statistics.median(seconds[row["path"]]), 2)
+    for row in rows:
+        print(f"  {row}", flush=True)
     return rows
 
 
@@ -299,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="a trained checkpoint (its arch and size) instead of random "
                                         "weights: the agreement of bf16 with fp32 needs trained weights")
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of stages to run")
+    p.add_argument("--reference", metavar="DIR", help="a local checkout of hq-deng/RD4AD (PyTorch installed): "
+                                                      "time the reference beside ours (default: none)")
     a = p.parse_args(argv)
     if a.quick:
         a.arch, a.image_size, a.batch, a.train_batch = "resnet18", 64, 4, 4
@@ -327,6 +369,10 @@ def check_args(a: argparse.Namespace) -> None:
                             f"or a folder itself)")
     if a.checkpoint:
         load_checkpoint(a.checkpoint)  # read without running code, every part checked
+    a.reference_code = None
+    if a.reference:
+        a.reference_code = Reference(a.reference)
+        a.reference_code.torch.set_num_threads(a.threads)  # the same threads as ours
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +388,8 @@ def benchmark(a: argparse.Namespace) -> int:
             "cores": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "predictor threads": a.threads, "paddle": paddle.__version__,
             "FLAGS_use_mkldnn": os.environ.get("FLAGS_use_mkldnn", "unset"),
-            "bf16 CPU": cpu_has_bf16(), "weights": a.checkpoint or "random"}
+            "bf16 CPU": cpu_has_bf16(), "weights": a.checkpoint or "random",
+            "reference": f"torch {a.reference_code.torch.__version__}, {a.reference}" if a.reference_code else None}
     print("benchmark:", json.dumps(info), flush=True)
     work = tempfile.mkdtemp(prefix="rd4ad-bench-")
     try:
