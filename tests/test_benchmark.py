@@ -66,7 +66,8 @@ def test_benchmark_mistakes_are_one_line_before_any_work(tmp_path, capsys):
              (["--image_size", "100"], "--image_size 100: must be a multiple of 32"),
              (["--stages", "everything"], "--stages 'everything': choose from"),
              (["--json", str(tmp_path / "a_file" / "out.json")], "cannot write the --json file there"),
-             (["--json", "/proc/rd4ad/out.json"], "cannot write the --json file there")]
+             (["--json", "/proc/rd4ad/out.json"], "cannot write the --json file there"),
+             (["--reference", str(tmp_path / "not_a_checkout")], "--reference ")]  # no torch, or no files
     for args, message in cases:
         try:
             code = tool.main(args)

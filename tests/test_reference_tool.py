@@ -1,17 +1,13 @@
 """tools/reference.py: the reference RD4AD read from a checkout at run time, for the
 benchmark. A stand-in checkout (tiny torch models, the reference's function names, and
 top-level imports of packages that are not installed) shows what is imported and run."""
-import os
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from reference import Reference  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from tools.reference import Reference
+from utils.errors import UserError
 
 ENCODERS = '''
 import torch.nn as nn

@@ -57,7 +57,7 @@ from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError, shorten  # noqa: E402
 from utils.io import atomic_write_json  # noqa: E402
 
-from reference import Reference, seconds_per_run  # noqa: E402  (tools/reference.py)
+from tools.reference import Reference, seconds_per_run  # noqa: E402
 
 
 # ---------------------------------------------------------------- helpers
