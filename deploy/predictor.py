@@ -247,8 +247,61 @@ def _onnxruntime():
     return onnxruntime
 
 
+class OpenVinoPredictor(Predictor):
+    """OpenVINO (anomalib's deployment runtime) on the CPU: model.onnx in fp32, or in bf16
+    by its inference-precision hint (CPUs with bf16 instructions), or model_int8.onnx (the
+    QDQ graph of export_model.py --int8, which OpenVINO runs in int8)."""
+
+    @classmethod
+    def check_options(cls, options: PredictorOptions) -> None:
+        if options.device != "cpu":
+            # OpenVINO's GPU plugin drives Intel GPUs, not CUDA ones: never a silent CPU fallback
+            raise UsageError("--backend openvino runs on the CPU here; for a CUDA GPU use --backend paddle "
+                             "or onnxruntime")
+        if options.precision not in ("fp32", "bf16", "int8"):
+            raise UsageError(f"--backend openvino runs fp32, bf16 or int8, not {options.precision}")
+        if options.precision == "bf16" and not cpu_has_bf16():
+            # OpenVINO would quietly run float32 and the run would say bf16
+            raise UsageError("--precision bf16: this CPU has no bf16 instructions")
+        _openvino()
+
+    def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
+        ov = _openvino()
+        options.check()
+        int8 = options.precision == "int8"
+        self.image_size = deployment.image_size
+        hint = "export with: python export_model.py --onnx" + (" --int8 --calib_dir GOOD_IMAGES" if int8 else "")
+        self.model_path = deployment.model_file("model_int8.onnx" if int8 else "model.onnx", hint)
+        config = {"INFERENCE_NUM_THREADS": options.cpu_threads, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "bf16" if options.precision == "bf16" else "f32"}
+        try:
+            core = ov.Core()
+            self.model = core.compile_model(core.read_model(self.model_path), "CPU", config)
+        except MemoryError:
+            raise
+        except Exception as err:
+            raise _load_error(self.model_path, "OpenVINO", err) from None
+        self.outputs = [self.model.output(name) for name in ("anomaly_map", "score")]
+        shape = self.model.input(0).get_partial_shape()
+        check_graph_size([d.get_length() if d.is_static else None for d in shape], deployment, self.model_path)
+        self.provider = f"CPU (OpenVINO {ov.get_version().split('-')[0]}, {config['INFERENCE_PRECISION_HINT']})"
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self.model(images)
+        return result[self.outputs[0]], result[self.outputs[1]]
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise UsageError("--backend openvino needs: pip install -r requirements-deploy.txt") from None
+    return openvino
+
+
 # A backend is one Predictor subclass and one entry here (infer.py's --backend choices).
-BACKENDS: dict[str, type[Predictor]] = {"paddle": PaddlePredictor, "onnxruntime": OnnxPredictor}
+BACKENDS: dict[str, type[Predictor]] = {"paddle": PaddlePredictor, "onnxruntime": OnnxPredictor,
+                                        "openvino": OpenVinoPredictor}
 BACKEND_NAMES = tuple(BACKENDS)
 
 

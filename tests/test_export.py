@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 import export_model
 from conftest import ROOT
 import infer
-from deploy.deployment import read_deployment
+from deploy.deployment import ModelError, read_deployment
 from deploy.predictor import PredictorOptions, build_predictor
 from report.pictures import layout
 from model import build_rd4ad
@@ -172,7 +172,60 @@ def test_int8_onnx_export_runs_and_follows_fp32(exported, tmp_path, capsys):
     assert int8_maps.shape == fp32_maps.shape and int8_scores.shape == (3,)
     for a, b in zip(fp32_maps, int8_maps):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+    # OpenVINO runs the same QDQ graph in int8: near ONNX Runtime's int8, and near fp32
+    ov_maps, ov_scores = predictor(int8_dir, backend="openvino", precision="int8")(x)
+    assert "OpenVINO" in predictor(int8_dir, backend="openvino", precision="int8").provider
+    for a, b in zip(fp32_maps, ov_maps):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+    np.testing.assert_allclose(ov_scores, int8_scores, rtol=0.05)
 
+
+
+def test_openvino_matches_paddle_inference(exported):
+    """OpenVINO on model.onnx: the same maps and scores as Paddle Inference, any batch."""
+    _, save_dir, _ = exported
+    x = images(seed=2)
+    paddle_maps, paddle_scores = predictor(save_dir)(x)
+    runner = predictor(save_dir, backend="openvino", cpu_threads=2)
+    assert runner.provider.startswith("CPU (OpenVINO ") and runner.provider.endswith(", f32)")
+    ov_maps, ov_scores = runner(x)
+    np.testing.assert_allclose(ov_maps, paddle_maps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ov_scores, paddle_scores, rtol=1e-4, atol=1e-4)
+    one_map, one_score = runner(x[2:3])  # the graph's batch dimension stays dynamic
+    np.testing.assert_allclose(one_map[0], paddle_maps[2], rtol=1e-4, atol=1e-4)
+
+
+def test_openvino_refuses_what_it_would_not_honour(exported, monkeypatch):
+    from deploy import predictor as predictor_module
+    from deploy.predictor import UsageError
+    _, save_dir, _ = exported
+    with pytest.raises(UsageError, match="runs on the CPU here"):
+        predictor(save_dir, backend="openvino", device="gpu")
+    with pytest.raises(UsageError, match="fp32, bf16 or int8, not fp16"):
+        predictor(save_dir, backend="openvino", precision="fp16")
+    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UsageError, match="no bf16 instructions"):  # OpenVINO would quietly run f32
+        predictor(save_dir, backend="openvino", precision="bf16")
+    with pytest.raises(ModelError, match="model_int8.onnx"):  # not exported with --int8
+        predictor(save_dir, backend="openvino", precision="int8")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(UsageError, match="--backend openvino needs: pip install -r requirements-deploy.txt"):
+        predictor(save_dir, backend="openvino")
+
+
+def test_infer_cli_with_openvino_gives_paddles_rows(exported, tmp_path):
+    _, save_dir, _ = exported
+    folder = os.path.join(ROOT, "sample_data", "bottle", "test")
+    rows = {}
+    for backend in ("paddle", "openvino"):
+        out = tmp_path / backend
+        assert infer.main(["--model_dir", save_dir, "--image", folder, "--output_dir", str(out),
+                           "--backend", backend, "--save_images", "False"]) == 0
+        rows[backend] = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows["paddle"]) == len(rows["openvino"]) > 0
+    for a, b in zip(rows["paddle"], rows["openvino"]):
+        assert (a["image"], a["verdict"]) == (b["image"], b["verdict"])
+        assert float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-4)
 
 class FakeTimes:
     """AutoLog's Times protocol (auto_log/utils.py): start(), one stamp() per time key, end()."""

@@ -135,6 +135,16 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
                          PredictorOptions(backend="onnxruntime", cpu_threads=args.threads, precision="int8")))
     except ImportError:
         notes.append({"path": "ONNX Runtime fp32", "note": "onnxruntime not installed"})
+    if _has("openvino"):
+        backends.append(("OpenVINO fp32", "openvino",
+                         PredictorOptions(backend="openvino", cpu_threads=args.threads)))
+        backends.append(("OpenVINO int8", "openvino",
+                         PredictorOptions(backend="openvino", cpu_threads=args.threads, precision="int8")))
+        if cpu_has_bf16():
+            backends.append(("OpenVINO bf16", "openvino",
+                             PredictorOptions(backend="openvino", cpu_threads=args.threads, precision="bf16")))
+    else:
+        notes.append({"path": "OpenVINO", "note": "openvino not installed"})
     if cpu_has_bf16():
         backends.append(("Paddle Inference bf16 oneDNN", "paddle",
                          PredictorOptions(enable_mkldnn=True, cpu_threads=args.threads, precision="bf16")))
@@ -181,7 +191,8 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
     rows += notes
 
     fp32 = outputs.get("Paddle Inference fp32 oneDNN")
-    for name in ("Paddle Inference bf16 oneDNN", "ONNX Runtime int8", "ONNX Runtime fp32"):
+    for name in ("Paddle Inference bf16 oneDNN", "ONNX Runtime int8", "ONNX Runtime fp32", "OpenVINO fp32",
+                 "OpenVINO int8", "OpenVINO bf16"):
         other = outputs.get(name)
         if fp32 is None or other is None:
             continue
