@@ -46,6 +46,7 @@ class Deployment:
     score_stats: dict[str, float]     # {} when the checkpoint had none
     cls: str | None
     files: dict[str, dict] | None     # None: an older export without the manifest
+    precision_checks: tuple[dict, ...] = ()  # deploy/precision.py's judgement, when the export made one
 
     @property
     def folder(self) -> str:
@@ -155,7 +156,30 @@ def check_deployment(meta: Any, path: str) -> Deployment:
         raise bad("class", "null or a string")
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
-                      _check_manifest(meta.get("files"), path))
+                      _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path))
+
+
+PRECISION_CHECK_KEYS = ("backend", "precision", "images", "ms_per_image", "min_pearson", "swapped_pairs",
+                        "verdict_changes")
+
+
+def _check_precision_checks(meta: dict, path: str) -> tuple[dict, ...]:
+    checks = meta.get("precision_checks")
+    if checks is None:
+        return ()
+
+    def valid(c: Any) -> bool:
+        return (isinstance(c, dict) and tuple(c) == PRECISION_CHECK_KEYS
+                and isinstance(c["backend"], str) and isinstance(c["precision"], str)
+                and is_whole_number(c["images"]) and c["images"] > 0
+                and _numbers([c["ms_per_image"], c["min_pearson"]], 2) and c["ms_per_image"] > 0
+                and is_whole_number(c["swapped_pairs"]) and c["swapped_pairs"] >= 0
+                and (c["verdict_changes"] is None
+                     or is_whole_number(c["verdict_changes"]) and c["verdict_changes"] >= 0))
+    if not isinstance(checks, list) or not all(valid(c) for c in checks):
+        raise ModelError(f"{path}: 'precision_checks' must be a list of {{{', '.join(PRECISION_CHECK_KEYS)}}} "
+                         f"(got {shorten(checks)}); export the model again")
+    return tuple(dict(c) for c in checks)
 
 
 def _check_manifest(files: Any, path: str) -> dict[str, dict] | None:

@@ -6,14 +6,20 @@ import importlib.util
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import paddle
 
+from dataset import DataError, index_test_dir, load_image
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config_file
 from engine.paths import RunPaths
 from utils.cli import OneLineArgumentParser, run_main
+from utils.io import atomic_write_json
 from utils.names import check_class_name
 
+from .deployment import MAX_DEPLOY_BYTES, check_deployment, read_deployment, read_json_file
+
+from .precision import judge_precisions
 from .export import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET, ExportError, calibration_images, export
 
 DESCRIPTION = "Export a trained RD4AD class to one static graph: image -> (anomaly map, score)."
@@ -33,6 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                             "needs --onnx and --calib_dir (default: off)")
     add("--calib_dir", metavar="DIR", help="good images to calibrate int8 on, e.g. train/good (default: none)")
     add("--calib_images", type=int, default=32, metavar="N", help="calibrate on at most N images (default: 32)")
+    add("--check_dir", metavar="DIR", help="images (e.g. the class's test folder) on which every bf16 / int8 path "
+                                          "that runs here is judged against fp32, for infer.py --precision auto "
+                                          "(default: the --calib_dir images when --int8)")
+    add("--check_images", type=int, default=64, metavar="N", help="judge on at most N images (default: 64)")
     return p.parse_args(argv)
 
 
@@ -59,6 +69,10 @@ def check_args(a: argparse.Namespace) -> None:
         raise ExportError(f"--opset {a.opset}: must lie in {MIN_OPSET}..{MAX_OPSET} (what paddle2onnx exports)")
     if not 1 <= a.calib_images <= MAX_CALIB_IMAGES:
         raise ExportError(f"--calib_images {a.calib_images}: must lie in 1..{MAX_CALIB_IMAGES}")
+    if not 2 <= a.check_images <= MAX_CALIB_IMAGES:
+        raise ExportError(f"--check_images {a.check_images}: must lie in 2..{MAX_CALIB_IMAGES}")
+    if a.check_dir is not None and not os.path.isdir(a.check_dir):
+        raise ExportError(f"{a.check_dir}: --check_dir is not a folder")
     if a.int8 and (not a.onnx or not a.calib_dir):
         raise ExportError("--int8 needs --onnx and --calib_dir (a folder of good images)")
     for wanted, module in ((a.onnx, "paddle2onnx"), (a.int8, "onnxruntime")):
@@ -86,7 +100,46 @@ def run(a: argparse.Namespace) -> dict:
     files = ", ".join(sorted(meta["files"]) + ["deploy.json"])
     print(f"exported {meta['arch']} ({meta['image_size']} px, class {meta['class']}) to {a.save_dir}: {files}; "
           f"input 'image' [N, 3, {meta['image_size']}, {meta['image_size']}], outputs {', '.join(meta['outputs'])}")
+    if a.check_dir is not None:
+        images = check_images(a.check_dir, meta["image_size"], a.check_images)
+    elif calibration:
+        images = np.concatenate(calibration[:a.check_images])
+    else:
+        return meta
+    checks = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1)
+    meta = record_precision_checks(a.save_dir, checks)
+    print(precision_table(checks))
     return meta
+
+
+def check_images(folder: str, image_size: int, limit: int) -> np.ndarray:
+    """Up to `limit` images of `folder` (loose and in subfolders, as a test folder holds
+    them), evenly spread over the sorted list so that every defect type is represented."""
+    samples = index_test_dir(folder, None)
+    if len(samples) < 2:
+        raise DataError(f"{folder}: --check_dir needs at least 2 images")
+    picked = [samples[int(i)] for i in np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))))]
+    return np.stack([load_image(s.image_path, image_size) for s in picked])
+
+
+def record_precision_checks(save_dir: str, checks: list) -> dict:
+    """deploy.json with the judgement added, checked as infer.py checks it, written atomically."""
+    path = os.path.join(save_dir, "deploy.json")
+    meta = {**read_json_file(path, MAX_DEPLOY_BYTES, "a deploy.json"),
+            "precision_checks": [c.as_dict() for c in checks]}
+    check_deployment(meta, path)
+    atomic_write_json(path, meta)
+    return meta
+
+
+def precision_table(checks: list) -> str:
+    lines = ["| path | ms/img | min Pearson | swapped pairs | verdict changes | keeps verdicts |",
+             "|---|---:|---:|---:|---:|---|"]
+    for c in checks:
+        changes = "n/a (no threshold)" if c.verdict_changes is None else c.verdict_changes
+        lines.append(f"| {c.backend} {c.precision} | {c.ms_per_image:g} | {c.min_pearson:.5f} | {c.swapped_pairs} | "
+                     f"{changes} | {'baseline' if c.precision == 'fp32' else 'yes' if c.keeps_verdicts else 'no'} |")
+    return f"judged on {checks[0].images} images against Paddle Inference fp32:\n" + "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

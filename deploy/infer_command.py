@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from tqdm import tqdm
@@ -22,7 +23,8 @@ from utils.lock import OutputLock
 from utils.names import check_class_name, is_within, output_names
 from utils.timing import StageTimer, autolog_logger, benchmark_report, format_report
 
-from .deployment import Deployment, read_deployment
+from .deployment import Deployment, ModelError, read_deployment
+from .precision import checks_from_json, choose_path
 from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, UsageError,
                         build_predictor)
 
@@ -41,8 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--data_dir", metavar="DIR", help="MVTec-layout root: with --cls, all its test images (default: none)")
     add("--cls", help="class of --data_dir, and of the default --model_dir (default: none)")
     add("--output_dir", default="", metavar="DIR", help="pictures, masks/, scores.csv (default: MODEL_DIR/infer)")
-    add("--backend", default=d.backend, choices=BACKEND_NAMES, metavar="NAME",
-        help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {d.backend})")
+    add("--backend", default=None, choices=BACKEND_NAMES, metavar="NAME",
+        help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {d.backend}; with --precision auto, "
+             f"the one chosen)")
     add("--device", default=d.device, choices=DEVICE_NAMES, metavar="NAME",
         help=f"one of {', '.join(DEVICE_NAMES)} (default: {d.device})")
     add("--use_gpu", type=parse_bool, default=None, metavar="BOOL",
@@ -53,8 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"CPU threads of the runtime (default: {d.cpu_threads}, every core)")
     add("--use_tensorrt", type=parse_bool, nargs="?", const=True, default=d.use_tensorrt, metavar="BOOL",
         help=f"TensorRT on GPU (default: {d.use_tensorrt})")
-    add("--precision", default=d.precision, choices=PRECISION_NAMES, metavar="NAME",
-        help=f"one of {', '.join(PRECISION_NAMES)} (default: {d.precision})")
+    add("--precision", default=d.precision, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
+        help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
+             f"verdict (export_model.py --check_dir) (default: {d.precision})")
     add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"images per run (default: {d.batch_size})")
     add("--benchmark", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
         help="print AutoLog-style timings and save benchmark.json (default: False)")
@@ -64,6 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--save_images", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
         help="write a picture per image (default: True)")
     args = p.parse_args(argv)
+    args.backend_given = args.backend is not None
+    args.backend = args.backend or d.backend
+    args.auto_choice = None
     if args.use_gpu is not None:
         args.device = "gpu" if args.use_gpu else "cpu"
     args.model_dir = args.model_dir or RunPaths(DEFAULT_OUTPUT).export_dir(args.cls or DEFAULT_CLASS)
@@ -83,7 +90,11 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
-    predictor_options(args).check()
+    if args.precision == "auto":
+        if args.device != "cpu":
+            raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")
+    else:
+        predictor_options(args).check()
     if args.threshold is not None and not (math.isfinite(args.threshold) and abs(args.threshold) <= MAX_THRESHOLD):
         raise UsageError(f"--threshold {args.threshold}: must be a finite number within +-{MAX_THRESHOLD:g} "
                          f"(scores lie in [0, 6])")
@@ -151,6 +162,27 @@ def collect_inputs(args: argparse.Namespace) -> list[ImageItem]:
             for s, n in zip(samples, names)]
 
 
+def choose_precision(args: argparse.Namespace, deployment: Deployment) -> None:
+    """--precision auto: set args.backend and args.precision to the fastest path the export
+    judged to keep every verdict (deploy/precision.py) and that runs on this machine."""
+    if not deployment.precision_checks:
+        raise UsageError(f"--precision auto: {deployment.path} holds no precision checks; export with "
+                         f"--check_dir (or --int8), or give --precision")
+
+    def runs_here(check) -> bool:
+        try:
+            replace(predictor_options(args), backend=check.backend, precision=check.precision).check()
+            deployment.model_file("model_int8.onnx" if check.precision == "int8" else
+                                  "model.onnx" if check.backend != "paddle" else "model.json")
+            return True
+        except (UsageError, ModelError):
+            return False
+    checks = checks_from_json(list(deployment.precision_checks))
+    args.backend, args.precision, why = choose_path(checks, runs_here, args.backend if args.backend_given else None)
+    args.auto_choice = f"--precision auto: {args.backend} {args.precision}, {why}"
+    print(args.auto_choice)
+
+
 def calibration_of(args: argparse.Namespace, deployment: Deployment) -> Calibration | None:
     calibration = deployment.calibration
     if args.threshold is None:
@@ -165,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
     PartialFailure after writing everything when any image failed."""
     check_args(args)
     deployment = read_deployment(args.model_dir)
+    if args.precision == "auto":
+        choose_precision(args, deployment)
     calibration = calibration_of(args, deployment)
     items = collect_inputs(args)
     predictor = build_predictor(deployment, predictor_options(args))

@@ -16,9 +16,10 @@ not depend on them):
 - peak RSS of each stage (reset between stages where Linux allows), threads and flags;
 - with --reference DIR (a local checkout of hq-deng/RD4AD and PyTorch installed): the
   reference's own training step and batch-1 inference pipeline (tools/reference.py), with
-  the same threads, batch, size and random inputs, and every path's ratio to it. Training
-  steps of the reference and ours alternate round by round, so that the machine's drifts
-  hit both alike. Each figure is the median of its runs, with their range (spread).
+  the same threads, batch, size and random inputs, and every path's ratio to it. Its
+  training steps take turns with ours, round by round, and its inference is timed before
+  and after ours, so that the machine's drifts (up to 1.5x within minutes on a shared
+  machine) hit both alike. Each figure is the median of its runs, with their range.
 """
 from __future__ import annotations
 
@@ -150,6 +151,11 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
                          PredictorOptions(enable_mkldnn=True, cpu_threads=args.threads, precision="bf16")))
     else:
         notes.append({"path": "Paddle Inference bf16 oneDNN", "note": "CPU has no bf16 instructions"})
+    reference_ms = []
+    if args.reference_code is not None:  # timed before and after ours: drifts hit both alike
+        image = np.random.default_rng(1).normal(size=(1, 3, size, size)).astype(np.float32)
+        reference_run = args.reference_code.inference(args.arch, image)
+        reference_ms += [1000 * t for t in seconds_per_run(reference_run, (args.repeats + 1) // 2, args.warmup)]
     outputs = {}
     for name, kind, pargs in backends:
         reset_peak_rss()
@@ -175,9 +181,8 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
     notes.append({"path": "Paddle Inference int8 oneDNN",
                   "note": "not measured: Paddle 3.3.1 PTQ gives no runnable int8 predictor (README)"})
     if args.reference_code is not None:
-        image = np.random.default_rng(1).normal(size=(1, 3, size, size)).astype(np.float32)
-        run = args.reference_code.inference(args.arch, image)
-        ms = [1000 * t for t in seconds_per_run(run, args.repeats, args.warmup)]
+        reference_ms += [1000 * t for t in seconds_per_run(reference_run, args.repeats // 2 or 1, 1)]
+        ms = reference_ms
         rows.append({"path": REFERENCE_INFERENCE, "ms/img b1": round(statistics.median(ms), 1),
                      "b1 range": spread(ms)})
         print(f"  {rows[-1]}", flush=True)
@@ -240,7 +245,7 @@ def bench_training(args, net) -> list[dict]:
     for step in steps.values():  # warm-up
         step()
     seconds = {name: [] for name in steps}
-    for _ in range(args.train_repeats):
+    for _ in range(args.train_repeats):  # the steps take turns: drifts hit all alike
         for name, step in steps.items():
             seconds[name] += seconds_per_run(step, 1, 0)
     rows = []
@@ -381,7 +386,7 @@ def check_args(a: argparse.Namespace) -> None:
     if a.checkpoint:
         load_checkpoint(a.checkpoint)  # read without running code, every part checked
     a.reference_code = None
-    if a.reference:
+    if a.reference:  # torch there, the checkout's files and functions: before any work
         a.reference_code = Reference(a.reference)
         a.reference_code.torch.set_num_threads(a.threads)  # the same threads as ours
 

@@ -1,6 +1,10 @@
 """The reference RD4AD (github.com/hq-deng/RD4AD, PyTorch), loaded from a local checkout at
 run time so that tools/benchmark.py can time it beside this project in one run.
 
+The benchmark times the reference in its own process run, its steps taking turns with ours:
+this machine's speed drifts by up to 1.5x within minutes (README, Performance), which
+figures taken one after the other would mistake for a difference between the two.
+
 Nothing of the reference is copied into this repository. Its model files (resnet.py,
 de_resnet.py) are imported from the checkout; its loss (`loss_fucntion` in main.py) and its
 anomaly map (`cal_anomaly_map` in test.py) are read out of those files, because importing
@@ -35,15 +39,10 @@ class Reference:
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        try:
-            import torch
-            import torch.nn.functional as F
-        except ImportError:
-            raise UserError(f"--reference {folder}: PyTorch is not installed (pip install torch)") from None
+        check_checkout(folder)
+        import torch
+        import torch.nn.functional as F
         self.torch = torch
-        for name in MODEL_FILES + tuple(FUNCTIONS):
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise UserError(f"--reference {folder}: no {name} there; give a checkout of hq-deng/RD4AD")
         self.encoders = _import(os.path.join(folder, "resnet.py"), "rd4ad_reference_resnet")
         self.decoders = _import(os.path.join(folder, "de_resnet.py"), "rd4ad_reference_de_resnet")
         namespace = {"torch": torch, "F": F, "np": np}
@@ -96,6 +95,21 @@ class Reference:
         return run
 
 
+def check_checkout(folder: str) -> None:
+    """UserError unless `folder` has the reference's files and torch is installed (torch is
+    looked up, not imported: the benchmark keeps it out of its own process)."""
+    if importlib.util.find_spec("torch") is None:
+        raise UserError(f"--reference {folder}: PyTorch is not installed (pip install torch)")
+    for name in MODEL_FILES + tuple(FUNCTIONS):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"--reference {folder}: no {name} there; give a checkout of hq-deng/RD4AD")
+    for name, function in FUNCTIONS.items():
+        path = os.path.join(folder, name)
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        if not any(isinstance(node, ast.FunctionDef) and node.name == function for node in tree.body):
+            raise UserError(f"{path}: no function {function}(); is this a checkout of hq-deng/RD4AD?")
+
+
 def _import(path: str, name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -129,3 +143,4 @@ def seconds_per_run(fn: Callable[[], object], repeats: int, warmup: int) -> list
         fn()
         times.append(time.perf_counter() - start)
     return times
+

@@ -1,0 +1,107 @@
+"""Low precision, judged on the exported model itself: each bf16 / int8 path this machine
+can run is compared with Paddle Inference fp32 on check images at export time, and
+`infer.py --precision auto` picks the fastest path that changed no verdict there.
+
+Why at export: the judgement needs the trained weights and the calibrated threshold (on
+random weights every map is nearly flat and any rounding swaps scores), and it is made once,
+on images the user names (`export_model.py --check_dir`, by default the int8 calibration
+images), not on every inference run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .deployment import Deployment, ModelError
+from .predictor import PredictorOptions, UsageError, build_predictor
+
+# Every low-precision path, fastest first as measured on CPUs (README, Performance); the
+# order matters only between paths of equal measured speed.
+LOW_PRECISION_PATHS = (("openvino", "int8"), ("onnxruntime", "int8"), ("openvino", "bf16"), ("paddle", "bf16"))
+BASELINE = ("paddle", "fp32")
+MIN_PEARSON = 0.99  # a path whose maps correlate less with fp32 is not chosen, verdicts or not
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """One path against fp32 on the check images (deploy.json "precision_checks")."""
+    backend: str
+    precision: str
+    images: int
+    ms_per_image: float          # median at batch 1 on the export's machine
+    min_pearson: float           # of the anomaly maps, image by image
+    swapped_pairs: int           # image pairs the scores order differently from fp32
+    verdict_changes: int | None  # at the calibrated threshold; None without one
+
+    @property
+    def keeps_verdicts(self) -> bool:
+        return self.verdict_changes == 0 and self.min_pearson >= MIN_PEARSON
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int) -> list[PrecisionCheck]:
+    """fp32 (the baseline, first) and every low-precision path that runs here, each on
+    `images` ([N, 3, S, S] normalised), one image at a time as an inspection line sends them."""
+    baseline = _run(deployment, PredictorOptions(backend=BASELINE[0], precision=BASELINE[1], cpu_threads=threads),
+                    images)
+    threshold = deployment.calibration.image_threshold if deployment.calibration is not None else None
+    checks = [_compare(BASELINE, baseline, baseline, threshold)]
+    for backend, precision in LOW_PRECISION_PATHS:
+        options = PredictorOptions(backend=backend, precision=precision, cpu_threads=threads)
+        try:
+            result = _run(deployment, options, images)
+        except (UsageError, ModelError):  # not installed, no bf16 CPU, no model_int8.onnx
+            continue
+        checks.append(_compare((backend, precision), result, baseline, threshold))
+    return checks
+
+
+def _run(deployment: Deployment, options: PredictorOptions, images: np.ndarray) -> tuple:
+    predictor = build_predictor(deployment, options)
+    try:
+        predictor(images[:1])  # warm-up: the first run builds kernels
+        maps, scores, seconds = [], [], []
+        for image in images:
+            start = time.perf_counter()
+            m, s = predictor(image[None])
+            seconds.append(time.perf_counter() - start)
+            maps.append(m[0])
+            scores.append(float(s[0]))
+    finally:
+        predictor.close()
+    return np.stack(maps), np.asarray(scores, np.float64), 1000 * statistics.median(seconds)
+
+
+def _compare(path: tuple[str, str], result: tuple, baseline: tuple, threshold: float | None) -> PrecisionCheck:
+    maps, scores, ms = result
+    base_maps, base_scores, _ = baseline
+    pearson = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) if a.std() and b.std() else float(np.array_equal(a, b))
+               for a, b in zip(maps, base_maps)]
+    order = np.sign(scores[:, None] - scores[None]) != np.sign(base_scores[:, None] - base_scores[None])
+    changes = None if threshold is None else int(((scores > threshold) != (base_scores > threshold)).sum())
+    return PrecisionCheck(path[0], path[1], len(scores), round(ms, 2), round(min(pearson), 6),
+                          int(np.triu(order, 1).sum()), changes)
+
+
+def choose_path(checks: list[PrecisionCheck], runs_here, backend: str | None = None) -> tuple[str, str, str]:
+    """(backend, precision, why): the fastest checked path (of `backend`, when given) that
+    changed no verdict and that `runs_here(check)` accepts; fp32 when none did."""
+    candidates = [c for c in checks if (backend is None or c.backend == backend) and runs_here(c)]
+    keeping = [c for c in candidates if (c.backend, c.precision) == BASELINE or c.keeps_verdicts]
+    rejected = [f"{c.backend} {c.precision}" for c in candidates if c not in keeping]
+    why_not = f"; rejected (verdicts or maps changed): {', '.join(rejected)}" if rejected else ""
+    if not keeping:
+        return backend or BASELINE[0], "fp32", f"no checked low-precision path of {backend} kept every verdict{why_not}"
+    best = min(keeping, key=lambda c: c.ms_per_image)
+    return best.backend, best.precision, (
+        f"the fastest of {len(keeping)} checked paths that kept every verdict of the export's {best.images} check "
+        f"images ({best.ms_per_image:g} ms/image there){why_not}")
+
+
+def checks_from_json(records: list[dict]) -> list[PrecisionCheck]:
+    return [PrecisionCheck(**record) for record in records]
