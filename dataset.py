@@ -8,6 +8,7 @@ way and binarised at 0.5. No augmentation.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import numpy as np
 from paddle.io import Dataset
 from PIL import Image, ImageOps
 
-from utils.errors import UserError
+from utils.errors import UserError, bounded_line
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -232,6 +233,26 @@ def _to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
         gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     return img.convert("RGB")
+
+
+def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An uploaded image's bytes -> ([S, S, 3] uint8 as load_rgb gives, (width, height) as
+    sent). DataError naming `name` for what is not an image, is truncated, or would decode
+    to more than `max_pixels` pixels (a decompression bomb: refused from its header, before
+    any pixel is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DataError(f"{name}: {width}x{height} pixels, more than the {max_pixels} allowed")
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = "empty" if not data else ("truncated" if "truncated" in str(err) else str(err))
+        raise DataError(f"{name}: cannot read image ({bounded_line(reason, 200)})") from None
+    return np.asarray(_to_rgb(upright, name).resize((image_size, image_size), Image.BILINEAR)), (width, height)
 
 
 def load_rgb(path: str, image_size: int) -> np.ndarray:

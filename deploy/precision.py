@@ -1,6 +1,7 @@
-"""Low precision, judged on the exported model itself: each bf16 / int8 path this machine
-can run is compared with Paddle Inference fp32 on check images at export time, and
-`infer.py --precision auto` picks the fastest path that changed no verdict there.
+"""Runtimes and precisions, judged on the exported model itself: each path this machine can
+run (ONNX Runtime and OpenVINO in fp32 and int8, OpenVINO and Paddle Inference in bf16) is
+compared with Paddle Inference fp32 on check images at export time, and `infer.py
+--precision auto` picks the fastest path that changed no verdict there.
 
 Why at export: the judgement needs the trained weights and the calibrated threshold (on
 random weights every map is nearly flat and any rounding swaps scores), and it is made once,
@@ -18,9 +19,10 @@ import numpy as np
 from .deployment import Deployment, ModelError
 from .predictor import PredictorOptions, UsageError, build_predictor
 
-# Every low-precision path, fastest first as measured on CPUs (README, Performance); the
-# order matters only between paths of equal measured speed.
-LOW_PRECISION_PATHS = (("openvino", "int8"), ("onnxruntime", "int8"), ("openvino", "bf16"), ("paddle", "bf16"))
+# Every path besides the baseline, fastest first as measured on CPUs (README, Performance);
+# the order matters only between paths of equal measured speed.
+JUDGED_PATHS = (("openvino", "int8"), ("onnxruntime", "int8"), ("openvino", "bf16"), ("paddle", "bf16"),
+                ("openvino", "fp32"), ("onnxruntime", "fp32"))
 BASELINE = ("paddle", "fp32")
 MIN_PEARSON = 0.99  # a path whose maps correlate less with fp32 is not chosen, verdicts or not
 
@@ -45,36 +47,36 @@ class PrecisionCheck:
 
 
 def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int) -> list[PrecisionCheck]:
-    """fp32 (the baseline, first) and every low-precision path that runs here, each on
-    `images` ([N, 3, S, S] normalised), one image at a time as an inspection line sends them."""
-    baseline = _run(deployment, PredictorOptions(backend=BASELINE[0], precision=BASELINE[1], cpu_threads=threads),
-                    images)
-    threshold = deployment.calibration.image_threshold if deployment.calibration is not None else None
-    checks = [_compare(BASELINE, baseline, baseline, threshold)]
-    for backend, precision in LOW_PRECISION_PATHS:
-        options = PredictorOptions(backend=backend, precision=precision, cpu_threads=threads)
-        try:
-            result = _run(deployment, options, images)
-        except (UsageError, ModelError):  # not installed, no bf16 CPU, no model_int8.onnx
-            continue
-        checks.append(_compare((backend, precision), result, baseline, threshold))
-    return checks
-
-
-def _run(deployment: Deployment, options: PredictorOptions, images: np.ndarray) -> tuple:
-    predictor = build_predictor(deployment, options)
+    """Paddle fp32 (the baseline, first) and every other path that runs here, each on
+    `images` ([N, 3, S, S] normalised), one image at a time as an inspection line sends
+    them. The paths take turns image by image, so that the machine's speed drifts (up to
+    1.5x within minutes on a shared machine) hit them alike."""
+    predictors = {}
     try:
-        predictor(images[:1])  # warm-up: the first run builds kernels
-        maps, scores, seconds = [], [], []
+        for backend, precision in (BASELINE,) + JUDGED_PATHS:
+            options = PredictorOptions(backend=backend, precision=precision, cpu_threads=threads)
+            try:
+                predictors[(backend, precision)] = build_predictor(deployment, options)
+            except (UsageError, ModelError):  # not installed, no bf16 CPU, no model.onnx or model_int8.onnx
+                continue
+        for predictor in predictors.values():
+            predictor(images[:1])  # warm-up: the first run builds kernels
+        runs = {path: ([], [], []) for path in predictors}
         for image in images:
-            start = time.perf_counter()
-            m, s = predictor(image[None])
-            seconds.append(time.perf_counter() - start)
-            maps.append(m[0])
-            scores.append(float(s[0]))
+            for path, predictor in predictors.items():
+                start = time.perf_counter()
+                amap, score = predictor(image[None])
+                maps, scores, seconds = runs[path]
+                seconds.append(time.perf_counter() - start)
+                maps.append(amap[0])
+                scores.append(float(score[0]))
     finally:
-        predictor.close()
-    return np.stack(maps), np.asarray(scores, np.float64), 1000 * statistics.median(seconds)
+        for predictor in predictors.values():
+            predictor.close()
+    results = {path: (np.stack(maps), np.asarray(scores, np.float64), 1000 * statistics.median(seconds))
+               for path, (maps, scores, seconds) in runs.items()}
+    threshold = deployment.calibration.image_threshold if deployment.calibration is not None else None
+    return [_compare(path, result, results[BASELINE], threshold) for path, result in results.items()]
 
 
 def _compare(path: tuple[str, str], result: tuple, baseline: tuple, threshold: float | None) -> PrecisionCheck:
@@ -96,7 +98,7 @@ def choose_path(checks: list[PrecisionCheck], runs_here, backend: str | None = N
     rejected = [f"{c.backend} {c.precision}" for c in candidates if c not in keeping]
     why_not = f"; rejected (verdicts or maps changed): {', '.join(rejected)}" if rejected else ""
     if not keeping:
-        return backend or BASELINE[0], "fp32", f"no checked low-precision path of {backend} kept every verdict{why_not}"
+        return backend or BASELINE[0], "fp32", f"no checked path of {backend} kept every verdict{why_not}"
     best = min(keeping, key=lambda c: c.ms_per_image)
     return best.backend, best.precision, (
         f"the fastest of {len(keeping)} checked paths that kept every verdict of the export's {best.images} check "

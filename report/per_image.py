@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from engine.decision import Calibration
 from utils.io import atomic_write, atomic_write_text
@@ -66,6 +67,50 @@ def caption(item: ImageItem, score: float, calibration: Calibration | None) -> s
     return text
 
 
+@dataclass
+class ScoredImage:
+    """One image's scores.csv row, and its predicted mask and picture (PIL images) when
+    made; `row["error"]` says why there are none."""
+    row: dict
+    mask: Image.Image | None = None
+    picture: Image.Image | None = None
+
+
+def empty_row(item: ImageItem) -> dict:
+    return {"image": item.path, "defect": item.defect, "label": "" if item.label is None else item.label,
+            "output": "", "score": "", "normalized_score": "", "verdict": "", "z_score": "", "error": ""}
+
+
+def score_image(item: ImageItem, rgb: np.ndarray, amap: np.ndarray, score: float, calibration: Calibration | None,
+                score_stats: dict, colour: tuple[float, float], truth: np.ndarray | None = None,
+                picture: bool = True) -> ScoredImage:
+    """What one scored image becomes, in memory: the row (score, z-score, normalised score
+    and verdict at the calibrated threshold), the predicted mask and the picture. Used by
+    ImageWriter (files) and the service (JSON), so both decide alike."""
+    score = float(score)
+    row = empty_row(item)
+    bad = int(np.size(amap) - np.isfinite(amap).sum())
+    if not math.isfinite(score) or bad:  # never a verdict, mask or picture from a broken output
+        row["error"] = (f"{item.path}: the model's output is not finite (score {score}, {bad} map values NaN or "
+                        f"inf): no verdict")
+        return ScoredImage(row)
+    row["score"] = f"{score:.6f}"
+    if score_stats.get("std") and "mean" in score_stats:
+        row["z_score"] = f"{(score - score_stats['mean']) / score_stats['std']:.3f}"
+    predicted = mask_image = None
+    if calibration is not None:
+        row["normalized_score"] = f"{float(calibration.normalize_scores(score)):.4f}"
+        row["verdict"] = calibration.verdict(score)
+        predicted = calibration.masks(amap)
+        mask_image = binary_mask_image(predicted)
+    image = None
+    if picture:
+        kind = "mask" if truth is not None else ("good" if item.label == 0 else "none")
+        image = side_by_side(rgb, truth, amap, colour[0], colour[1], caption(item, score, calibration), predicted,
+                             truth=kind, threshold=None if calibration is None else calibration.pixel_threshold)
+    return ScoredImage(row, mask_image, image)
+
+
 class ImageWriter:
     """Pictures, masks and scores.csv of scored images in `folder` (see the module)."""
 
@@ -93,37 +138,22 @@ class ImageWriter:
     def add(self, item: ImageItem, rgb: np.ndarray, amap: np.ndarray, score: float,
             vmin: float, vmax: float, mask: np.ndarray | None = None) -> dict:
         """Write one scored image's mask and picture; return (and keep) its row."""
-        score = float(score)
-        bad = int(np.size(amap) - np.isfinite(amap).sum())
-        if not math.isfinite(score) or bad:  # never a verdict, mask or picture from a broken output
-            return self.add_failed(item, f"{item.path}: the model's output is not finite (score {score}, "
-                                         f"{bad} map values NaN or inf): no verdict")
-        row = self._row(item)
-        row["score"] = f"{score:.6f}"
-        stats = self.score_stats
-        if stats.get("std") and "mean" in stats:
-            row["z_score"] = f"{(score - stats['mean']) / stats['std']:.3f}"
-        predicted = None
-        if self.calibration is not None:
-            row["normalized_score"] = f"{float(self.calibration.normalize_scores(score)):.4f}"
-            row["verdict"] = self.calibration.verdict(score)
-            predicted = self.calibration.masks(amap)
+        scored = score_image(item, rgb, amap, score, self.calibration, self.score_stats, (vmin, vmax), mask,
+                             picture=self.pictures)
+        row = scored.row
+        if scored.mask is not None:
             atomic_write(os.path.join(self.folder, "masks", item.name + ".png"),
-                         lambda tmp: binary_mask_image(predicted).save(tmp, format="PNG"))
+                         lambda tmp: scored.mask.save(tmp, format="PNG"))
             row["output"] = item.name
-        if self.pictures:
-            truth = "mask" if mask is not None else ("good" if item.label == 0 else "none")
-            picture = side_by_side(rgb, mask, amap, vmin, vmax, caption(item, score, self.calibration),
-                                   predicted, truth=truth,
-                                   threshold=None if self.calibration is None else self.calibration.pixel_threshold)
+        if scored.picture is not None:
             atomic_write(os.path.join(self.folder, item.name + ".png"),
-                         lambda tmp: picture.save(tmp, format="PNG"))
+                         lambda tmp: scored.picture.save(tmp, format="PNG"))
             row["output"] = item.name
         self.rows.append(row)
         return row
 
     def add_failed(self, item: ImageItem, reason: str) -> dict:
-        row = self._row(item)
+        row = empty_row(item)
         row["error"] = reason
         self.rows.append(row)
         return row
@@ -144,11 +174,6 @@ class ImageWriter:
     @property
     def defects(self) -> int:
         return sum(r["verdict"] == "DEFECT" for r in self.rows)
-
-    def _row(self, item: ImageItem) -> dict:
-        return {"image": item.path, "defect": item.defect, "label": "" if item.label is None else item.label,
-                "output": "", "score": "", "normalized_score": "", "verdict": "", "z_score": "", "error": ""}
-
 
 def previous_outputs(csv_path: str) -> list[str]:
     """The output names a previous scores.csv lists (plain names only: a damaged or

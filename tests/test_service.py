@@ -1,0 +1,304 @@
+"""serve.py through a real server on a free loopback port: good images (the same verdicts
+and scores as infer.py), every kind of bad upload, a full queue, a timeout, SIGTERM with a
+request in flight, and the server still answering after all of it."""
+import base64
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.client import HTTPConnection
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import export_model
+import infer
+from conftest import ROOT
+from engine.checkpoint import save_checkpoint
+from model import build_rd4ad
+from report.pictures import layout
+from utils.runtime import child_environment
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+SIZE = 64
+TEST_DIR = os.path.join(ROOT, "sample_data", "bottle", "test")
+GOOD = os.path.join(TEST_DIR, "good", "000.png")
+CRACK = os.path.join(ROOT, "sample_data", "bottle", "test", "crack", "000.png")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An export whose image threshold is the median score of the sample test images, so
+    that verdicts split (and the pixel threshold just below it, so that masks show)."""
+    root = tmp_path_factory.mktemp("served")
+    paddle.seed(11)
+    net = build_rd4ad("resnet18", teacher_weights="none")
+    ckpt = str(root / "bottle" / "model.pdparams")
+    save_dir = str(root / "inference")
+
+    def export(threshold):
+        calibration = {"image_threshold": threshold, "pixel_threshold": threshold - 0.05, "image_low": threshold - 0.1,
+                       "pixel_low": threshold - 0.2, "quantile": 0.995, "count": 4, "source": "validation"}
+        save_checkpoint(ckpt, net, arch="resnet18", image_size=SIZE, epoch=1, cls="bottle", teacher_weights="none",
+                        extra={"calibration": calibration, "score_stats": {"mean": threshold, "std": 0.02}})
+        assert export_model.main(["--checkpoint", ckpt, "--save_dir", save_dir]) == 0
+    export(1.0)
+    from dataset import index_test_dir, load_image
+    from deploy.deployment import read_deployment
+    from deploy.predictor import PredictorOptions, build_predictor
+    predictor = build_predictor(read_deployment(save_dir), PredictorOptions())
+    images = [load_image(s.image_path, SIZE) for s in index_test_dir(TEST_DIR, None)]
+    scores = [float(predictor(image[None])[1][0]) for image in images]
+    export(round(float(np.median(scores)), 6))
+    return save_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir, *flags):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", model_dir,
+                                      "--port", str(self.port), *flags], cwd=ROOT, env=child_environment(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("server stopped: " + self.proc.stdout.read())
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        connection = HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            data = response.read()
+            return response.status, json.loads(data) if response.getheader("content-type", "").startswith(
+                "application/json") else data.decode(), dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post_file(self, path, data, name="image.png", field="file", query=""):
+        body, kind = multipart([(field, name, data)])
+        return self.request("POST", path + query, body, {"Content-Type": kind})
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def multipart(files):
+    boundary = uuid.uuid4().hex
+    parts = []
+    for field, name, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png_bytes(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    running = Server(model_dir, "--max_upload_mb", "1", "--max_pixels", "1000000")
+    yield running
+    assert running.stop() == 0
+
+
+def test_good_images_get_infer_pys_verdicts_and_scores(server, model_dir, tmp_path):
+    out = tmp_path / "infer"
+    folder = os.path.join(ROOT, "sample_data", "bottle", "test")
+    assert infer.main(["--model_dir", model_dir, "--image", folder, "--output_dir", str(out),
+                       "--save_images", "False"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert {r["verdict"] for r in rows} == {"OK", "DEFECT"}  # the threshold splits them
+    threshold = json.load(open(os.path.join(model_dir, "deploy.json")))["calibration"]["image_threshold"]
+    for row in rows:
+        status, answer, _ = server.post_file("/predict", open(row["image"], "rb").read())
+        assert status == 200, answer
+        assert answer["verdict"] == row["verdict"] and answer["score"] == pytest.approx(float(row["score"]), abs=1e-5)
+        assert answer["normalized_score"] == pytest.approx(float(row["normalized_score"]), abs=1e-4)
+        assert answer["thresholds"]["image"] == pytest.approx(threshold) and answer["model_id"].startswith(
+            "rd4ad-resnet18-bottle-")
+        assert (answer["width"], answer["height"]) == Image.open(row["image"]).size
+
+
+def test_raw_bytes_and_pictures(server):
+    status, answer, _ = server.request("POST", "/predict?pictures=true", open(CRACK, "rb").read(),
+                                       {"Content-Type": "image/png"})
+    assert status == 200, answer
+    picture = Image.open(io.BytesIO(base64.b64decode(answer["picture_png"])))
+    mask = Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))
+    assert picture.size == layout(SIZE, SIZE, predicted=True)[1] and mask.size == (SIZE, SIZE)
+    assert answer["defect_pixels"] == int((np.asarray(mask) > 0).sum())
+    assert answer["timing"]["inference_ms"] > 0 and answer["timing"]["batch"] == 1
+
+
+def test_a_batch_answers_each_image_on_its_own(server):
+    good, broken = open(GOOD, "rb").read(), b"\x89PNG\r\n\x1a\n not really"
+    body, kind = multipart([("files", "a.png", good), ("files", "b.png", broken), ("files", "c.png", good)])
+    status, answer, _ = server.request("POST", "/predict/batch", body, {"Content-Type": kind})
+    assert status == 200
+    results = answer["results"]
+    assert [r["status"] for r in results] == [200, 422, 200] and results[0]["score"] == results[2]["score"]
+    assert "b.png: cannot read image" in results[1]["error"]
+
+
+@pytest.mark.parametrize("case", ["text", "truncated", "bomb", "empty", "wrong_type", "too_large", "chunked_large",
+                                  "two_files", "no_file", "bad_length"])
+def test_bad_uploads_get_json_errors_and_the_server_lives(server, case):
+    png = open(GOOD, "rb").read()
+    if case == "text":
+        status, answer, _ = server.post_file("/predict", b"hello, not an image", "notes.txt")
+        expected, words = 422, "notes.txt: cannot read image"
+    elif case == "truncated":
+        status, answer, _ = server.post_file("/predict", png[: len(png) // 2], "half.png")
+        expected, words = 422, "half.png: cannot read image"
+    elif case == "bomb":  # 2000 x 2000: more pixels than --max_pixels 1000000; a small file
+        status, answer, _ = server.post_file("/predict", png_bytes(np.zeros((2000, 2000), np.uint8)), "bomb.png")
+        expected, words = 422, "2000x2000 pixels, more than the 1000000 allowed"
+    elif case == "empty":
+        status, answer, _ = server.post_file("/predict", b"", "empty.png")
+        expected, words = 422, "empty.png: cannot read image (empty)"
+    elif case == "wrong_type":
+        status, answer, _ = server.request("POST", "/predict", b"{}", {"Content-Type": "application/json"})
+        expected, words = 415, "is not an image"
+    elif case == "too_large":  # 2 MB over --max_upload_mb 1: refused from Content-Length
+        status, answer, _ = server.post_file("/predict", b"\0" * (2 << 20), "big.png")
+        expected, words = 413, "over --max_upload_mb 1"
+    elif case == "chunked_large":  # no Content-Length: counted while read
+        chunks = (b"\0" * (256 << 10) for _ in range(8))
+        status, answer, _ = server.request("POST", "/predict", chunks, {"Content-Type": "image/png"})
+        expected, words = 413, "over --max_upload_mb 1"
+    elif case == "two_files":
+        body, kind = multipart([("file", "a.png", png), ("file", "b.png", png)])
+        status, answer, _ = server.request("POST", "/predict", body, {"Content-Type": kind})
+        expected, words = 422, "use /predict/batch"
+    elif case == "no_file":
+        boundary = "b0undary"
+        body = f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--{boundary}--\r\n'.encode()
+        status, answer, _ = server.request("POST", "/predict", body,
+                                           {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        expected, words = 422, "holds no file"
+    else:  # refused by the HTTP layer itself (h11), before our code: 400, plain text
+        status, answer, _ = server.request("POST", "/predict", b"x", {"Content-Type": "image/png",
+                                                                      "Content-Length": "-5"})
+        assert status == 400 and "Invalid HTTP request" in answer
+        expected = None
+    if expected is not None:
+        assert status == expected and answer["status"] == expected and words in answer["error"], answer
+    assert server.get("/health")[0] == 200  # still serving
+
+
+def test_health_model_and_page(server):
+    status, health, _ = server.get("/health")
+    assert status == 200 and health["status"] == "ok" and health["workers"] == 1
+    status, model, _ = server.get("/model")
+    assert status == 200 and (model["arch"], model["image_size"], model["backend"], model["precision"]) == (
+        "resnet18", SIZE, "paddle", "fp32") and model["thresholds"]["image"] > 0
+    status, page, _ = server.get("/")
+    assert status == 200 and "RD4AD inspection" in page and '"arch": "resnet18"' in page
+    status, answer, _ = server.get("/nothing")
+    assert status == 404 and answer["error"] == "no such endpoint: /nothing"
+
+
+def test_a_full_queue_answers_503_with_retry_after(model_dir):
+    server = Server(model_dir, "--queue", "1", "--workers", "1", "--max_batch", "4", "--max_wait_ms", "300")
+    try:
+        png = open(GOOD, "rb").read()
+        answers = []
+
+        def send():
+            answers.append(server.post_file("/predict", png))
+        threads = [threading.Thread(target=send) for _ in range(12)]
+        for t in threads:
+            t.start()
+        health = [server.get("/health")[0] for _ in range(3)]  # answered while the queue is full
+        for t in threads:
+            t.join()
+        statuses = sorted(status for status, _, _ in answers)
+        assert set(statuses) == {200, 503} and health == [200] * 3, statuses
+        busy = [headers for status, _, headers in answers if status == 503]
+        assert all(h.get("retry-after") == "1" for h in busy)
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_request_past_the_timeout_gets_504(model_dir):
+    server = Server(model_dir, "--timeout", "0.2", "--max_batch", "2", "--max_wait_ms", "1000")
+    try:  # the worker waits 1 s to fill its batch: past the 0.2 s timeout
+        status, answer, _ = server.post_file("/predict", open(GOOD, "rb").read())
+        assert status == 504 and "within --timeout 0.2 s" in answer["error"]
+        assert server.get("/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(model_dir):
+    server = Server(model_dir, "--max_batch", "2", "--max_wait_ms", "1500")
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(server.post_file("/predict", open(GOOD, "rb").read())))
+    sender.start()
+    time.sleep(0.5)  # the request waits in its worker for the batch to fill
+    server.proc.send_signal(signal.SIGTERM)
+    sender.join(timeout=60)
+    assert server.proc.wait(timeout=60) == 0
+    assert answers and answers[0][0] == 200 and answers[0][1]["verdict"] in ("OK", "DEFECT")
+    with pytest.raises(OSError):  # no longer accepting
+        server.get("/health")
+
+
+def test_bad_settings_are_one_line_before_serving(model_dir, tmp_path):
+    for flags, words in ((["--workers", "0"], "--workers 0: must be at least 1"),
+                         (["--backend", "openvino", "--precision", "fp16"], "openvino runs fp32, bf16 or int8"),
+                         (["--timeout", "nan"], "--timeout nan: must be a positive number")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", model_dir, *flags],
+                              cwd=ROOT, env=child_environment(), capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", str(tmp_path)],
+                          cwd=ROOT, env=child_environment(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "deploy.json: not found" in proc.stderr
+
+
+def test_load_test_quick_mode(model_dir, tmp_path):
+    """tools/load_test.py --quick: 4 clients for 5 s with 20% bad uploads; no server error,
+    every good answer infer.py's verdict, /health always answered, the server exits 0."""
+    report = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "load_test.py"), "--quick", "--model_dir",
+                           model_dir, "--json", str(report)], cwd=ROOT, env=child_environment(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = json.load(open(report))
+    statuses = figures["answers by status"]
+    assert figures["server errors"] == 0 and figures["verdict changes"] == 0 and figures["health failures"] == 0
+    assert statuses.get("200", 0) > 0 and statuses.get("422", 0) > 0  # good and bad uploads both went through
+    assert figures["server exit status"] == 0 and figures["p50 ms"] > 0 and "| good answers/s |" in proc.stdout
