@@ -22,8 +22,10 @@ import asyncio
 import base64
 import io
 import json
+import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -38,12 +40,87 @@ from dataset import DataError, decode_upload, normalize
 from report.per_image import ImageItem, colour_range, score_image
 from utils.errors import bounded_line, first_line
 
-from .deployment import Deployment
-from .predictor import PredictorOptions, build_predictor
+from .deployment import Deployment, ModelError
+from .predictor import PredictorOptions, UsageError, build_predictor
 from .service_options import ServiceOptions
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "service_page.html")
+
+
+GIL_HOLDING_BACKENDS = ("paddle",)
+
+
+class SubprocessPredictor:
+    """A predictor in a child process of its own (spawned), called like one: the batch goes
+    through a pipe and the answer comes back, while this process's GIL stays free."""
+
+    def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_predictor_process, args=(child, deployment.folder, options),
+                                       name="rd4ad-predictor", daemon=True)
+        self.process.start()
+        child.close()
+        self.provider = self._answer()
+
+    def _answer(self):
+        try:
+            kind, payload = self.connection.recv()
+        except (EOFError, OSError):
+            raise ModelError(f"the predictor process stopped (exit status {self.process.exitcode})") from None
+        if kind == "ok":
+            return payload
+        error_type, message = payload
+        raise {"MemoryError": MemoryError, "UsageError": UsageError}.get(error_type, ModelError)(message)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.connection.send(images)
+        return self._answer()
+
+    def close(self) -> None:
+        try:
+            self.connection.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
+        self.connection.close()
+
+
+def _predictor_process(connection, model_dir: str, options: PredictorOptions) -> None:
+    """The child's loop: build the predictor, then answer batches until told to stop. Its
+    signals are the parent's business: Ctrl-C reaches the whole process group, and the
+    parent finishes the requests in flight before it closes the children."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from utils import runtime
+    runtime.start()
+    from deploy.deployment import read_deployment
+    from deploy.predictor import build_predictor as build
+
+    def failure(err: BaseException) -> tuple:
+        return "error", (type(err).__name__, f"{bounded_line(first_line(err), 300)}")
+    try:
+        predictor = build(read_deployment(model_dir), options)
+        connection.send(("ok", predictor.provider))
+    except BaseException as err:
+        connection.send(failure(err))
+        return
+    while True:
+        try:
+            images = connection.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if images is None:
+            predictor.close()
+            return
+        try:
+            connection.send(("ok", predictor(images)))
+        except BaseException as err:  # the batch fails, never the child
+            connection.send(failure(err))
 
 
 class QueueFull(Exception):
@@ -65,8 +142,19 @@ class PredictorPool:
     def __init__(self, deployment: Deployment, options: PredictorOptions, service: ServiceOptions) -> None:
         self.service = service
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=service.queue_size)
-        # every predictor is built before the server listens: a broken export fails at start
-        self.predictors = [build_predictor(deployment, options) for _ in range(service.workers)]
+        # every predictor is built before the server listens: a broken export fails at start.
+        # Paddle Inference holds the GIL for a whole run (measured: the event loop stalled
+        # 580 ms per wide_resnet50_2 image, /health unanswered), so its predictors run in
+        # child processes; ONNX Runtime and OpenVINO release it and run in threads here.
+        make = SubprocessPredictor if options.backend in GIL_HOLDING_BACKENDS else build_predictor
+        self.predictors = []
+        try:
+            for _ in range(service.workers):
+                self.predictors.append(make(deployment, options))
+        except BaseException:
+            for predictor in self.predictors:
+                predictor.close()
+            raise
         self.provider = self.predictors[0].provider
         self.busy = 0
         self._lock = threading.Lock()

@@ -9,7 +9,8 @@ Starts serve.py on a free 127.0.0.1 port (its flags: --backend, --precision, --w
 --queue, --max_batch, --max_wait_ms), scores the good images once with infer.py's
 predictor path for the expected verdicts, then runs --concurrency clients for --seconds,
 each sending one image at a time (a share --bad_share of them broken: not an image,
-truncated, a decompression bomb, too large). A watcher asks /health every 0.5 s. It prints
+truncated, a decompression bomb, too large); after a 503 a client waits the Retry-After the
+server asked for (--ignore_retry_after: it resends at once). A watcher asks /health every 0.5 s. It prints
 throughput, latency p50/p95/p99 of the good answers, answers by status, verdicts that
 differ from infer.py's, /health failures and the server's RSS after warm-up and at the end,
 then stops the server with SIGTERM. Exit status 1 when a server error (5xx other than
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--queue", type=int, default=8)
     p.add_argument("--max_batch", type=int, default=1)
     p.add_argument("--max_wait_ms", type=float, default=0.0)
+    p.add_argument("--ignore_retry_after", action="store_true",
+                   help="clients resend at once after a 503 instead of waiting Retry-After seconds")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="5 s, 4 clients, 20%% bad: a smoke test (CI)")
     a = p.parse_args(argv)
@@ -83,7 +86,8 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def post(port: int, name: str, data: bytes) -> tuple[int, dict]:
+def post(port: int, name: str, data: bytes) -> tuple[int, dict, float]:
+    """(status, JSON answer, seconds the server asks to wait before retrying)."""
     body, kind = multipart(name, data)
     connection = HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
     try:
@@ -91,9 +95,13 @@ def post(port: int, name: str, data: bytes) -> tuple[int, dict]:
         response = connection.getresponse()
         raw = response.read()
         try:
-            return response.status, json.loads(raw)
+            retry = min(float(response.getheader("retry-after") or 0), 5.0)
         except ValueError:
-            return response.status, {"error": raw[:200].decode(errors="replace")}
+            retry = 1.0
+        try:
+            return response.status, json.loads(raw), retry
+        except ValueError:
+            return response.status, {"error": raw[:200].decode(errors="replace")}, retry
     finally:
         connection.close()
 
@@ -121,14 +129,29 @@ def bad_uploads() -> list[tuple[str, bytes]]:
 
 
 def rss_mb(pid: int) -> float | None:
+    """RSS of the server and its child processes (the predictor processes), in MB."""
+    total, found = 0.0, False
+    for process in [pid] + children(pid):
+        try:
+            with open(f"/proc/{process}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+                        found = True
+        except OSError:
+            continue
+    return total if found else None
+
+
+def children(pid: int) -> list[int]:
+    found = []
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                found += [int(c) for c in f.read().split()]
     except OSError:
-        return None
-    return None
+        return found
+    return found + [g for c in found for g in children(c)]
 
 
 def expected_verdicts(model_dir: str, paths: list[str]) -> dict[str, str]:
@@ -207,11 +230,14 @@ def run_load(a, port: int, good: list, bad: list, expected: dict, pid: int) -> d
             is_bad = rng.random() < a.bad_share
             name, data = rng.choice(bad) if is_bad else rng.choice(good)
             start = time.perf_counter()
+            retry = 0.0
             try:
-                status, answer = post(port, name, data)
+                status, answer, retry = post(port, name, data)
             except OSError:  # no answer: a failure, unless the upload was over the limit
                 status, answer = ("closed on oversize" if name == OVERSIZE else "no answer"), {}
             elapsed = time.perf_counter() - start
+            if status == 503 and not a.ignore_retry_after:
+                time.sleep(retry)  # as a well-behaved client does
             if not measuring.is_set():
                 continue
             with lock:
@@ -257,7 +283,8 @@ def run_load(a, port: int, good: list, bad: list, expected: dict, pid: int) -> d
             "health failures": health_failures[0], "health checks": health_failures[1],
             "server RSS MB after warm-up": None if rss_start is None else round(rss_start, 1),
             "server RSS MB at the end": None if rss_end is None else round(rss_end, 1),
-            "RSS growth %": round(100 * (rss_end - rss_start) / rss_start, 2) if rss_start and rss_end else None}
+            "RSS growth % (server and its predictor processes)":
+                round(100 * (rss_end - rss_start) / rss_start, 2) if rss_start and rss_end else None}
 
 
 def print_report(a, results: dict) -> None:
