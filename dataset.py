@@ -235,6 +235,9 @@ def _to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
     return img.convert("RGB")
 
 
+MAX_UPLOAD_SIDE = 16384  # pixels: any camera frame; a 1 x 39M strip is an attack
+
+
 def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """An uploaded image's bytes -> ([S, S, 3] uint8 as load_rgb gives, (width, height) as
     sent). DataError naming `name` for what is not an image, is truncated, or would decode
@@ -245,12 +248,15 @@ def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> t
             width, height = img.size
             if width * height > max_pixels:
                 raise DataError(f"{name}: {width}x{height} pixels, more than the {max_pixels} allowed")
+            if max(width, height) > MAX_UPLOAD_SIDE:  # resizing such a strip takes gigabytes
+                raise DataError(f"{name}: {width}x{height} pixels, a side longer than {MAX_UPLOAD_SIDE}")
             img.load()
             upright = ImageOps.exif_transpose(img)
     except DataError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        reason = "empty" if not data else ("truncated" if "truncated" in str(err) else str(err))
+    except Exception as err:  # any decoder's failure on hostile bytes (struct.error in EXIF, ...)
+        reason = "empty" if not data else ("truncated" if "truncated" in str(err) else
+                                           "not an image PIL can read" if "cannot identify" in str(err) else str(err))
         raise DataError(f"{name}: cannot read image ({bounded_line(reason, 200)})") from None
     return np.asarray(_to_rgb(upright, name).resize((image_size, image_size), Image.BILINEAR)), (width, height)
 

@@ -57,9 +57,9 @@ def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]
                              ("--max_pixels", a.max_pixels, 1), ("--port", a.port, 0)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
-    for flag, value in (("--timeout", a.timeout), ("--max_upload_mb", a.max_upload_mb)):
-        if not value > 0 or value == float("inf"):
-            raise UsageError(f"{flag} {value}: must be a positive number")
+    for flag, value, high in (("--timeout", a.timeout, 3600), ("--max_upload_mb", a.max_upload_mb, 1024)):
+        if not 0 < value <= high:
+            raise UsageError(f"{flag} {value}: must be a positive number, at most {high}")
     if not 0 <= a.max_wait_ms < 10_000:
         raise UsageError(f"--max_wait_ms {a.max_wait_ms}: must lie in 0..10000")
     if a.port > 65535:
@@ -85,6 +85,14 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"serve.py needs FastAPI and uvicorn ({err}): "
                          "pip install -r requirements-deploy.txt") from None
     inspector = Inspector(read_deployment(a.model_dir), options, service)
+    try:
+        return _serve(a, inspector, uvicorn, create_app)
+    finally:  # whatever ends the run, the predictor processes end with it
+        inspector.pool.close()
+
+
+def _serve(a: argparse.Namespace, inspector, uvicorn, create_app) -> int:
+    options, service = inspector.options, inspector.service
     app = create_app(inspector)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=max(service.timeout_s, 1.0), lifespan="off")
@@ -100,7 +108,6 @@ def run(a: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        inspector.pool.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("stopped", flush=True)

@@ -74,6 +74,9 @@ class SubprocessPredictor:
         error_type, message = payload
         raise {"MemoryError": MemoryError, "UsageError": UsageError}.get(error_type, ModelError)(message)
 
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.connection.send(images)
         return self._answer()
@@ -85,7 +88,7 @@ class SubprocessPredictor:
             pass
         self.process.join(timeout=10)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()  # it ignores SIGTERM (the parent's business): SIGKILL
             self.process.join(timeout=5)
         self.connection.close()
 
@@ -174,6 +177,10 @@ class PredictorPool:
     def waiting(self) -> int:
         return self.jobs.qsize()
 
+    def alive(self) -> int:
+        """Workers whose predictor can still answer (a predictor process may have died)."""
+        return sum(getattr(p, "alive", lambda: True)() for p in self.predictors)
+
     def _work(self, predictor) -> None:
         while True:
             job = self.jobs.get()
@@ -209,12 +216,16 @@ class PredictorPool:
                 with self._lock:
                     self.busy -= 1
 
-    def close(self) -> None:
-        """Let the queued jobs finish, then stop the workers and release the predictors."""
+    def close(self, wait_s: float = 60.0) -> None:
+        """Let the queued jobs finish (within `wait_s`), then stop the workers and release
+        the predictors; a stuck predictor does not keep the process from exiting."""
         for _ in self.threads:
-            self.jobs.put(None)
+            try:
+                self.jobs.put(None, timeout=wait_s)
+            except queue.Full:
+                break
         for thread in self.threads:
-            thread.join()
+            thread.join(timeout=wait_s)
         for predictor in self.predictors:
             predictor.close()
 
@@ -305,6 +316,7 @@ def create_app(inspector: Inspector) -> FastAPI:
     """The FastAPI application over `inspector`."""
     limit = int(inspector.service.max_upload_mb * (1 << 20))
     app = FastAPI(title="RD4AD inspection", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=limit)
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
@@ -317,6 +329,8 @@ def create_app(inspector: Inspector) -> FastAPI:
             return error(413, f"upload of {length} bytes is over --max_upload_mb {inspector.service.max_upload_mb:g}")
         try:
             return await call_next(request)
+        except BodyTooLarge:
+            return error(413, f"upload over --max_upload_mb {inspector.service.max_upload_mb:g}")
         except ServiceError as err:
             return error(err.status, err.message, err.headers)
         except Exception as err:  # a bug of ours: the request fails, the server stays
@@ -336,6 +350,8 @@ def create_app(inspector: Inspector) -> FastAPI:
             try:
                 form = await request.form(max_files=inspector.service.max_files, max_fields=16,
                                           max_part_size=limit)
+            except BodyTooLarge:
+                raise
             except Exception as err:  # malformed multipart, too many parts
                 raise ServiceError(422, f"cannot read the multipart form ({bounded_line(str(err), 200)})") from None
             files = [v for k, v in form.multi_items() if isinstance(v, UploadFile)]
@@ -377,8 +393,11 @@ def create_app(inspector: Inspector) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": inspector.pool.waiting(), "busy_workers": inspector.pool.busy,
-                "workers": inspector.service.workers, "queue_size": inspector.service.queue_size}
+        alive, workers = inspector.pool.alive(), inspector.service.workers
+        answer = {"status": "ok" if alive == workers else "degraded", "waiting": inspector.pool.waiting(),
+                  "busy_workers": inspector.pool.busy, "workers": workers, "alive_workers": alive,
+                  "queue_size": inspector.service.queue_size}
+        return answer if alive == workers else JSONResponse(answer, status_code=503)
 
     @app.get("/model")
     async def model():
@@ -387,7 +406,9 @@ def create_app(inspector: Inspector) -> FastAPI:
     @app.get("/")
     async def page():
         with open(PAGE, encoding="utf-8") as f:
-            return HTMLResponse(f.read().replace("{{MODEL}}", json.dumps(inspector.summary())))
+            # "<" escaped: a class name from deploy.json can never close the page's <script>
+            model = json.dumps(inspector.summary()).replace("<", "\\u003c")
+            return HTMLResponse(f.read().replace("{{MODEL}}", model))
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
@@ -398,6 +419,34 @@ def create_app(inspector: Inspector) -> FastAPI:
         return error(405, f"{request.method} is not allowed on {request.url.path}")
 
     return app
+
+
+class BodyTooLarge(Exception):
+    """The request body passed --max_upload_mb while it was being read."""
+
+
+class BodyLimit:
+    """ASGI middleware counting every request body as it arrives, chunked and multipart
+    ones included (Starlette spools multipart files without a limit of its own)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+        await self.app(scope, counted, send)
 
 
 def _safe_name(filename: str | None) -> str:

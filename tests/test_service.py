@@ -302,3 +302,36 @@ def test_load_test_quick_mode(model_dir, tmp_path):
     assert figures["server errors"] == 0 and figures["verdict changes"] == 0 and figures["health failures"] == 0
     assert statuses.get("200", 0) > 0 and statuses.get("422", 0) > 0  # good and bad uploads both went through
     assert figures["server exit status"] == 0 and figures["p50 ms"] > 0 and "| good answers/s |" in proc.stdout
+
+
+def test_hostile_uploads_found_in_review(server):
+    """A chunked multipart upload over the limit, a 1 x 39M strip (gigabytes to resize), EXIF
+    that makes PIL raise struct.error: 413 and 422, never a 500 or a swollen server."""
+    boundary_body, kind = multipart([("file", "big.png", b"\0" * (3 << 20))])
+    status, answer, _ = server.request("POST", "/predict", (boundary_body[i:i + 65536]
+                                                           for i in range(0, len(boundary_body), 65536)),
+                                       {"Content-Type": kind})
+    assert status == 413 and "over --max_upload_mb 1" in answer["error"], answer
+    buf = io.BytesIO()
+    Image.new("L", (1, 20000)).save(buf, format="PNG")
+    status, answer, _ = server.request("POST", "/predict", buf.getvalue(), {"Content-Type": "image/png"})
+    assert status == 422 and "a side longer than 16384" in answer["error"], answer
+    status, answer, _ = server.request("POST", "/predict", b"GIF89a" + b"\0" * 40, {"Content-Type": "image/gif"})
+    assert status == 422 and "cannot read image" in answer["error"] and "BytesIO" not in answer["error"], answer
+    assert server.get("/health")[0] == 200
+
+
+def test_the_page_never_runs_a_class_name(model_dir, tmp_path):
+    import shutil
+    hostile = str(tmp_path / "hostile")
+    shutil.copytree(model_dir, hostile)
+    path = os.path.join(hostile, "deploy.json")
+    meta = json.load(open(path))
+    meta["class"] = "bottle</script><script>document.title='PWNED'</script>"
+    json.dump(meta, open(path, "w"))
+    server = Server(hostile)
+    try:
+        status, page, _ = server.get("/")
+        assert status == 200 and "</script><script>document.title" not in page and "\\u003c/script" in page
+    finally:
+        assert server.stop() == 0
