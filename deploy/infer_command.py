@@ -26,7 +26,7 @@ from utils.timing import StageTimer, autolog_logger, benchmark_report, format_re
 from .deployment import Deployment, ModelError, read_deployment
 from .precision import checks_from_json, choose_path
 from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, UsageError,
-                        build_predictor)
+                        build_predictor, onnx_model_file)
 
 DESCRIPTION = "Score images with an exported RD4AD model (Paddle Inference or ONNX Runtime)."
 DEFAULT_OUTPUT = "output"   # the training output folder whose inference/CLASS is the default model
@@ -172,8 +172,10 @@ def choose_precision(args: argparse.Namespace, deployment: Deployment) -> None:
     def runs_here(check) -> bool:
         try:
             replace(predictor_options(args), backend=check.backend, precision=check.precision).check()
-            deployment.model_file("model_int8.onnx" if check.precision == "int8" else
-                                  "model.onnx" if check.backend != "paddle" else "model.json")
+            if check.backend == "paddle":
+                deployment.model_file("model.json")
+            else:
+                onnx_model_file(deployment, check.precision)
             return True
         except (UsageError, ModelError):
             return False

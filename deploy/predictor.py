@@ -214,10 +214,8 @@ class OnnxPredictor(Predictor):
     def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
         ort = _onnxruntime()
         options.check()
-        int8 = options.precision == "int8"
         self.image_size = deployment.image_size
-        hint = "export with: python export_model.py --onnx" + (" --int8 --calib_dir GOOD_IMAGES" if int8 else "")
-        self.model_path = deployment.model_file("model_int8.onnx" if int8 else "model.onnx", hint)
+        self.model_path = onnx_model_file(deployment, options.precision)
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.cpu_threads
         providers = ([CUDA_PROVIDER] if options.device == "gpu" else []) + ["CPUExecutionProvider"]
@@ -237,6 +235,13 @@ class OnnxPredictor(Predictor):
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(None, {self.input_name: images})
         return maps, scores
+
+
+def onnx_model_file(deployment: Deployment, precision: str) -> str:
+    """The checked ONNX graph of `precision`: model_int8.onnx for int8, else model.onnx."""
+    int8 = precision == "int8"
+    hint = "export with: python export_model.py --onnx" + (" --int8 --calib_dir GOOD_IMAGES" if int8 else "")
+    return deployment.model_file("model_int8.onnx" if int8 else "model.onnx", hint)
 
 
 def _onnxruntime():
@@ -268,10 +273,8 @@ class OpenVinoPredictor(Predictor):
     def __init__(self, deployment: Deployment, options: PredictorOptions) -> None:
         ov = _openvino()
         options.check()
-        int8 = options.precision == "int8"
         self.image_size = deployment.image_size
-        hint = "export with: python export_model.py --onnx" + (" --int8 --calib_dir GOOD_IMAGES" if int8 else "")
-        self.model_path = deployment.model_file("model_int8.onnx" if int8 else "model.onnx", hint)
+        self.model_path = onnx_model_file(deployment, options.precision)
         config = {"INFERENCE_NUM_THREADS": options.cpu_threads, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "bf16" if options.precision == "bf16" else "f32"}
         try:
