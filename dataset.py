@@ -242,7 +242,8 @@ def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> t
     """An uploaded image's bytes -> ([S, S, 3] uint8 as load_rgb gives, (width, height) as
     sent). DataError naming `name` for what is not an image, is truncated, or would decode
     to more than `max_pixels` pixels (a decompression bomb: refused from its header, before
-    any pixel is decoded)."""
+    any pixel is decoded). The size is the upright one, after the EXIF orientation, as
+    image_size_of reports files."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
@@ -258,7 +259,7 @@ def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> t
         reason = "empty" if not data else ("truncated" if "truncated" in str(err) else
                                            "not an image PIL can read" if "cannot identify" in str(err) else str(err))
         raise DataError(f"{name}: cannot read image ({bounded_line(reason, 200)})") from None
-    return np.asarray(_to_rgb(upright, name).resize((image_size, image_size), Image.BILINEAR)), (width, height)
+    return np.asarray(_to_rgb(upright, name).resize((image_size, image_size), Image.BILINEAR)), upright.size
 
 
 def load_rgb(path: str, image_size: int) -> np.ndarray:

@@ -16,6 +16,8 @@ from model.arch import ARCH_NAMES
 from utils.errors import UserError, bounded_line, shorten
 from utils.io import is_whole_number
 
+FLOAT32_TINY, FLOAT32_MAX = 1.1754944e-38, 3.4028235e38  # normalisation computes in float32
+
 # ---------------------------------------------------------------- the exported folder
 # What export_model.py writes and infer.py reads. deploy.json carries a manifest of every
 # file of the export (size and sha256), so a file that is missing, truncated or replaced
@@ -138,8 +140,11 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     mean, std = meta.get("mean"), meta.get("std")
     if not _numbers(mean, 3):
         raise bad("mean", "a list of 3 finite numbers")
-    if not _numbers(std, 3) or min(std) <= 0:
-        raise bad("std", "a list of 3 finite positive numbers")
+    # a std under float32's range divides by zero
+    if not _numbers(std, 3) or min(std) < FLOAT32_TINY or max(std) > FLOAT32_MAX:
+        raise bad("std", "a list of 3 positive numbers within float32's range")
+    if max(abs(v) for v in mean) > FLOAT32_MAX:
+        raise bad("mean", "a list of 3 numbers within float32's range")
     if meta.get("outputs") != list(OUTPUT_NAMES):
         raise bad("outputs", str(list(OUTPUT_NAMES)))
     calibration = None

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
 from collections.abc import Sequence
 
 from engine.paths import RunPaths
@@ -14,6 +16,7 @@ from .deployment import read_deployment
 from .predictor import BACKEND_NAMES, PRECISION_NAMES, PredictorOptions, UsageError
 from .service_options import ServiceOptions
 
+MAX_WORKERS = 64
 DESCRIPTION = "Serve an exported RD4AD model over HTTP: POST an image, get its verdict, score and mask."
 
 
@@ -29,11 +32,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"one of {', '.join(PRECISION_NAMES)} (default: {o.precision})")
     add("--enable_mkldnn", type=parse_bool, default=True, metavar="BOOL", help="oneDNN on CPU (default: True)")
     add("--workers", type=int, default=s.workers, metavar="N",
-        help=f"predictors, one thread each (default: {s.workers})")
+        help=f"predictors: processes for paddle, threads for the others; at most {MAX_WORKERS} "
+             f"(default: {s.workers})")
     add("--cpu_threads", type=int, default=None, metavar="N",
         help="threads per predictor (default: the cores divided among the workers)")
     add("--queue", type=int, default=s.queue_size, metavar="N",
-        help=f"requests that may wait for a worker; beyond them 503 (default: {s.queue_size})")
+        help=f"requests that may wait for a worker; beyond them 503. /predict/batch takes at most "
+             f"min({s.max_files}, QUEUE + WORKERS x MAX_BATCH) images (default: {s.queue_size})")
     add("--timeout", type=float, default=s.timeout_s, metavar="S", help=f"answer within S seconds or 504 "
                                                                        f"(default: {s.timeout_s:g})")
     add("--max_upload_mb", type=float, default=s.max_upload_mb, metavar="MB",
@@ -44,8 +49,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"queued images one predictor run may take (default: {s.max_batch})")
     add("--max_wait_ms", type=float, default=s.max_wait_ms, metavar="MS",
         help=f"how long a worker waits to fill its batch (default: {s.max_wait_ms:g})")
+    add("--upload_timeout", type=float, default=s.upload_timeout_s, metavar="S",
+        help=f"a request's headers, and then its body, must arrive within S seconds: slower ones are "
+             f"closed, or get 408 (default: {s.upload_timeout_s:g})")
     add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    add("--port", type=int, default=8866, help="port (default: 8866)")
+    add("--port", type=int, default=8866, help="port; 0 picks a free one, named in the 'serving' line (default: 8866)")
     a = p.parse_args(argv)
     if not a.model_dir:
         a.model_dir = RunPaths("output").export_dir(check_class_name(a.cls))
@@ -53,68 +61,121 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]:
-    for flag, value, low in (("--workers", a.workers, 1), ("--queue", a.queue, 1), ("--max_batch", a.max_batch, 1),
-                             ("--max_pixels", a.max_pixels, 1), ("--port", a.port, 0)):
-        if value < low:
-            raise UsageError(f"{flag} {value}: must be at least {low}")
-    for flag, value, high in (("--timeout", a.timeout, 3600), ("--max_upload_mb", a.max_upload_mb, 1024)):
+    for flag, value, low, high in (("--workers", a.workers, 1, MAX_WORKERS), ("--queue", a.queue, 1, 10_000),
+                                   ("--max_batch", a.max_batch, 1, 256), ("--max_pixels", a.max_pixels, 1, 1 << 31),
+                                   ("--port", a.port, 0, 65535)):
+        if not low <= value <= high:
+            raise UsageError(f"{flag} {value}: must lie in {low}..{high}")
+    if a.cpu_threads is not None and not 1 <= a.cpu_threads <= 1024:
+        raise UsageError(f"--cpu_threads {a.cpu_threads}: must lie in 1..1024")
+    for flag, value, high in (("--timeout", a.timeout, 3600), ("--max_upload_mb", a.max_upload_mb, 1024),
+                              ("--upload_timeout", a.upload_timeout, 3600)):
         if not 0 < value <= high:
             raise UsageError(f"{flag} {value}: must be a positive number, at most {high}")
     if not 0 <= a.max_wait_ms < 10_000:
         raise UsageError(f"--max_wait_ms {a.max_wait_ms}: must lie in 0..10000")
-    if a.port > 65535:
-        raise UsageError(f"--port {a.port}: must be at most 65535")
     threads = a.cpu_threads or max(1, (os.cpu_count() or 1) // a.workers)
-    if threads < 1:
-        raise UsageError(f"--cpu_threads {threads}: must be at least 1")
     options = PredictorOptions(backend=a.backend, precision=a.precision, cpu_threads=threads,
                                enable_mkldnn=a.enable_mkldnn)
     options.check()
     service = ServiceOptions(workers=a.workers, queue_size=a.queue, timeout_s=a.timeout, max_upload_mb=a.max_upload_mb,
-                             max_pixels=a.max_pixels, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms)
+                             max_pixels=a.max_pixels, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
+                             upload_timeout_s=a.upload_timeout)
     return options, service
+
+
+class StopRequested(Exception):
+    """SIGTERM or Ctrl-C before the server listened, or a second one while it stopped."""
+
+
+def _stop(number: int, frame) -> None:
+    raise StopRequested(signal.Signals(number).name)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, opened before the model loads: a port in use is one line at
+    once, and --port 0 gets a free port that the "serving" line then names."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"--host {host}: not an address of this machine ({err})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        hint = "; choose another --port" if err.errno == errno.EADDRINUSE else ""
+        raise UsageError(f"--host {host} --port {port}: cannot listen ({err.strerror}){hint}") from None
+    sock.set_inheritable(False)
+    return sock
 
 
 def run(a: argparse.Namespace) -> int:
     options, service = check_args(a)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from .service import Inspector, create_app
+        from .service import Inspector
     except ImportError as err:
         raise UsageError(f"serve.py needs FastAPI and uvicorn ({err}): "
                          "pip install -r requirements-deploy.txt") from None
-    inspector = Inspector(read_deployment(a.model_dir), options, service)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    inspector = None
     try:
-        return _serve(a, inspector, uvicorn, create_app)
+        sock = listen(a.host, a.port)
+        with sock:
+            print(f"loading {a.model_dir} ({options.backend} {options.precision}, {service.workers} worker(s))",
+                  flush=True)
+            inspector = Inspector(read_deployment(a.model_dir), options, service)
+            return _serve(a, sock, inspector)
+    except StopRequested as stop:
+        print(f"stopped ({stop}) before serving", flush=True)
+        return 0
     finally:  # whatever ends the run, the predictor processes end with it
-        inspector.pool.close()
+        try:
+            if inspector is not None:
+                inspector.pool.close()
+        except StopRequested:  # another signal while waiting: stop without waiting
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            inspector.pool.close(wait_s=0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _serve(a: argparse.Namespace, inspector, uvicorn, create_app) -> int:
+def _serve(a: argparse.Namespace, sock: socket.socket, inspector) -> int:
+    import uvicorn
+
+    from .service import GuardedH11Protocol, InspectionServer, create_app
     options, service = inspector.options, inspector.service
-    app = create_app(inspector)
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", access_log=False,
+    GuardedH11Protocol.header_timeout_s = service.upload_timeout_s
+    config = uvicorn.Config(create_app(inspector), log_level="warning", access_log=False, http=GuardedH11Protocol,
                             timeout_graceful_shutdown=max(service.timeout_s, 1.0), lifespan="off")
-    server = uvicorn.Server(config)
-    print(f"serving {inspector.model_id} ({options.backend} {options.precision}, {service.workers} worker(s), "
-          f"queue {service.queue_size}) on http://{a.host}:{a.port}/", flush=True)
+    host, port = sock.getsockname()[:2]
+    where = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    server = InspectionServer(config, f"serving {inspector.model_id} ({options.backend} {options.precision}, "
+                            f"{service.workers} worker(s), queue {service.queue_size}) on {where}")
     # uvicorn catches SIGTERM and Ctrl-C while serving (stop accepting, finish the requests in
     # flight) and then raises the signal again for the handler found before it started: a
     # no-op one, so that a requested stop ends with exit status 0 and not death by signal.
-    stops = []
-    previous = {sig: signal.signal(sig, lambda number, frame: stops.append(number))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print("stopped", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: None)
+    server.run(sockets=[sock])
+    # from here a signal means "now": the queue is not waited for (run()'s finally)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    if server.force_exit:
+        inspector.pool.close(wait_s=0)  # the queued requests' answers have nobody to go to
+        print("stopped at a second signal, without finishing the requests in flight", flush=True)
+    else:
+        print("stopped", flush=True)
     return 0 if server.started else 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 served and stopped cleanly; 2 a mistake in the settings or the model
-    folder (one line), or the port could not be opened."""
+    """Exit status: 0 served and stopped cleanly (SIGTERM or Ctrl-C, also before serving);
+    2 a mistake in the settings or the model folder, or the port could not be opened
+    (one line)."""
     return run_main(lambda: run(parse_args(argv)))

@@ -8,13 +8,16 @@
     GET  /model           deploy.json's summary: arch, size, thresholds, backend, precision
     GET  /                a page to upload an image and see the result
 
-A fixed pool of predictors (--workers threads, each owning one predictor built by
-deploy/predictor.py, as infer.py builds it) takes requests from a bounded queue, so memory
-does not grow with load: a full queue answers 503 with Retry-After, a request waiting past
---timeout 504. Uploads over --max_upload_mb get 413 before their body is read; what is not
-an image, is truncated or would decode to more than --max_pixels pixels gets 415 or 422.
-Verdicts, masks and pictures come from report/per_image.score_image, the code infer.py's
-scores.csv rows come from. No request can stop the server: every error is a JSON answer.
+A fixed pool of predictors (--workers, each owning one predictor built by
+deploy/predictor.py, as infer.py builds it: Paddle's in a child process each, the others
+in a thread each) takes requests from a bounded queue, so memory does not grow with load:
+a full queue answers 503 with Retry-After, a request waiting past --timeout 504. Uploads
+over --max_upload_mb get 413 (from Content-Length, or counted as the body arrives); what
+is not an image, is truncated or would decode to more than --max_pixels pixels gets 415 or
+422. A request's headers and then its body must each arrive within --upload_timeout
+(slow-loris clients: the connection is closed, or 408). Verdicts, masks and pictures come
+from report/per_image.score_image, the code infer.py's scores.csv rows come from. No
+request can stop the server: every error is a JSON answer, a garbled request's 400 too.
 """
 from __future__ import annotations
 
@@ -28,16 +31,22 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import h11
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dataset import DataError, decode_upload, normalize
 from report.per_image import ImageItem, colour_range, score_image
+from utils import runtime
 from utils.errors import bounded_line, first_line
 
 from .deployment import Deployment, ModelError
@@ -60,9 +69,15 @@ class SubprocessPredictor:
         self.connection, child = context.Pipe()
         self.process = context.Process(target=_predictor_process, args=(child, deployment.folder, options),
                                        name="rd4ad-predictor", daemon=True)
-        self.process.start()
+        with _environment(runtime.child_environment(PYTHONWARNINGS="ignore:No ccache found")):
+            self.process.start()  # a spawned child reads the environment at its start
         child.close()
-        self.provider = self._answer()
+        self.closed = False
+        try:
+            self.provider = self._answer()
+        except BaseException:  # a failed build, or a stop while the model loads
+            self.close(wait_s=0)
+            raise
 
     def _answer(self):
         try:
@@ -81,16 +96,32 @@ class SubprocessPredictor:
         self.connection.send(images)
         return self._answer()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 10.0) -> None:
+        """Ask the child to stop, and kill it if it has not within `wait_s`."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.connection.send(None)
         except (OSError, ValueError):
             pass
-        self.process.join(timeout=10)
+        self.process.join(timeout=wait_s)
         if self.process.is_alive():
             self.process.kill()  # it ignores SIGTERM (the parent's business): SIGKILL
             self.process.join(timeout=5)
         self.connection.close()
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _predictor_process(connection, model_dir: str, options: PredictorOptions) -> None:
@@ -99,7 +130,6 @@ def _predictor_process(connection, model_dir: str, options: PredictorOptions) ->
     parent finishes the requests in flight before it closes the children."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from utils import runtime
     runtime.start()
     from deploy.deployment import read_deployment
     from deploy.predictor import build_predictor as build
@@ -217,8 +247,16 @@ class PredictorPool:
                     self.busy -= 1
 
     def close(self, wait_s: float = 60.0) -> None:
-        """Let the queued jobs finish (within `wait_s`), then stop the workers and release
-        the predictors; a stuck predictor does not keep the process from exiting."""
+        """Let the queued jobs finish (within `wait_s`; 0: not at all), then stop the workers
+        and release the predictors; a stuck predictor does not keep the process from exiting."""
+        if wait_s == 0:  # nobody waits for these answers any more
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.future.cancel()
         for _ in self.threads:
             try:
                 self.jobs.put(None, timeout=wait_s)
@@ -227,7 +265,10 @@ class PredictorPool:
         for thread in self.threads:
             thread.join(timeout=wait_s)
         for predictor in self.predictors:
-            predictor.close()
+            if isinstance(predictor, SubprocessPredictor):
+                predictor.close(wait_s=min(wait_s, 10.0))
+            else:
+                predictor.close()  # idempotent: a second stop may call it again
 
 
 class ServiceError(Exception):
@@ -316,7 +357,7 @@ def create_app(inspector: Inspector) -> FastAPI:
     """The FastAPI application over `inspector`."""
     limit = int(inspector.service.max_upload_mb * (1 << 20))
     app = FastAPI(title="RD4AD inspection", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=limit)
+    app.add_middleware(BodyLimit, limit=limit, seconds=inspector.service.upload_timeout_s)
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
@@ -331,6 +372,9 @@ def create_app(inspector: Inspector) -> FastAPI:
             return await call_next(request)
         except BodyTooLarge:
             return error(413, f"upload over --max_upload_mb {inspector.service.max_upload_mb:g}")
+        except UploadTooSlow:
+            return error(408, f"the upload did not arrive within --upload_timeout "
+                              f"{inspector.service.upload_timeout_s:g} s", {"Connection": "close"})
         except ServiceError as err:
             return error(err.status, err.message, err.headers)
         except Exception as err:  # a bug of ours: the request fails, the server stays
@@ -350,13 +394,20 @@ def create_app(inspector: Inspector) -> FastAPI:
             try:
                 form = await request.form(max_files=inspector.service.max_files, max_fields=16,
                                           max_part_size=limit)
-            except BodyTooLarge:
+            except (BodyTooLarge, UploadTooSlow):
                 raise
             except Exception as err:  # malformed multipart, too many parts
-                raise ServiceError(422, f"cannot read the multipart form ({bounded_line(str(err), 200)})") from None
+                too_many = "Too many files" in str(err)
+                raise ServiceError(413 if too_many else 422, f"more than {inspector.service.max_files} files in one "
+                                   f"request" if too_many else f"cannot read the multipart form "
+                                                               f"({bounded_line(str(err), 200)})") from None
+            field = "files" if many else "file"
             files = [v for k, v in form.multi_items() if isinstance(v, UploadFile)]
             if not files:
-                raise ServiceError(422, "the form holds no file (send the image as the field 'file')")
+                seen = ", ".join(sorted({_safe_name(k) for k, _ in form.multi_items()})[:8])
+                raise ServiceError(422, f"the form holds no file: send the image as the file field '{field}' ("
+                                        + (f"fields received: {seen}" if seen else
+                                           "no complete field received: a truncated body?") + ")")
             if not many and len(files) > 1:
                 raise ServiceError(422, f"{len(files)} files sent to /predict; use /predict/batch")
             return [(_safe_name(f.filename), await f.read()) for f in files]
@@ -368,30 +419,37 @@ def create_app(inspector: Inspector) -> FastAPI:
         return [("upload", await read_body(request))]
 
     def pictures_wanted(request: Request) -> bool:
-        return request.query_params.get("pictures", "false").lower() in ("1", "true", "yes")
+        value = request.query_params.get("pictures", "false").lower()
+        if value not in ("1", "true", "yes", "0", "false", "no"):
+            raise ServiceError(422, f"?pictures={bounded_line(value, 40)}: must be true or false")
+        return value in ("1", "true", "yes")
 
     @app.post("/predict")
     async def predict(request: Request):
         deadline = time.perf_counter() + inspector.service.timeout_s
+        pictures = pictures_wanted(request)
         [(name, data)] = await uploads(request, many=False)
-        return await inspector.judge(data, name, pictures_wanted(request), deadline)
+        return await inspector.judge(data, name, pictures, deadline)
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request):
         deadline = time.perf_counter() + inspector.service.timeout_s
+        pictures = pictures_wanted(request)
         files = await uploads(request, many=True)
-        if len(files) > inspector.service.queue_size + inspector.service.workers * inspector.service.max_batch:
-            raise ServiceError(413, f"{len(files)} images in one request: more than the queue can ever hold")
+        room = inspector.service.queue_size + inspector.service.workers * inspector.service.max_batch
+        if len(files) > room:
+            raise ServiceError(413, f"{len(files)} images in one request: more than the {room} the queue and "
+                                    f"workers can ever hold (--queue + --workers x --max_batch)")
 
         async def one(name: str, data: bytes) -> dict:
             try:
-                return {"status": 200, **await inspector.judge(data, name, pictures_wanted(request), deadline)}
+                return {"status": 200, **await inspector.judge(data, name, pictures, deadline)}
             except ServiceError as err:
                 return {"status": err.status, "image": name, "error": err.message}
         results = await asyncio.gather(*(one(n, d) for n, d in files))
         return {"results": results, "model_id": inspector.model_id}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         alive, workers = inspector.pool.alive(), inspector.service.workers
         answer = {"status": "ok" if alive == workers else "degraded", "waiting": inspector.pool.waiting(),
@@ -425,28 +483,102 @@ class BodyTooLarge(Exception):
     """The request body passed --max_upload_mb while it was being read."""
 
 
+class UploadTooSlow(Exception):
+    """The request body did not arrive within --upload_timeout (a slow-loris client)."""
+
+
 class BodyLimit:
     """ASGI middleware counting every request body as it arrives, chunked and multipart
-    ones included (Starlette spools multipart files without a limit of its own)."""
+    ones included (Starlette spools multipart files without a limit of its own), and
+    giving it `seconds` to arrive in full."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, seconds: float) -> None:
+        self.app, self.limit, self.seconds = app, limit, seconds
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        seen = 0
+        seen, complete = 0, False
+        deadline = time.monotonic() + self.seconds
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body only a disconnect can come: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise UploadTooSlow from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise BodyTooLarge
+                complete = not message.get("more_body", False)
             return message
         await self.app(scope, counted, send)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for each request's headers: a client
+    that opens a connection and then sends nothing, or its headers a byte at a time, is
+    closed after `header_timeout_s` instead of holding the connection for ever."""
+
+    header_timeout_s = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = None
+        self._await_headers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is None or self.cycle.response_complete:  # no pipelined request started
+            self._await_headers()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        waiting_since = self.cycle  # a request whose headers are complete replaces it
+
+        def expire() -> None:
+            if self.cycle is waiting_since and not self.transport.is_closing():
+                self.transport.close()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, expire)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse gets the JSON error every other failure gets."""
+        body = json.dumps({"error": f"not an HTTP/1.1 request ({msg})", "status": 400}).encode()
+        for event in (h11.Response(status_code=400, reason=b"Bad Request",
+                                   headers=[(b"content-type", b"application/json"), (b"connection", b"close"),
+                                            (b"content-length", str(len(body)).encode())]),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+class InspectionServer(uvicorn.Server):
+    """uvicorn's server, saying `serving_line` once it listens, and stopping at once at a
+    second SIGTERM as uvicorn does at a second Ctrl-C."""
+
+    def __init__(self, config: uvicorn.Config, serving_line: str) -> None:
+        super().__init__(config)
+        self.serving_line = serving_line
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.serving_line, flush=True)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        super().handle_exit(sig, frame)
 
 
 def _safe_name(filename: str | None) -> str:

@@ -15,3 +15,4 @@ class ServiceOptions:
     max_batch: int = 1            # images one predictor run may take from the queue
     max_wait_ms: float = 0.0      # how long a worker waits to fill a batch
     max_files: int = 32           # per /predict/batch request
+    upload_timeout_s: float = 30.0  # a request's headers, and then its body, must arrive within it

@@ -190,6 +190,8 @@ DEPLOY_DAMAGE = [
     ("size a bool", lambda m: {**m, "image_size": True}, "'image_size' must be"),
     ("mean of 2", lambda m: {**m, "mean": [0.4, 0.4]}, "'mean' must be"),
     ("std zero", lambda m: {**m, "std": [0.2, 0.0, 0.2]}, "'std' must be"),
+    ("std under float32", lambda m: {**m, "std": [0.2, 1e-300, 0.2]}, "'std' must be"),  # 0.0 in float32
+    ("mean over float32", lambda m: {**m, "mean": [0.4, 1e300, 0.4]}, "'mean' must be"),
     ("outputs swapped", lambda m: {**m, "outputs": ["score", "anomaly_map"]}, "'outputs' must be"),
     ("calibration text", lambda m: {**m, "calibration": {**m["calibration"], "image_threshold": "1"}},
      "calibration image_threshold"),

@@ -207,14 +207,12 @@ def test_bad_uploads_get_json_errors_and_the_server_lives(server, case):
         body = f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--{boundary}--\r\n'.encode()
         status, answer, _ = server.request("POST", "/predict", body,
                                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        expected, words = 422, "holds no file"
-    else:  # refused by the HTTP layer itself (h11), before our code: 400, plain text
+        expected, words = 422, "send the image as the file field 'file' (fields received: note)"
+    else:  # refused by the HTTP layer itself (h11), before our endpoints: still a JSON 400
         status, answer, _ = server.request("POST", "/predict", b"x", {"Content-Type": "image/png",
                                                                       "Content-Length": "-5"})
-        assert status == 400 and "Invalid HTTP request" in answer
-        expected = None
-    if expected is not None:
-        assert status == expected and answer["status"] == expected and words in answer["error"], answer
+        expected, words = 400, "not an HTTP/1.1 request"
+    assert status == expected and answer["status"] == expected and words in answer["error"], answer
     assert server.get("/health")[0] == 200  # still serving
 
 
@@ -277,7 +275,11 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(model_dir):
 
 
 def test_bad_settings_are_one_line_before_serving(model_dir, tmp_path):
-    for flags, words in ((["--workers", "0"], "--workers 0: must be at least 1"),
+    for flags, words in ((["--workers", "0"], "--workers 0: must lie in 1..64"),
+                         (["--workers", "65"], "--workers 65: must lie in 1..64"),
+                         (["--cpu_threads", "0"], "--cpu_threads 0: must lie in 1..1024"),
+                         (["--upload_timeout", "0"], "--upload_timeout 0.0: must be a positive number"),
+                         (["--host", "no.such.host.invalid"], "--host no.such.host.invalid: not an address"),
                          (["--backend", "openvino", "--precision", "fp16"], "openvino runs fp32, bf16 or int8"),
                          (["--timeout", "nan"], "--timeout nan: must be a positive number")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", model_dir, *flags],
@@ -335,3 +337,129 @@ def test_the_page_never_runs_a_class_name(model_dir, tmp_path):
         assert status == 200 and "</script><script>document.title" not in page and "\\u003c/script" in page
     finally:
         assert server.stop() == 0
+
+
+def start_serving(*flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """serve.py started with `flags`, and its stdout's lines up to the "serving" one."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *flags], cwd=ROOT,
+                            env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not lines or not lines[-1].startswith(("serving", "error")):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+    return proc, lines
+
+
+def test_port_0_is_named_and_a_port_in_use_is_one_line_before_loading(model_dir):
+    """--port 0: the "serving" line names the port the server really listens on, and nothing
+    but our own lines comes before it (the predictor processes print no Paddle warnings)."""
+    proc, lines = start_serving("--model_dir", model_dir, "--port", "0")
+    try:
+        assert len(lines) == 2 and lines[0].startswith("loading ") and lines[1].startswith("serving "), lines
+        port = int(lines[1].rsplit(":", 1)[1].strip("/"))
+        connection = HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("HEAD", "/health")  # HEAD as load balancers ask it
+        assert connection.getresponse().status == 200
+        connection.close()
+        started = time.time()  # the same port again: refused at once, before any model loads
+        taken = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", model_dir, "--port",
+                                str(port)], cwd=ROOT, env=child_environment(), capture_output=True, text=True,
+                               timeout=120)
+        lines = [line for line in taken.stderr.splitlines() if line.strip()]
+        assert taken.returncode == 2 and len(lines) == 1 and f"--port {port}: cannot listen (Address already in " \
+            f"use); choose another --port" in lines[0] and "loading" not in taken.stdout, taken
+        assert time.time() - started < 60
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_slow_and_garbled_clients_are_cut_off_while_health_answers(model_dir):
+    """A slow-loris client (headers, or a body, dribbling in) is cut off after --upload_timeout;
+    an idle connection too; meanwhile /health answers at once."""
+    server = Server(model_dir, "--upload_timeout", "1")
+    try:
+        idle = socket.create_connection(("127.0.0.1", server.port))
+        slow_headers = socket.create_connection(("127.0.0.1", server.port))
+        slow_headers.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        slow_body = socket.create_connection(("127.0.0.1", server.port))
+        slow_body.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                          b"Content-Length: 1000\r\n\r\nabc")
+        started = time.time()
+        assert server.get("/health")[0] == 200 and time.time() - started < 0.9
+        for client in (idle, slow_headers, slow_body):
+            client.settimeout(10)
+        assert idle.recv(100) == b"" and slow_headers.recv(100) == b""  # closed, not held for ever
+        answer = b""
+        while chunk := slow_body.recv(4096):
+            answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 408") and b"within --upload_timeout 1 s" in body, answer
+        assert time.time() - started < 8
+        for client in (idle, slow_headers, slow_body):
+            client.close()
+        assert server.get("/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_query_and_form_mistakes_say_what_to_send(server):
+    png = open(GOOD, "rb").read()
+    status, answer, _ = server.request("POST", "/predict?pictures=maybe", png, {"Content-Type": "image/png"})
+    assert status == 422 and answer["error"] == "?pictures=maybe: must be true or false"
+    body, kind = multipart([("file", "a.png", png)])
+    status, answer, _ = server.request("POST", "/predict", body[: len(body) // 2], {"Content-Type": kind})
+    assert status == 422 and "no complete field received: a truncated body?" in answer["error"], answer
+    body, kind = multipart([("files", f"{k}.png", png) for k in range(10)])  # queue 8 + 1 worker x 1
+    status, answer, _ = server.request("POST", "/predict/batch", body, {"Content-Type": kind})
+    assert status == 413 and "more than the 9 the queue and workers can ever hold" in answer["error"], answer
+
+
+def test_width_and_height_are_the_upright_ones():
+    """A camera's EXIF orientation 6 (rotated 90°): the answer's size is the upright one,
+    as image_size_of gives for files."""
+    from dataset import decode_upload
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (120, 80)).save(buf, format="JPEG", exif=exif.tobytes())
+    rgb, size = decode_upload(buf.getvalue(), "camera.jpg", SIZE, 10**6)
+    assert size == (80, 120) and rgb.shape == (SIZE, SIZE, 3)
+
+
+def test_sigterm_while_loading_stops_cleanly_and_leaves_no_process(model_dir):
+    """SIGTERM while the model loads: one line, exit 0, and no predictor process left behind
+    (the pipe to serve.py's stdout, which a child would inherit, reaches its end)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", model_dir, "--port", "0"],
+                            cwd=ROOT, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    first = proc.stdout.readline()
+    assert first.startswith("loading "), first
+    proc.send_signal(signal.SIGTERM)  # the predictor process is still importing Paddle
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and rest.strip() == "stopped (SIGTERM) before serving", rest
+
+
+def test_a_second_sigterm_stops_without_waiting_for_the_requests_in_flight(model_dir):
+    server = Server(model_dir, "--max_batch", "2", "--max_wait_ms", "8000", "--timeout", "60")
+    answers = []
+
+    def send():
+        try:
+            answers.append(server.post_file("/predict", open(GOOD, "rb").read())[0])
+        except OSError as err:
+            answers.append(err)
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.5)  # the request waits 8 s in its worker for the batch to fill
+    started = time.time()
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    output, _ = server.proc.communicate(timeout=60)
+    assert server.proc.returncode == 0 and time.time() - started < 6, output
+    assert "stopped at a second signal, without finishing the requests in flight" in output
+    sender.join(timeout=30)
+    assert answers and answers[0] != 200  # the request was given up, not answered

@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -184,27 +185,31 @@ def main(argv: list[str] | None = None) -> int:
     expected = expected_verdicts(a.model_dir, paths)
     bad = bad_uploads()
     port = free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", a.model_dir,
-                               "--port", str(port), "--backend", a.backend, "--precision", a.precision,
-                               "--workers", str(a.workers), "--queue", str(a.queue), "--max_batch", str(a.max_batch),
-                               "--max_wait_ms", str(a.max_wait_ms), "--max_upload_mb", "2"],
-                              env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300
-        while not health(port):
-            if server.poll() is not None or time.time() > deadline:
-                print(f"error: serve.py did not start: {server.stdout.read()[-500:]}", file=sys.stderr)
-                return 2
-            time.sleep(0.2)
-        results = run_load(a, port, good, bad, expected, server.pid)
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
+    # the server's output goes to a file, not a pipe nobody reads while the load runs (a pipe
+    # fills at 64 kB and would then stop the server)
+    with tempfile.TemporaryFile("w+") as server_log:
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", a.model_dir,
+                                   "--port", str(port), "--backend", a.backend, "--precision", a.precision,
+                                   "--workers", str(a.workers), "--queue", str(a.queue), "--max_batch",
+                                   str(a.max_batch), "--max_wait_ms", str(a.max_wait_ms), "--max_upload_mb", "2"],
+                                  env=child_environment(), stdout=server_log, stderr=subprocess.STDOUT, text=True)
         try:
-            exit_code = server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            exit_code = "killed after 120 s"
+            deadline = time.time() + 300
+            while not health(port):
+                if server.poll() is not None or time.time() > deadline:
+                    server_log.seek(0)
+                    print(f"error: serve.py did not start: {server_log.read()[-500:]}", file=sys.stderr)
+                    return 2
+                time.sleep(0.2)
+            results = run_load(a, port, good, bad, expected, server.pid)
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+            try:
+                exit_code = server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                exit_code = "killed after 120 s"
     results["server exit status"] = exit_code
     print_report(a, results)
     if a.json:
