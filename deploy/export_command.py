@@ -106,7 +106,11 @@ def run(a: argparse.Namespace) -> dict:
         images = np.concatenate(calibration[:a.check_images])
     else:
         return meta
-    checks = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1)
+    if calibration and a.check_dir is None:
+        print("note: judged on the calibration images, which also set the int8 recheck band: give --check_dir "
+              "(e.g. the class's test folder) for an independent judgement")
+    checks = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1,
+                              np.concatenate(calibration) if calibration else None)
     meta = record_precision_checks(a.save_dir, checks)
     print(precision_table(checks))
     return meta
@@ -137,7 +141,8 @@ def precision_table(checks: list) -> str:
              "|---|---:|---:|---:|---:|---|"]
     for k, c in enumerate(checks):
         changes = "n/a (no threshold)" if c.verdict_changes is None else c.verdict_changes
-        lines.append(f"| {c.backend} {c.precision} | {c.ms_per_image:g} | {c.min_pearson:.5f} | {c.swapped_pairs} | "
+        rechecked = f" ({c.rechecked} of {c.images} rechecked)" if c.recheck_band else ""
+        lines.append(f"| {c.name}{rechecked} | {c.ms_per_image:g} | {c.min_pearson:.5f} | {c.swapped_pairs} | "
                      f"{changes} | {'baseline' if k == 0 else 'yes' if c.keeps_verdicts else 'no'} |")
     return f"judged on {checks[0].images} images against Paddle Inference fp32:\n" + "\n".join(lines)
 

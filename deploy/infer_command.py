@@ -24,7 +24,7 @@ from utils.names import check_class_name, is_within, output_names
 from utils.timing import StageTimer, autolog_logger, benchmark_report, format_report
 
 from .deployment import Deployment, ModelError, read_deployment
-from .precision import checks_from_json, choose_path
+from .precision import Rechecked, checks_from_json, choose_path
 from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, UsageError,
                         build_predictor, onnx_model_file)
 
@@ -59,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--precision", default=d.precision, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
         help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
              f"verdict (export_model.py --check_dir) (default: {d.precision})")
+    add("--recheck_band", type=float, default=0.0, metavar="SCORE",
+        help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
+             "again in fp32 (default: 0, none; --precision auto takes the export's judged band)")
     add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"images per run (default: {d.batch_size})")
     add("--benchmark", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
         help="print AutoLog-style timings and save benchmark.json (default: False)")
@@ -95,6 +98,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")
     else:
         predictor_options(args).check()
+    if not (math.isfinite(args.recheck_band) and 0 <= args.recheck_band <= MAX_THRESHOLD):
+        raise UsageError(f"--recheck_band {args.recheck_band}: must be a finite number in 0..{MAX_THRESHOLD:g}")
+    if args.recheck_band and args.precision not in ("int8", "auto"):
+        raise UsageError(f"--recheck_band rechecks int8 scores in fp32: it needs --precision int8, not "
+                         f"{args.precision}")
     if args.threshold is not None and not (math.isfinite(args.threshold) and abs(args.threshold) <= MAX_THRESHOLD):
         raise UsageError(f"--threshold {args.threshold}: must be a finite number within +-{MAX_THRESHOLD:g} "
                          f"(scores lie in [0, 6])")
@@ -180,8 +188,14 @@ def choose_precision(args: argparse.Namespace, deployment: Deployment) -> None:
         except (UsageError, ModelError):
             return False
     checks = checks_from_json(list(deployment.precision_checks))
-    args.backend, args.precision, why = choose_path(checks, runs_here, args.backend if args.backend_given else None)
-    args.auto_choice = f"--precision auto: {args.backend} {args.precision}, {why}"
+    choice = choose_path(checks, runs_here, args.backend if args.backend_given else None)
+    args.backend, args.precision = choice.backend, choice.precision
+    if args.precision != "int8":
+        args.recheck_band = 0.0
+    elif choice.recheck_band and not args.recheck_band:
+        args.recheck_band = choice.recheck_band
+    band = f" + fp32 recheck within {args.recheck_band:.4g}" if args.recheck_band else ""
+    args.auto_choice = f"--precision auto: {args.backend} {args.precision}{band}, {choice.why}"
     print(args.auto_choice)
 
 
@@ -204,6 +218,11 @@ def run(args: argparse.Namespace) -> dict:
     calibration = calibration_of(args, deployment)
     items = collect_inputs(args)
     predictor = build_predictor(deployment, predictor_options(args))
+    if args.recheck_band:
+        if calibration is None:
+            raise UsageError("--recheck_band needs a model exported with calibrated thresholds")
+        exact = build_predictor(deployment, replace(predictor_options(args), precision="fp32"))
+        predictor = Rechecked(predictor, exact, calibration.image_threshold, args.recheck_band)
     try:  # the folder is created only now that every check has passed
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as err:
@@ -218,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
         timer = StageTimer(autolog_logger(info) if args.benchmark else None)
         score_all(args, deployment, writer, predictor, items, timer)
         path = writer.finish()
-        print(summary(args, writer, timer, predictor.provider))
+        print(summary(args, writer, timer, predictor.provider, getattr(predictor, "rechecked", None)))
         report = _benchmark(args, info, timer) if args.benchmark else None
     if writer.failed == len(writer.rows):
         raise PartialFailure(f"no image could be processed ({writer.failed} failed); see {path}")
@@ -235,6 +254,8 @@ def score_all(args: argparse.Namespace, deployment: Deployment, writer: ImageWri
         warm = np.zeros((args.batch_size, 3, size, size), dtype=np.float32)
         for _ in range(args.warmup):
             predictor(warm)
+        if isinstance(predictor, Rechecked):
+            predictor.rechecked = 0  # count the images, not the warm-up
     for start in tqdm(range(0, len(items), args.batch_size), desc="infer", leave=False, disable=None):
         chunk = items[start:start + args.batch_size]
         with timer.batch():
@@ -288,7 +309,8 @@ def _ground_truth(item: ImageItem, size: int) -> np.ndarray | None:
         return None
 
 
-def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer, provider: str = "") -> str:
+def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer, provider: str = "",
+            rechecked: int | None = None) -> str:
     ok = [float(r["score"]) for r in writer.rows if not r["error"]]
     failed = len(writer.rows) - len(ok)
     if not ok:
@@ -296,6 +318,8 @@ def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer, pr
     verdicts = (f"{writer.defects} DEFECT / {len(ok) - writer.defects} OK, "
                 if writer.calibration is not None else "")
     runs_on = f"{args.device} ({args.precision}" + (f", {provider})" if provider else ")")
+    if rechecked is not None:
+        runs_on += f"; {rechecked} rechecked in fp32 within {args.recheck_band:.4g} of the threshold"
     return (f"{len(ok)} of {len(writer.rows)} images scored ({failed} failed) with {args.backend} on {runs_on}: "
             f"{verdicts}scores {min(ok):.4f}..{max(ok):.4f}, "
             f"{timer.per_image_ms()['inference']:.1f} ms/image inference; results in {args.output_dir}")

@@ -3,6 +3,12 @@ run (ONNX Runtime and OpenVINO in fp32 and int8, OpenVINO and Paddle Inference i
 compared with Paddle Inference fp32 on check images at export time, and `infer.py
 --precision auto` picks the fastest path that changed no verdict there.
 
+An int8 path may also be judged "rechecked": images whose int8 score lies within a band of
+the image threshold are scored again in fp32 by the same runtime, so that only an int8 error
+larger than the band can change a verdict. The band is RECHECK_SAFETY times the largest int8
+score error on the int8 calibration images (good images, not the check images), and the
+rechecked path is then judged on the check images like every other path.
+
 Why at export: the judgement needs the trained weights and the calibrated threshold (on
 random weights every map is nearly flat and any rounding swaps scores), and it is made once,
 on images the user names (`export_model.py --check_dir`, by default the int8 calibration
@@ -25,6 +31,7 @@ JUDGED_PATHS = (("openvino", "int8"), ("onnxruntime", "int8"), ("openvino", "bf1
                 ("openvino", "fp32"), ("onnxruntime", "fp32"))
 BASELINE = ("paddle", "fp32")
 MIN_PEARSON = 0.99  # a path whose maps correlate less with fp32 is not chosen, verdicts or not
+RECHECK_SAFETY = 2.0  # the recheck band: twice the largest int8 score error on the calibration images
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,13 @@ class PrecisionCheck:
     min_pearson: float           # of the anomaly maps, image by image
     swapped_pairs: int           # image pairs the scores order differently from fp32
     verdict_changes: int | None  # at the calibrated threshold; None without one
+    recheck_band: float | None = None  # int8 rechecked in fp32 within this score distance of the threshold
+    rechecked: int | None = None       # check images that were scored again in fp32
+
+    @property
+    def name(self) -> str:
+        band = f" + fp32 recheck within {self.recheck_band:.4g}" if self.recheck_band else ""
+        return f"{self.backend} {self.precision}{band}"
 
     @property
     def keeps_verdicts(self) -> bool:
@@ -46,12 +60,46 @@ class PrecisionCheck:
         return dict(self.__dict__)
 
 
-def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int) -> list[PrecisionCheck]:
+class Rechecked:
+    """An int8 predictor whose borderline images are scored again in fp32: an image whose
+    int8 score lies within `band` of `threshold` (or is not finite) gets the fp32 map and
+    score, so a verdict can change only where the int8 error is larger than the band."""
+
+    def __init__(self, fast, exact, threshold: float, band: float) -> None:
+        self.fast, self.exact, self.threshold, self.band = fast, exact, threshold, band
+        self.model_path, self.provider = fast.model_path, f"{fast.provider}, fp32 recheck"
+        self.rechecked = 0
+
+    def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images)
+        maps, scores = self.fast(images)
+        near = np.flatnonzero(~(np.abs(scores - self.threshold) >= self.band))  # NaN included
+        if near.size:
+            maps, scores = maps.copy(), scores.copy()
+            maps[near], scores[near] = self.exact(images[near])
+            self.rechecked += int(near.size)
+        return maps, scores
+
+    def close(self) -> None:
+        self.fast.close()
+        self.exact.close()
+
+
+def recheck_band(fast, baseline, images: np.ndarray) -> float:
+    """RECHECK_SAFETY times the largest score error of `fast` against `baseline` on `images`."""
+    errors = [abs(float(fast(x[None])[1][0]) - float(baseline(x[None])[1][0])) for x in images]
+    return float(f"{RECHECK_SAFETY * max(errors):.6g}")
+
+
+def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
+                     band_images: np.ndarray | None = None) -> list[PrecisionCheck]:
     """Paddle fp32 (the baseline, first) and every other path that runs here, each on
     `images` ([N, 3, S, S] normalised), one image at a time as an inspection line sends
     them. The paths take turns image by image, so that the machine's speed drifts (up to
-    1.5x within minutes on a shared machine) hit them alike."""
-    predictors = {}
+    1.5x within minutes on a shared machine) hit them alike. With `band_images` (the int8
+    calibration images) and a threshold, each int8 path is judged rechecked too."""
+    predictors, own = {}, []
+    threshold = deployment.calibration.image_threshold if deployment.calibration is not None else None
     try:
         for backend, precision in (BASELINE,) + JUDGED_PATHS:
             options = PredictorOptions(backend=backend, precision=precision, cpu_threads=threads)
@@ -59,8 +107,17 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int) -
                 predictors[(backend, precision)] = build_predictor(deployment, options)
             except (UsageError, ModelError):  # not installed, no bf16 CPU, no model.onnx or model_int8.onnx
                 continue
+        own = list(predictors.values())
+        for backend in dict.fromkeys(b for b, _ in JUDGED_PATHS):
+            fast, exact = predictors.get((backend, "int8")), predictors.get((backend, "fp32"))
+            if band_images is not None and threshold is not None and fast and exact:
+                band = recheck_band(fast, predictors[BASELINE], band_images)
+                if band > 0:
+                    predictors[(backend, "int8", band)] = Rechecked(fast, exact, threshold, band)
         for predictor in predictors.values():
             predictor(images[:1])  # warm-up: the first run builds kernels
+            if isinstance(predictor, Rechecked):
+                predictor.rechecked = 0
         runs = {path: ([], [], []) for path in predictors}
         for image in images:
             for path, predictor in predictors.items():
@@ -71,38 +128,47 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int) -
                 maps.append(amap[0])
                 scores.append(float(score[0]))
     finally:
-        for predictor in predictors.values():
+        for predictor in own:  # a Rechecked shares its two predictors with the plain paths
             predictor.close()
-    results = {path: (np.stack(maps), np.asarray(scores, np.float64), 1000 * statistics.median(seconds))
+    results = {path: (np.stack(maps), np.asarray(scores, np.float64), 1000 * statistics.median(seconds),
+                      getattr(predictors[path], "band", None), getattr(predictors[path], "rechecked", None))
                for path, (maps, scores, seconds) in runs.items()}
-    threshold = deployment.calibration.image_threshold if deployment.calibration is not None else None
     return [_compare(path, result, results[BASELINE], threshold) for path, result in results.items()]
 
 
-def _compare(path: tuple[str, str], result: tuple, baseline: tuple, threshold: float | None) -> PrecisionCheck:
-    maps, scores, ms = result
-    base_maps, base_scores, _ = baseline
+def _compare(path: tuple, result: tuple, baseline: tuple, threshold: float | None) -> PrecisionCheck:
+    maps, scores, ms, band, rechecked = result
+    base_maps, base_scores = baseline[:2]
     pearson = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) if a.std() and b.std() else float(np.array_equal(a, b))
                for a, b in zip(maps, base_maps)]
     order = np.sign(scores[:, None] - scores[None]) != np.sign(base_scores[:, None] - base_scores[None])
     changes = None if threshold is None else int(((scores > threshold) != (base_scores > threshold)).sum())
     return PrecisionCheck(path[0], path[1], len(scores), round(ms, 2), round(min(pearson), 6),
-                          int(np.triu(order, 1).sum()), changes)
+                          int(np.triu(order, 1).sum()), changes, band, rechecked)
 
 
-def choose_path(checks: list[PrecisionCheck], runs_here, backend: str | None = None) -> tuple[str, str, str]:
-    """(backend, precision, why): the fastest checked path (of `backend`, when given) that
-    changed no verdict and that `runs_here(check)` accepts; fp32 when none did."""
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    precision: str
+    recheck_band: float | None  # int8 rechecked in fp32 within it, when set
+    why: str
+
+
+def choose_path(checks: list[PrecisionCheck], runs_here, backend: str | None = None) -> Choice:
+    """The fastest checked path (of `backend`, when given) that changed no verdict and that
+    `runs_here(check)` accepts; fp32 when none did."""
     candidates = [c for c in checks if (backend is None or c.backend == backend) and runs_here(c)]
     keeping = [c for c in candidates if (c.backend, c.precision) == BASELINE or c.keeps_verdicts]
-    rejected = [f"{c.backend} {c.precision}" for c in candidates if c not in keeping]
+    rejected = [c.name for c in candidates if c not in keeping]
     why_not = f"; rejected (verdicts or maps changed): {', '.join(rejected)}" if rejected else ""
     if not keeping:
-        return backend or BASELINE[0], "fp32", f"no checked path of {backend} kept every verdict{why_not}"
+        return Choice(backend or BASELINE[0], "fp32", None, f"no checked path of {backend} kept every verdict{why_not}")
     best = min(keeping, key=lambda c: c.ms_per_image)
-    return best.backend, best.precision, (
+    rechecked = f", {best.rechecked} of them rechecked" if best.recheck_band else ""
+    return Choice(best.backend, best.precision, best.recheck_band, (
         f"the fastest of {len(keeping)} checked paths that kept every verdict of the export's {best.images} check "
-        f"images ({best.ms_per_image:g} ms/image there){why_not}")
+        f"images ({best.ms_per_image:g} ms/image there{rechecked}){why_not}"))
 
 
 def checks_from_json(records: list[dict]) -> list[PrecisionCheck]:

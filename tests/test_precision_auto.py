@@ -58,16 +58,17 @@ def scores_of(model_dir, precision, backend="paddle"):
 def test_the_export_records_every_path_that_runs_here(judged):
     save_dir, _ = judged
     checks = json.load(open(os.path.join(save_dir, "deploy.json")))["precision_checks"]
-    paths = [(c["backend"], c["precision"]) for c in checks]
-    expected = [("paddle", "fp32"), ("openvino", "int8"), ("onnxruntime", "int8")]
+    paths = [(c["backend"], c["precision"], c["recheck_band"] is not None) for c in checks]
+    expected = [("paddle", "fp32", False), ("openvino", "int8", False), ("onnxruntime", "int8", False)]
     if cpu_has_bf16():
-        expected += [("openvino", "bf16"), ("paddle", "bf16")]
-    expected += [("openvino", "fp32"), ("onnxruntime", "fp32")]
+        expected += [("openvino", "bf16", False), ("paddle", "bf16", False)]
+    expected += [("openvino", "fp32", False), ("onnxruntime", "fp32", False),
+                 ("openvino", "int8", True), ("onnxruntime", "int8", True)]  # int8 rechecked in fp32
     assert paths == expected
     baseline = checks[0]
     assert baseline["images"] == 10 and baseline["min_pearson"] == 1.0 and baseline["verdict_changes"] == 0
     assert all(c["ms_per_image"] > 0 and c["verdict_changes"] is not None for c in checks)
-    for fp32 in checks[-2:]:  # the other runtimes' fp32 computes what Paddle's does
+    for fp32 in checks[-4:-2]:  # the other runtimes' fp32 computes what Paddle's does
         assert fp32["min_pearson"] > 0.9999 and fp32["verdict_changes"] == 0 and fp32["swapped_pairs"] == 0
     assert read_deployment(save_dir).precision_checks  # what infer.py reads back
 
@@ -127,20 +128,123 @@ CHECKS = [check("paddle", "fp32", 300.0), check("openvino", "int8", 90.0, change
           check("paddle", "bf16", 190.0)]
 
 
+def path(choice):
+    return choice.backend, choice.precision, choice.recheck_band
+
+
 def test_choose_path_takes_the_fastest_that_kept_verdicts_and_maps():
-    backend, precision, why = choose_path(CHECKS, lambda c: True)
-    assert (backend, precision) == ("onnxruntime", "int8")  # openvino int8 changed a verdict
-    assert "rejected (verdicts or maps changed): openvino int8, openvino bf16" in why
+    choice = choose_path(CHECKS, lambda c: True)
+    assert path(choice) == ("onnxruntime", "int8", None)  # openvino int8 changed a verdict
+    assert "rejected (verdicts or maps changed): openvino int8, openvino bf16" in choice.why
+    rechecked = PrecisionCheck("openvino", "int8", 10, 110.0, 0.999, 0, 0, 0.01, 2)
+    choice = choose_path(CHECKS + [rechecked], lambda c: True)
+    assert path(choice) == ("openvino", "int8", 0.01) and "110 ms/image there, 2 of them rechecked" in choice.why
 
 
 def test_choose_path_within_a_backend_and_what_runs_here():
-    assert choose_path(CHECKS, lambda c: True, "paddle")[:2] == ("paddle", "bf16")
-    assert choose_path(CHECKS, lambda c: c.precision != "bf16", "paddle")[:2] == ("paddle", "fp32")
-    backend, precision, why = choose_path(CHECKS, lambda c: True, "openvino")  # both openvino paths failed
-    assert (backend, precision) == ("openvino", "fp32") and "no checked path of openvino" in why
-    assert choose_path(CHECKS, lambda c: c.precision == "fp32")[:2] == ("paddle", "fp32")
+    assert path(choose_path(CHECKS, lambda c: True, "paddle")) == ("paddle", "bf16", None)
+    assert path(choose_path(CHECKS, lambda c: c.precision != "bf16", "paddle")) == ("paddle", "fp32", None)
+    choice = choose_path(CHECKS, lambda c: True, "openvino")  # both openvino paths failed
+    assert path(choice) == ("openvino", "fp32", None) and "no checked path of openvino" in choice.why
+    assert path(choose_path(CHECKS, lambda c: c.precision == "fp32")) == ("paddle", "fp32", None)
 
 
 def test_without_a_threshold_no_low_precision_path_is_chosen():
     unjudged = [check("paddle", "fp32", 300.0, changes=None), check("onnxruntime", "int8", 100.0, changes=None)]
-    assert choose_path(unjudged, lambda c: True)[:2] == ("paddle", "fp32")
+    assert path(choose_path(unjudged, lambda c: True)) == ("paddle", "fp32", None)
+
+
+class FakePredictor:
+    """Scores are the images' first pixel plus an offset; maps that pixel everywhere."""
+    model_path, provider = "fake", "fake"
+
+    def __init__(self, offset):
+        self.offset, self.calls, self.closed = offset, [], False
+
+    def __call__(self, images):
+        self.calls.append(len(images))
+        scores = images[:, 0, 0, 0] + self.offset
+        return np.broadcast_to(scores[:, None, None], (len(images), 4, 4)).copy(), scores
+
+    def close(self):
+        self.closed = True
+
+
+def test_rechecked_scores_borderline_images_in_fp32_and_only_those():
+    from deploy.precision import Rechecked
+    images = np.zeros((5, 3, 4, 4), np.float32)
+    images[:, 0, 0, 0] = [0.2, 0.49, 0.5, 0.515, np.nan]  # threshold 0.5, band 0.02: 0.49, 0.5, NaN recheck
+    fast, exact = FakePredictor(0.01), FakePredictor(0.0)
+    rechecked = Rechecked(fast, exact, threshold=0.5, band=0.02)
+    maps, scores = rechecked(images)
+    np.testing.assert_allclose(scores[:4], [0.21, 0.49, 0.5, 0.525], rtol=1e-6)  # 0.515 + 0.01: outside the band
+    assert exact.calls == [3] and rechecked.rechecked == 3 and maps[1].max() == pytest.approx(0.49)
+    rechecked.close()
+    assert fast.closed and exact.closed
+
+
+def test_the_recorded_recheck_band_is_twice_the_int8_error_on_the_calibration_images(judged):
+    from deploy.export import calibration_images
+    from deploy.precision import RECHECK_SAFETY
+    save_dir, _ = judged
+    record = next(c for c in read_deployment(save_dir).precision_checks
+                  if c["backend"] == "onnxruntime" and c["recheck_band"])
+    calibration = np.concatenate(calibration_images(GOOD_DIR, SIZE, 16))
+    deployment = read_deployment(save_dir)
+    fp32, int8 = (build_predictor(deployment, PredictorOptions(backend=b, precision=p))
+                  for b, p in (("paddle", "fp32"), ("onnxruntime", "int8")))
+    error = max(abs(float(int8(x[None])[1][0]) - float(fp32(x[None])[1][0])) for x in calibration)
+    assert record["recheck_band"] == pytest.approx(RECHECK_SAFETY * error, rel=1e-4)
+    assert record["verdict_changes"] is not None and 0 <= record["rechecked"] <= record["images"]
+
+
+def test_precision_auto_runs_a_chosen_rechecked_path_with_fp32_verdicts(judged, tmp_path, capsys):
+    """A judgement whose fastest verdict-keeping path is ONNX Runtime int8 rechecked: infer.py
+    runs int8 and fp32 both, and every verdict is fp32's."""
+    import shutil
+    save_dir, _ = judged
+    edited = str(tmp_path / "model")
+    shutil.copytree(save_dir, edited)
+    path = os.path.join(edited, "deploy.json")
+    meta = json.load(open(path))
+    threshold = meta["calibration"]["image_threshold"]
+    for record in meta["precision_checks"]:
+        keep = record["backend"] == "onnxruntime" and record["recheck_band"] is not None
+        record["ms_per_image"] = 1.0 if keep else 999.0
+        record["recheck_band"] = 10.0 if keep else record["recheck_band"]  # every image is rechecked
+        record["verdict_changes"] = 0 if keep or record["backend"] == "paddle" else 1
+    json.dump(meta, open(path, "w"))
+    out = tmp_path / "auto"
+    assert infer.main(["--model_dir", edited, "--image", TEST_DIR, "--output_dir", str(out), "--precision", "auto",
+                       "--save_images", "False"]) == 0
+    printed = capsys.readouterr().out
+    assert "--precision auto: onnxruntime int8 + fp32 recheck within 10," in printed
+    assert "10 rechecked in fp32 within 10 of the threshold" in printed
+    fp32 = scores_of(save_dir, "fp32")
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    np.testing.assert_allclose([float(r["score"]) for r in rows], fp32, atol=1e-4)  # ONNX Runtime fp32's scores
+    assert [r["verdict"] for r in rows] == ["DEFECT" if s > threshold else "OK" for s in fp32]
+
+
+def test_recheck_band_settings_are_checked(judged, tmp_path, capsys):
+    save_dir, _ = judged
+    for flags, words in ((["--recheck_band", "0.01"], "it needs --precision int8, not fp32"),
+                         (["--recheck_band", "nan", "--precision", "int8", "--backend", "onnxruntime"],
+                          "--recheck_band nan: must be a finite number")):
+        code = infer.main(["--model_dir", save_dir, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o"), *flags])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_an_export_judged_before_rechecking_still_reads(judged, tmp_path):
+    import shutil
+    save_dir, _ = judged
+    old = str(tmp_path / "old")
+    shutil.copytree(save_dir, old)
+    path = os.path.join(old, "deploy.json")
+    meta = json.load(open(path))
+    meta["precision_checks"] = [{k: v for k, v in c.items() if k not in ("recheck_band", "rechecked")}
+                                for c in meta["precision_checks"] if c["recheck_band"] is None]
+    json.dump(meta, open(path, "w"))
+    checks = read_deployment(old).precision_checks
+    assert checks and all(c["recheck_band"] is None and c["rechecked"] is None for c in checks)
