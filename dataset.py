@@ -226,16 +226,24 @@ def _to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
     conversion would clip it at 255), transparency dropped, CMYK and palettes converted.
     A float image with NaN or infinite pixels is refused: it has no picture to score."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(img, dtype=np.float64)
+        values = np.array(img, dtype=np.float64)  # one copy, scaled in place: a 40 MP frame stays 320 MB
         if not np.isfinite(values).all():
             raise DataError(f"{path}: cannot read image (NaN or infinite pixel values)")
         top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        values /= top  # the order of the formula values / top * 255 + 0.5, rounding included
+        values *= 255.0
+        values += 0.5
+        gray = np.clip(values, 0, 255, out=values).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     return img.convert("RGB")
 
 
 MAX_UPLOAD_SIDE = 16384  # pixels: any camera frame; a 1 x 39M strip is an attack
+
+
+# What an upload may be: camera and dataset formats. Not every format Pillow opens: EPS, for
+# one, is handed to Ghostscript, which an untrusted upload must never reach.
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 
 
 def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -245,7 +253,7 @@ def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> t
     any pixel is decoded). The size is the upright one, after the EXIF orientation, as
     image_size_of reports files."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise DataError(f"{name}: {width}x{height} pixels, more than the {max_pixels} allowed")
@@ -256,8 +264,9 @@ def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> t
     except DataError:
         raise
     except Exception as err:  # any decoder's failure on hostile bytes (struct.error in EXIF, ...)
+        unknown = f"not an image of {', '.join(UPLOAD_FORMATS)}"
         reason = "empty" if not data else ("truncated" if "truncated" in str(err) else
-                                           "not an image PIL can read" if "cannot identify" in str(err) else str(err))
+                                           unknown if "cannot identify" in str(err) else str(err))
         raise DataError(f"{name}: cannot read image ({bounded_line(reason, 200)})") from None
     return np.asarray(_to_rgb(upright, name).resize((image_size, image_size), Image.BILINEAR)), upright.size
 

@@ -197,6 +197,8 @@ def _configure_paddle(pi, config, options: PredictorOptions) -> None:
         config.enable_mkldnn()
         if options.precision == "bf16":
             config.enable_mkldnn_bfloat16()
+    else:  # Paddle 3's Config starts with oneDNN on: off has to be said
+        config.disable_mkldnn()
 
 
 class OnnxPredictor(Predictor):

@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 
 from engine.paths import RunPaths
@@ -38,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="threads per predictor (default: the cores divided among the workers)")
     add("--queue", type=int, default=s.queue_size, metavar="N",
         help=f"requests that may wait for a worker; beyond them 503. /predict/batch takes at most "
-             f"min({s.max_files}, QUEUE + WORKERS x MAX_BATCH) images (default: {s.queue_size})")
+             f"min({s.max_files}, QUEUE) images (default: {s.queue_size})")
     add("--timeout", type=float, default=s.timeout_s, metavar="S", help=f"answer within S seconds or 504 "
                                                                        f"(default: {s.timeout_s:g})")
     add("--max_upload_mb", type=float, default=s.max_upload_mb, metavar="MB",
@@ -52,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--upload_timeout", type=float, default=s.upload_timeout_s, metavar="S",
         help=f"a request's headers, and then its body, must arrive within S seconds: slower ones are "
              f"closed, or get 408 (default: {s.upload_timeout_s:g})")
+    add("--max_open_uploads", type=int, default=s.max_open_uploads, metavar="N",
+        help="requests with a body held at once (each up to --max_upload_mb); beyond them 503 "
+             "(default: 0, twice QUEUE + WORKERS x MAX_BATCH)")
     add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     add("--port", type=int, default=8866, help="port; 0 picks a free one, named in the 'serving' line (default: 8866)")
     a = p.parse_args(argv)
@@ -72,15 +76,20 @@ def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]
                               ("--upload_timeout", a.upload_timeout, 3600)):
         if not 0 < value <= high:
             raise UsageError(f"{flag} {value}: must be a positive number, at most {high}")
-    if not 0 <= a.max_wait_ms < 10_000:
+    if not 0 <= a.max_wait_ms <= 10_000:
         raise UsageError(f"--max_wait_ms {a.max_wait_ms}: must lie in 0..10000")
+    if a.max_batch > 1 and a.max_wait_ms / 1000 >= a.timeout:
+        print(f"warning: --max_wait_ms {a.max_wait_ms:g} is not below --timeout {a.timeout:g} s: a request that "
+              f"waits alone for its batch to fill gets 504", file=sys.stderr)
+    if not 0 <= a.max_open_uploads <= 100_000:
+        raise UsageError(f"--max_open_uploads {a.max_open_uploads}: must lie in 0..100000")
     threads = a.cpu_threads or max(1, (os.cpu_count() or 1) // a.workers)
     options = PredictorOptions(backend=a.backend, precision=a.precision, cpu_threads=threads,
                                enable_mkldnn=a.enable_mkldnn)
     options.check()
     service = ServiceOptions(workers=a.workers, queue_size=a.queue, timeout_s=a.timeout, max_upload_mb=a.max_upload_mb,
                              max_pixels=a.max_pixels, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
-                             upload_timeout_s=a.upload_timeout)
+                             upload_timeout_s=a.upload_timeout, max_open_uploads=a.max_open_uploads)
     return options, service
 
 
@@ -152,6 +161,7 @@ def _serve(a: argparse.Namespace, sock: socket.socket, inspector) -> int:
     options, service = inspector.options, inspector.service
     GuardedH11Protocol.header_timeout_s = service.upload_timeout_s
     config = uvicorn.Config(create_app(inspector), log_level="warning", access_log=False, http=GuardedH11Protocol,
+                            ws="none",  # no WebSocket endpoint: an upgrade request is a plain HTTP one
                             timeout_graceful_shutdown=max(service.timeout_s, 1.0), lifespan="off")
     host, port = sock.getsockname()[:2]
     where = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"

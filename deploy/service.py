@@ -160,6 +160,10 @@ class QueueFull(Exception):
     """The bounded queue has no room: the client should retry later (503)."""
 
 
+class PredictorDied(Exception):
+    """A predictor process stopped: its worker takes no more jobs (503; /health degraded)."""
+
+
 @dataclass
 class Job:
     image: np.ndarray                 # [3, S, S] normalised
@@ -197,6 +201,8 @@ class PredictorPool:
             thread.start()
 
     def submit(self, image: np.ndarray) -> Job:
+        if not self.alive():
+            raise PredictorDied("every predictor process has stopped")
         job = Job(image)
         try:
             self.jobs.put_nowait(job)
@@ -212,7 +218,8 @@ class PredictorPool:
         return sum(getattr(p, "alive", lambda: True)() for p in self.predictors)
 
     def _work(self, predictor) -> None:
-        while True:
+        alive = getattr(predictor, "alive", lambda: True)
+        while alive():  # a dead predictor's worker stops taking jobs: the live ones get them
             job = self.jobs.get()
             if job is None:
                 return
@@ -240,6 +247,8 @@ class PredictorPool:
                 for k, j in enumerate(live):
                     j.future.set_result((maps[k], float(scores[k]), ms, 1000 * (start - j.queued), len(live)))
             except BaseException as err:  # the request fails, never the worker
+                if not alive():
+                    err = PredictorDied(f"a predictor process stopped ({first_line(err)})")
                 for j in live:
                     j.future.set_exception(err)
             finally:
@@ -283,6 +292,8 @@ class Inspector:
     def __init__(self, deployment: Deployment, options: PredictorOptions, service: ServiceOptions) -> None:
         self.deployment, self.options, self.service = deployment, options, service
         self.pool = PredictorPool(deployment, options, service)
+        # decoding a 40 MP frame takes hundreds of MB: so few decode at once, whatever the load
+        self.decode_slots = asyncio.Semaphore(max(2, service.workers))
         weights = (deployment.files or {}).get("model.pdiparams", {}).get("sha256", "")
         self.model_id = f"rd4ad-{deployment.arch}-{deployment.cls or 'model'}-{weights[:12] or 'unverified'}"
 
@@ -302,24 +313,42 @@ class Inspector:
             raise ServiceError(422, str(err)) from None
 
     async def judge(self, data: bytes, name: str, pictures: bool, deadline: float) -> dict:
-        """One image: decoded off the event loop, queued, scored, turned into its answer."""
-        rgb, (width, height) = await asyncio.to_thread(self.decode, data, name)
+        """One image: decoded off the event loop (a few at a time), queued, scored, turned
+        into its answer. `deadline` counts from the end of the upload."""
+        arrived = time.perf_counter()
+        if self.pool.waiting() >= self.service.queue_size:  # refused before the costly decode
+            raise ServiceError(503, "the queue is full; retry shortly", {"Retry-After": "1"})
+        try:
+            await asyncio.wait_for(self.decode_slots.acquire(), max(deadline - time.perf_counter(), 0))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ServiceError(504, f"no answer within --timeout {self.service.timeout_s:g} s") from None
+        try:
+            rgb, (width, height) = await asyncio.to_thread(self.decode, data, name)
+        finally:
+            self.decode_slots.release()
+        decoded = time.perf_counter()
         try:
             job = self.pool.submit(normalize(rgb, self.deployment.mean, self.deployment.std))
         except QueueFull:
             raise ServiceError(503, "the queue is full; retry shortly", {"Retry-After": "1"}) from None
+        except PredictorDied as err:
+            raise ServiceError(503, f"{err}; see /health", {"Retry-After": "5"}) from None
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(job.future), max(deadline - time.perf_counter(), 0))
         except (asyncio.TimeoutError, TimeoutError):
             raise ServiceError(504, f"no answer within --timeout {self.service.timeout_s:g} s") from None
         except MemoryError as err:
             raise ServiceError(503, f"out of memory ({first_line(err)}); retry shortly", {"Retry-After": "5"}) from None
+        except PredictorDied as err:
+            raise ServiceError(503, f"{err}; retry shortly, see /health", {"Retry-After": "5"}) from None
         except Exception as err:
             raise ServiceError(500, f"the model failed ({bounded_line(first_line(err), 300)})") from None
         amap, score, inference_ms, queue_ms, batch = result
-        return await asyncio.to_thread(self.answer, name, rgb, amap, score, (width, height), pictures,
-                                       {"queue_ms": round(queue_ms, 2), "inference_ms": round(inference_ms, 2),
-                                        "batch": batch})
+        timing = {"decode_ms": round(1000 * (decoded - arrived), 2), "queue_ms": round(queue_ms, 2),
+                  "inference_ms": round(inference_ms, 2), "batch": batch}
+        answer = await asyncio.to_thread(self.answer, name, rgb, amap, score, (width, height), pictures, timing)
+        timing["total_ms"] = round(1000 * (time.perf_counter() - arrived), 2)  # from the end of the upload
+        return answer
 
     def answer(self, name: str, rgb: np.ndarray, amap: np.ndarray, score: float, size: tuple[int, int],
                pictures: bool, timing: dict) -> dict:
@@ -338,7 +367,10 @@ class Inspector:
             "verdict": row["verdict"] or None,
             "z_score": float(row["z_score"]) if row["z_score"] else None,
             "thresholds": None if c is None else {"image": c.image_threshold, "pixel": c.pixel_threshold},
+            # the mask is the model's S x S grid (the image resized to it): counted there
+            "mask_size": [d.image_size, d.image_size],
             "defect_pixels": None if scored.mask is None else int((np.asarray(scored.mask) > 0).sum()),
+            "defect_fraction": None if scored.mask is None else round(float((np.asarray(scored.mask) > 0).mean()), 6),
             "timing": timing,
         }
         if pictures:
@@ -356,8 +388,12 @@ def _png_base64(image) -> str:
 def create_app(inspector: Inspector) -> FastAPI:
     """The FastAPI application over `inspector`."""
     limit = int(inspector.service.max_upload_mb * (1 << 20))
-    app = FastAPI(title="RD4AD inspection", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=limit, seconds=inspector.service.upload_timeout_s)
+    app = FastAPI(title="RD4AD inspection", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # a redirect would name whatever Host the client sent
+    service = inspector.service
+    app.add_middleware(BodyLimit, limit=limit, seconds=service.upload_timeout_s,
+                       open_uploads=service.max_open_uploads or 2 * (service.queue_size + service.workers
+                                                                     * service.max_batch))
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
@@ -380,6 +416,8 @@ def create_app(inspector: Inspector) -> FastAPI:
         except Exception as err:  # a bug of ours: the request fails, the server stays
             return error(500, f"internal error ({type(err).__name__}: {bounded_line(str(err), 200)})")
 
+    app.add_middleware(StopGuard)  # added last, so outside the guard: its cancellation ends here
+
     async def read_body(request: Request) -> bytes:
         body = bytearray()
         async for chunk in request.stream():  # a chunked upload has no Content-Length
@@ -397,17 +435,19 @@ def create_app(inspector: Inspector) -> FastAPI:
             except (BodyTooLarge, UploadTooSlow):
                 raise
             except Exception as err:  # malformed multipart, too many parts
-                too_many = "Too many files" in str(err)
+                reason = str(getattr(err, "detail", err))  # Starlette's HTTPException: without its "400: "
+                too_many = "Too many files" in reason
                 raise ServiceError(413 if too_many else 422, f"more than {inspector.service.max_files} files in one "
                                    f"request" if too_many else f"cannot read the multipart form "
-                                                               f"({bounded_line(str(err), 200)})") from None
+                                                               f"({bounded_line(reason, 200)})") from None
             field = "files" if many else "file"
             files = [v for k, v in form.multi_items() if isinstance(v, UploadFile)]
             if not files:
                 seen = ", ".join(sorted({_safe_name(k) for k, _ in form.multi_items()})[:8])
-                raise ServiceError(422, f"the form holds no file: send the image as the file field '{field}' ("
-                                        + (f"fields received: {seen}" if seen else
-                                           "no complete field received: a truncated body?") + ")")
+                raise ServiceError(422, f"the form holds no file: send the image as the file field '{field}', "
+                                        f"e.g. curl -F {field}=@IMAGE (" + (
+                                            f"text fields received: {seen}" if seen else
+                                            "no complete field received: a truncated body?") + ")")
             if not many and len(files) > 1:
                 raise ServiceError(422, f"{len(files)} files sent to /predict; use /predict/batch")
             return [(_safe_name(f.filename), await f.read()) for f in files]
@@ -426,20 +466,19 @@ def create_app(inspector: Inspector) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request):
-        deadline = time.perf_counter() + inspector.service.timeout_s
         pictures = pictures_wanted(request)
         [(name, data)] = await uploads(request, many=False)
-        return await inspector.judge(data, name, pictures, deadline)
+        return await inspector.judge(data, name, pictures, time.perf_counter() + inspector.service.timeout_s)
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request):
-        deadline = time.perf_counter() + inspector.service.timeout_s
         pictures = pictures_wanted(request)
         files = await uploads(request, many=True)
-        room = inspector.service.queue_size + inspector.service.workers * inspector.service.max_batch
+        deadline = time.perf_counter() + inspector.service.timeout_s
+        room = batch_room(inspector.service)
         if len(files) > room:
-            raise ServiceError(413, f"{len(files)} images in one request: more than the {room} the queue and "
-                                    f"workers can ever hold (--queue + --workers x --max_batch)")
+            raise ServiceError(413, f"{len(files)} images in one request: more than the {room} the queue holds "
+                                    f"(--queue)")
 
         async def one(name: str, data: bytes) -> dict:
             try:
@@ -447,7 +486,8 @@ def create_app(inspector: Inspector) -> FastAPI:
             except ServiceError as err:
                 return {"status": err.status, "image": name, "error": err.message}
         results = await asyncio.gather(*(one(n, d) for n, d in files))
-        return {"results": results, "model_id": inspector.model_id}
+        retry = {"Retry-After": "1"} if any(r["status"] == 503 for r in results) else None
+        return JSONResponse({"results": results, "model_id": inspector.model_id}, headers=retry)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -474,7 +514,7 @@ def create_app(inspector: Inspector) -> FastAPI:
 
     @app.exception_handler(405)
     async def not_allowed(request: Request, exc):
-        return error(405, f"{request.method} is not allowed on {request.url.path}")
+        return error(405, f"{request.method} is not allowed on {request.url.path}", getattr(exc, "headers", None))
 
     return app
 
@@ -489,16 +529,33 @@ class UploadTooSlow(Exception):
 
 class BodyLimit:
     """ASGI middleware counting every request body as it arrives, chunked and multipart
-    ones included (Starlette spools multipart files without a limit of its own), and
-    giving it `seconds` to arrive in full."""
+    ones included (Starlette spools multipart files without a limit of its own), giving it
+    `seconds` to arrive in full, and holding at most `open_uploads` requests with a body at
+    once (each may hold --max_upload_mb in memory until it is answered): beyond, 503."""
 
-    def __init__(self, app, limit: int, seconds: float) -> None:
-        self.app, self.limit, self.seconds = app, limit, seconds
+    def __init__(self, app, limit: int, seconds: float, open_uploads: int) -> None:
+        self.app, self.limit, self.seconds, self.open_uploads = app, limit, seconds, open_uploads
+        self.open = 0
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
+        if self.open >= self.open_uploads:
+            body = json.dumps({"error": f"{self.open} uploads in progress already; retry shortly",
+                               "status": 503}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.open += 1
+        try:
+            await self._counted(scope, receive, send)
+        finally:
+            self.open -= 1
+
+    async def _counted(self, scope, receive, send) -> None:
         seen, complete = 0, False
         deadline = time.monotonic() + self.seconds
 
@@ -517,6 +574,35 @@ class BodyLimit:
                 complete = not message.get("more_body", False)
             return message
         await self.app(scope, counted, send)
+
+
+class StopGuard:
+    """ASGI middleware for a stop that cannot wait for a request any longer (uvicorn cancels
+    it after --timeout of grace, or at a second SIGTERM): the client gets a JSON 503 if no
+    answer has started, and the cancellation ends the request quietly, not as a traceback."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if scope["type"] == "http" and not started:
+                body = json.dumps({"error": "the server is stopping; retry shortly", "status": 503}).encode()
+                try:
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"5"),
+                                            (b"connection", b"close"), (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                except Exception:  # the connection went first
+                    pass
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -552,7 +638,11 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer = self.loop.call_later(self.header_timeout_s, expire)
 
     def send_400_response(self, msg: str) -> None:
-        """A request h11 cannot parse gets the JSON error every other failure gets."""
+        """A request h11 cannot parse gets the JSON error every other failure gets (or, when
+        an answer has gone out already, the connection is just closed)."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.close()
+            return
         body = json.dumps({"error": f"not an HTTP/1.1 request ({msg})", "status": 400}).encode()
         for event in (h11.Response(status_code=400, reason=b"Bad Request",
                                    headers=[(b"content-type", b"application/json"), (b"connection", b"close"),
@@ -579,6 +669,11 @@ class InspectionServer(uvicorn.Server):
         if self.should_exit:
             self.force_exit = True
         super().handle_exit(sig, frame)
+
+
+def batch_room(service: ServiceOptions) -> int:
+    """The images one /predict/batch may hold: all of them fit in the queue at once."""
+    return min(service.max_files, service.queue_size)
 
 
 def _safe_name(filename: str | None) -> str:

@@ -16,3 +16,4 @@ class ServiceOptions:
     max_wait_ms: float = 0.0      # how long a worker waits to fill a batch
     max_files: int = 32           # per /predict/batch request
     upload_timeout_s: float = 30.0  # a request's headers, and then its body, must arrive within it
+    max_open_uploads: int = 0     # requests with a body held at once; 0: twice what the queue and workers take

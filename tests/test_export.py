@@ -63,7 +63,9 @@ def test_static_graph_matches_dynamic_graph(exported, mkldnn):
     x = images()
     with paddle.no_grad():
         maps, scores = net(paddle.to_tensor(x))
-    static_maps, static_scores = predictor(save_dir, enable_mkldnn=mkldnn, cpu_threads=2)(x)
+    runner = predictor(save_dir, enable_mkldnn=mkldnn, cpu_threads=2)
+    assert runner.provider == ("cpu oneDNN" if mkldnn else "cpu")  # off is off: Paddle 3 starts with it on
+    static_maps, static_scores = runner(x)
     assert static_maps.shape == (3, SIZE, SIZE) and static_scores.shape == (3,)
     np.testing.assert_allclose(static_maps, maps.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(static_scores, scores.numpy(), rtol=1e-4, atol=1e-4)

@@ -158,8 +158,11 @@ def test_raw_bytes_and_pictures(server):
     picture = Image.open(io.BytesIO(base64.b64decode(answer["picture_png"])))
     mask = Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))
     assert picture.size == layout(SIZE, SIZE, predicted=True)[1] and mask.size == (SIZE, SIZE)
-    assert answer["defect_pixels"] == int((np.asarray(mask) > 0).sum())
-    assert answer["timing"]["inference_ms"] > 0 and answer["timing"]["batch"] == 1
+    assert answer["defect_pixels"] == int((np.asarray(mask) > 0).sum()) and answer["mask_size"] == [SIZE, SIZE]
+    assert answer["defect_fraction"] == pytest.approx(answer["defect_pixels"] / SIZE ** 2, abs=1e-6)
+    timing = answer["timing"]
+    assert timing["inference_ms"] > 0 and timing["decode_ms"] > 0 and timing["batch"] == 1
+    assert timing["total_ms"] >= timing["decode_ms"] + timing["queue_ms"] + timing["inference_ms"]
 
 
 def test_a_batch_answers_each_image_on_its_own(server):
@@ -207,7 +210,8 @@ def test_bad_uploads_get_json_errors_and_the_server_lives(server, case):
         body = f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--{boundary}--\r\n'.encode()
         status, answer, _ = server.request("POST", "/predict", body,
                                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        expected, words = 422, "send the image as the file field 'file' (fields received: note)"
+        expected, words = 422, ("send the image as the file field 'file', e.g. curl -F file=@IMAGE (text fields "
+                                "received: note)")
     else:  # refused by the HTTP layer itself (h11), before our endpoints: still a JSON 400
         status, answer, _ = server.request("POST", "/predict", b"x", {"Content-Type": "image/png",
                                                                       "Content-Length": "-5"})
@@ -412,9 +416,25 @@ def test_query_and_form_mistakes_say_what_to_send(server):
     body, kind = multipart([("file", "a.png", png)])
     status, answer, _ = server.request("POST", "/predict", body[: len(body) // 2], {"Content-Type": kind})
     assert status == 422 and "no complete field received: a truncated body?" in answer["error"], answer
-    body, kind = multipart([("files", f"{k}.png", png) for k in range(10)])  # queue 8 + 1 worker x 1
+    body, kind = multipart([("files", f"{k}.png", png) for k in range(9)])  # --queue 8
     status, answer, _ = server.request("POST", "/predict/batch", body, {"Content-Type": kind})
-    assert status == 413 and "more than the 9 the queue and workers can ever hold" in answer["error"], answer
+    assert status == 413 and "9 images in one request: more than the 8 the queue holds" in answer["error"], answer
+    for _ in range(3):  # as many as the queue holds: each answered, on an idle server
+        body, kind = multipart([("files", f"{k}.png", png) for k in range(8)])
+        status, answer, _ = server.request("POST", "/predict/batch", body, {"Content-Type": kind})
+        assert status == 200 and [r["status"] for r in answer["results"]] == [200] * 8, answer
+    boundary = "b0undary"  # `curl -F file=<img.png` sends the image as a text field
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"\r\n\r\nxyz\r\n--{boundary}--\r\n'
+    status, answer, _ = server.request("POST", "/predict", body.encode(),
+                                       {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 422 and "e.g. curl -F file=@IMAGE (text fields received: file)" in answer["error"], answer
+    status, answer, _ = server.request("POST", "/predict", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n",
+                                       {"Content-Type": "image/eps"})  # never handed to Ghostscript
+    assert status == 422 and "cannot read image (not an image of PNG, JPEG" in answer["error"], answer
+    status, answer, _ = server.get("/health/")  # no redirect built from the client's Host
+    assert status == 404 and answer["status"] == 404
+    status, answer, headers = server.request("DELETE", "/health")
+    assert status == 405 and set(headers.get("allow", "").split(", ")) == {"GET", "HEAD"}, headers
 
 
 def test_width_and_height_are_the_upright_ones():
@@ -463,3 +483,74 @@ def test_a_second_sigterm_stops_without_waiting_for_the_requests_in_flight(model
     assert "stopped at a second signal, without finishing the requests in flight" in output
     sender.join(timeout=30)
     assert answers and answers[0] != 200  # the request was given up, not answered
+
+
+def test_a_dead_predictor_process_takes_no_more_requests(model_dir):
+    """--workers 2, one predictor process killed: its worker stops taking jobs, so the live
+    one answers them (at most the job in the dead one's hands gets a 503), and /health
+    says degraded. Never a 500."""
+    server = Server(model_dir, "--workers", "2")
+    try:
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == server.proc.pid
+                    and b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()
+                    and b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(children) == 2, children
+        os.kill(children[0], signal.SIGKILL)
+        time.sleep(1)
+        statuses = [server.post_file("/predict", open(GOOD, "rb").read())[0] for _ in range(6)]
+        assert 500 not in statuses and statuses.count(200) >= 5 and set(statuses) <= {200, 503}, statuses
+        status, health, _ = server.get("/health")
+        assert status == 503 and health["status"] == "degraded" and health["alive_workers"] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_uploads_time_is_not_the_models_and_stopping_answers_json(model_dir):
+    """A slow upload within --upload_timeout but longer than --timeout is answered (the
+    timeout counts from the end of the upload); --max_open_uploads turns away one more with
+    a JSON 503; a stop that cuts a stalled upload answers it with a JSON 503; a late bad
+    chunk after an answer logs no traceback."""
+    server = Server(model_dir, "--timeout", "1", "--upload_timeout", "20", "--max_open_uploads", "2")
+    try:
+        png = open(GOOD, "rb").read()
+        slow = socket.create_connection(("127.0.0.1", server.port))
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(png) + png[:100])
+        time.sleep(1.5)
+        slow.sendall(png[100:])
+        slow.settimeout(30)
+        assert slow.recv(100).startswith(b"HTTP/1.1 200"), "a slow upload got no answer"
+        slow.close()
+        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        for client in stalled:
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                           b"Content-Length: 1000\r\n\r\nabc")
+        time.sleep(0.5)
+        status, answer, headers = server.request("POST", "/predict", png, {"Content-Type": "image/png"})
+        assert status == 503 and "2 uploads in progress already" in answer["error"] and headers["retry-after"] == "1"
+        late = socket.create_connection(("127.0.0.1", server.port))
+        late.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        time.sleep(0.5)
+        late.sendall(b"zz\r\n")
+        server.proc.send_signal(signal.SIGTERM)  # the stalled uploads are cut after the 1 s grace
+        for client in stalled:
+            client.settimeout(30)
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+            head, body = answer.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 503") and json.loads(body)["error"].startswith("the server is stopping")
+        output, _ = server.proc.communicate(timeout=60)
+        assert server.proc.returncode == 0 and "Traceback" not in output and "Exception" not in output, output
+    finally:
+        if server.proc.poll() is None:
+            server.stop()

@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)  # a script in tools/: the repository's packages by pat
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from utils.cli import OneLineArgumentParser  # noqa: E402
 from utils.runtime import child_environment  # noqa: E402
 
 REQUEST_TIMEOUT_S = 120
@@ -48,7 +49,7 @@ OVERSIZE = "oversize.png"  # the server may answer 413 and close before the body
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_dir", required=True)
     p.add_argument("--images", default=os.path.join(ROOT, "sample_data", "bottle", "test"),
                    help="good images to send (a folder, searched recursively)")
@@ -69,8 +70,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.seconds, a.warmup_seconds, a.concurrency, a.bad_share = 5.0, 1.0, 4, 0.2
-    if a.concurrency < 1 or a.seconds <= 0 or not 0 <= a.bad_share <= 1:
-        p.error("--concurrency >= 1, --seconds > 0 and --bad_share in 0..1")
+    # bounded and self-stopping: every duration finite and at most an hour
+    if not 1 <= a.concurrency <= 256:
+        p.error(f"--concurrency {a.concurrency}: must lie in 1..256")
+    if not 0 < a.seconds <= 3600 or not 0 <= a.warmup_seconds <= 3600:
+        p.error(f"--seconds {a.seconds:g} and --warmup_seconds {a.warmup_seconds:g}: must lie in (0, 3600] "
+                f"and [0, 3600]")
+    if not 0 <= a.bad_share <= 1:
+        p.error(f"--bad_share {a.bad_share:g}: must lie in 0..1")
     return a
 
 
