@@ -40,7 +40,8 @@ class PrecisionCheck:
     backend: str
     precision: str
     images: int
-    ms_per_image: float          # median at batch 1 on the export's machine
+    ms_per_image: float          # mean at batch 1 on the export's machine (a rechecked path's cost is
+                                 # int8 for most images and int8 + fp32 for a few: a median would hide it)
     min_pearson: float           # of the anomaly maps, image by image
     swapped_pairs: int           # image pairs the scores order differently from fp32
     verdict_changes: int | None  # at the calibrated threshold; None without one
@@ -130,7 +131,7 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
     finally:
         for predictor in own:  # a Rechecked shares its two predictors with the plain paths
             predictor.close()
-    results = {path: (np.stack(maps), np.asarray(scores, np.float64), 1000 * statistics.median(seconds),
+    results = {path: (np.stack(maps), np.asarray(scores, np.float64), 1000 * statistics.fmean(seconds),
                       getattr(predictors[path], "band", None), getattr(predictors[path], "rechecked", None))
                for path, (maps, scores, seconds) in runs.items()}
     return [_compare(path, result, results[BASELINE], threshold) for path, result in results.items()]
