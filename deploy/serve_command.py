@@ -124,9 +124,7 @@ def listen(host: str, port: int) -> socket.socket:
 def run(a: argparse.Namespace) -> int:
     options, service = check_args(a)
     try:
-        import uvicorn  # noqa: F401
-
-        from .service import Inspector
+        from .service import Inspector  # FastAPI and uvicorn
     except ImportError as err:
         raise UsageError(f"serve.py needs FastAPI and uvicorn ({err}): "
                          "pip install -r requirements-deploy.txt") from None
