@@ -7,7 +7,6 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 from tqdm import tqdm
@@ -23,10 +22,10 @@ from utils.lock import OutputLock
 from utils.names import check_class_name, is_within, output_names
 from utils.timing import StageTimer, autolog_logger, benchmark_report, format_report
 
-from .deployment import Deployment, ModelError, read_deployment
-from .precision import Rechecked, checks_from_json, choose_path
-from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, UsageError,
-                        build_predictor, onnx_model_file)
+from .deployment import Deployment, read_deployment
+from .precision import auto_options
+from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, Rechecked,
+                        UsageError, build_predictor, check_recheck_band)
 
 DESCRIPTION = "Score images with an exported RD4AD model (Paddle Inference or ONNX Runtime)."
 DEFAULT_OUTPUT = "output"   # the training output folder whose inference/CLASS is the default model
@@ -84,7 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def predictor_options(args: argparse.Namespace) -> PredictorOptions:
     return PredictorOptions(backend=args.backend, device=args.device, precision=args.precision,
                             cpu_threads=args.cpu_threads, enable_mkldnn=args.enable_mkldnn,
-                            use_tensorrt=args.use_tensorrt, batch_size=args.batch_size)
+                            use_tensorrt=args.use_tensorrt, batch_size=args.batch_size,
+                            recheck_band=args.recheck_band, recheck_threshold=args.threshold)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -96,13 +96,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.precision == "auto":
         if args.device != "cpu":
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")
+        check_recheck_band(args.recheck_band)
     else:
         predictor_options(args).check()
-    if not (math.isfinite(args.recheck_band) and 0 <= args.recheck_band <= MAX_THRESHOLD):
-        raise UsageError(f"--recheck_band {args.recheck_band}: must be a finite number in 0..{MAX_THRESHOLD:g}")
-    if args.recheck_band and args.precision not in ("int8", "auto"):
-        raise UsageError(f"--recheck_band rechecks int8 scores in fp32: it needs --precision int8, not "
-                         f"{args.precision}")
     if args.threshold is not None and not (math.isfinite(args.threshold) and abs(args.threshold) <= MAX_THRESHOLD):
         raise UsageError(f"--threshold {args.threshold}: must be a finite number within +-{MAX_THRESHOLD:g} "
                          f"(scores lie in [0, 6])")
@@ -171,31 +167,11 @@ def collect_inputs(args: argparse.Namespace) -> list[ImageItem]:
 
 
 def choose_precision(args: argparse.Namespace, deployment: Deployment) -> None:
-    """--precision auto: set args.backend and args.precision to the fastest path the export
-    judged to keep every verdict (deploy/precision.py) and that runs on this machine."""
-    if not deployment.precision_checks:
-        raise UsageError(f"--precision auto: {deployment.path} holds no precision checks; export with "
-                         f"--check_dir (or --int8), or give --precision")
-
-    def runs_here(check) -> bool:
-        try:
-            replace(predictor_options(args), backend=check.backend, precision=check.precision).check()
-            if check.backend == "paddle":
-                deployment.model_file("model.json")
-            else:
-                onnx_model_file(deployment, check.precision)
-            return True
-        except (UsageError, ModelError):
-            return False
-    checks = checks_from_json(list(deployment.precision_checks))
-    choice = choose_path(checks, runs_here, args.backend if args.backend_given else None)
-    args.backend, args.precision = choice.backend, choice.precision
-    if args.precision != "int8":
-        args.recheck_band = 0.0
-    elif choice.recheck_band and not args.recheck_band:
-        args.recheck_band = choice.recheck_band
-    band = f" + fp32 recheck within {args.recheck_band:.4g}" if args.recheck_band else ""
-    args.auto_choice = f"--precision auto: {args.backend} {args.precision}{band}, {choice.why}"
+    """--precision auto: set args.backend, args.precision and args.recheck_band to the
+    fastest path the export judged to keep every verdict (deploy/precision.py) and that
+    runs on this machine."""
+    chosen, args.auto_choice = auto_options(deployment, predictor_options(args), args.backend_given)
+    args.backend, args.precision, args.recheck_band = chosen.backend, chosen.precision, chosen.recheck_band
     print(args.auto_choice)
 
 
@@ -218,11 +194,6 @@ def run(args: argparse.Namespace) -> dict:
     calibration = calibration_of(args, deployment)
     items = collect_inputs(args)
     predictor = build_predictor(deployment, predictor_options(args))
-    if args.recheck_band:
-        if calibration is None:
-            raise UsageError("--recheck_band needs a model exported with calibrated thresholds")
-        exact = build_predictor(deployment, replace(predictor_options(args), precision="fp32"))
-        predictor = Rechecked(predictor, exact, calibration.image_threshold, args.recheck_band)
     try:  # the folder is created only now that every check has passed
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as err:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .deployment import Deployment, ModelError
-from .predictor import PredictorOptions, UsageError, build_predictor
+from .predictor import PredictorOptions, Rechecked, UsageError, build_predictor, onnx_model_file
 
 # Every path besides the baseline, fastest first as measured on CPUs (README, Performance);
 # the order matters only between paths of equal measured speed.
@@ -59,31 +59,6 @@ class PrecisionCheck:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-class Rechecked:
-    """An int8 predictor whose borderline images are scored again in fp32: an image whose
-    int8 score lies within `band` of `threshold` (or is not finite) gets the fp32 map and
-    score, so a verdict can change only where the int8 error is larger than the band."""
-
-    def __init__(self, fast, exact, threshold: float, band: float) -> None:
-        self.fast, self.exact, self.threshold, self.band = fast, exact, threshold, band
-        self.model_path, self.provider = fast.model_path, f"{fast.provider}, fp32 recheck"
-        self.rechecked = 0
-
-    def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
-        images = np.asarray(images)
-        maps, scores = self.fast(images)
-        near = np.flatnonzero(~(np.abs(scores - self.threshold) >= self.band))  # NaN included
-        if near.size:
-            maps, scores = maps.copy(), scores.copy()
-            maps[near], scores[near] = self.exact(images[near])
-            self.rechecked += int(near.size)
-        return maps, scores
-
-    def close(self) -> None:
-        self.fast.close()
-        self.exact.close()
 
 
 def recheck_band(fast, baseline, images: np.ndarray) -> float:
@@ -170,6 +145,33 @@ def choose_path(checks: list[PrecisionCheck], runs_here, backend: str | None = N
     return Choice(best.backend, best.precision, best.recheck_band, (
         f"the fastest of {len(keeping)} checked paths that kept every verdict of the export's {best.images} check "
         f"images ({best.ms_per_image:g} ms/image there{rechecked}){why_not}"))
+
+
+def auto_options(deployment: Deployment, options: PredictorOptions,
+                 backend_given: bool) -> tuple[PredictorOptions, str]:
+    """--precision auto (infer.py, serve.py): `options` turned to the fastest path the export
+    judged to keep every verdict and that runs on this machine (of `options.backend` when
+    `backend_given`), and the line that says which and why."""
+    if not deployment.precision_checks:
+        raise UsageError(f"--precision auto: {deployment.path} holds no precision checks; export with "
+                         f"--check_dir (or --int8), or give --precision")
+
+    def runs_here(check: PrecisionCheck) -> bool:
+        try:
+            replace(options, backend=check.backend, precision=check.precision, recheck_band=0.0).check()
+            if check.backend == "paddle":
+                deployment.model_file("model.json")
+            else:
+                onnx_model_file(deployment, check.precision)
+            return True
+        except (UsageError, ModelError):
+            return False
+    choice = choose_path(checks_from_json(list(deployment.precision_checks)), runs_here,
+                         options.backend if backend_given else None)
+    band = 0.0 if choice.precision != "int8" else options.recheck_band or choice.recheck_band or 0.0
+    chosen = replace(options, backend=choice.backend, precision=choice.precision, recheck_band=band)
+    recheck = f" + fp32 recheck within {band:.4g}" if band else ""
+    return chosen, f"--precision auto: {chosen.backend} {chosen.precision}{recheck}, {choice.why}"
 
 
 def checks_from_json(records: list[dict]) -> list[PrecisionCheck]:

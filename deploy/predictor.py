@@ -7,9 +7,10 @@ build predictors the same way.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import paddle
@@ -40,6 +41,8 @@ class PredictorOptions:
     enable_mkldnn: bool = True
     use_tensorrt: bool = False
     batch_size: int = 1
+    recheck_band: float = 0.0              # int8 only: scores this near the threshold are scored again in fp32
+    recheck_threshold: float | None = None  # the threshold they are near (None: the export's calibrated one)
 
     def check(self) -> None:
         """UsageError for a backend, device and precision that cannot run together here."""
@@ -47,7 +50,45 @@ class PredictorOptions:
             raise UsageError(f"--backend {self.backend}: one of {', '.join(BACKENDS)}")
         if self.device not in DEVICE_NAMES:
             raise UsageError(f"--device {self.device}: one of {', '.join(DEVICE_NAMES)}")
+        check_recheck_band(self.recheck_band)
+        if self.recheck_band and self.precision != "int8":
+            raise UsageError(f"--recheck_band rechecks int8 scores in fp32: it needs --precision int8, not "
+                             f"{self.precision}")
         BACKENDS[self.backend].check_options(self)
+
+
+MAX_RECHECK_BAND = 100.0  # scores lie in [0, 6]
+
+
+def check_recheck_band(band: float) -> None:
+    if not (math.isfinite(band) and 0 <= band <= MAX_RECHECK_BAND):
+        raise UsageError(f"--recheck_band {band}: must be a finite number in 0..{MAX_RECHECK_BAND:g}")
+
+
+class Rechecked:
+    """An int8 predictor whose borderline images are scored again in fp32: an image whose
+    int8 score lies within `band` of `threshold` (or is not finite) gets the fp32 map and
+    score, so a verdict can change only where the int8 error is larger than the band."""
+
+    def __init__(self, fast, exact, threshold: float, band: float) -> None:
+        self.fast, self.exact, self.threshold, self.band = fast, exact, threshold, band
+        self.model_path, self.image_size = fast.model_path, fast.image_size
+        self.provider = f"{fast.provider}, fp32 recheck"
+        self.rechecked = 0
+
+    def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images)
+        maps, scores = self.fast(images)
+        near = np.flatnonzero(~(np.abs(scores - self.threshold) >= self.band))  # NaN included
+        if near.size:
+            maps, scores = maps.copy(), scores.copy()
+            maps[near], scores[near] = self.exact(images[near])
+            self.rechecked += int(near.size)
+        return maps, scores
+
+    def close(self) -> None:
+        self.fast.close()
+        self.exact.close()
 
 
 def cpu_has_bf16() -> bool:
@@ -310,10 +351,21 @@ BACKENDS: dict[str, type[Predictor]] = {"paddle": PaddlePredictor, "onnxruntime"
 BACKEND_NAMES = tuple(BACKENDS)
 
 
-def build_predictor(deployment: Deployment, options: PredictorOptions) -> Predictor:
-    """The predictor of `options.backend` on a checked export."""
+def build_predictor(deployment: Deployment, options: PredictorOptions) -> Predictor | Rechecked:
+    """The predictor of `options.backend` on a checked export; with a recheck band, its int8
+    predictor beside its fp32 one (Rechecked)."""
     options.check()
-    return BACKENDS[options.backend](deployment, options)
+    predictor = BACKENDS[options.backend](deployment, options)
+    if not options.recheck_band:
+        return predictor
+    threshold = options.recheck_threshold
+    if threshold is None and deployment.calibration is not None:
+        threshold = deployment.calibration.image_threshold
+    if threshold is None:
+        predictor.close()
+        raise UsageError("--recheck_band needs a model exported with calibrated thresholds")
+    exact = BACKENDS[options.backend](deployment, replace(options, precision="fp32", recheck_band=0.0))
+    return Rechecked(predictor, exact, threshold, options.recheck_band)
 
 
 class StaticGraphRunner(PaddleInferenceSession):

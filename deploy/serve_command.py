@@ -14,7 +14,8 @@ from utils.cli import OneLineArgumentParser, parse_bool, run_main
 from utils.names import check_class_name
 
 from .deployment import read_deployment
-from .predictor import BACKEND_NAMES, PRECISION_NAMES, PredictorOptions, UsageError
+from .precision import auto_options
+from .predictor import BACKEND_NAMES, PRECISION_NAMES, PredictorOptions, UsageError, check_recheck_band
 from .service_options import ServiceOptions
 
 MAX_WORKERS = 64
@@ -27,10 +28,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     s, o = ServiceOptions(), PredictorOptions()
     add("--model_dir", default="", metavar="DIR", help="exported model (default: output/inference/CLS)")
     add("--cls", default="bottle", help="class of the default --model_dir (default: bottle)")
-    add("--backend", default=o.backend, choices=BACKEND_NAMES, metavar="NAME",
-        help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {o.backend})")
-    add("--precision", default=o.precision, choices=PRECISION_NAMES, metavar="NAME",
-        help=f"one of {', '.join(PRECISION_NAMES)} (default: {o.precision})")
+    add("--backend", default=None, choices=BACKEND_NAMES, metavar="NAME",
+        help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {o.backend}; with --precision auto, the one "
+             f"chosen)")
+    add("--precision", default=o.precision, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
+        help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
+             f"verdict, as infer.py takes it (default: {o.precision})")
+    add("--recheck_band", type=float, default=0.0, metavar="SCORE",
+        help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
+             "again in fp32 (default: 0, none; --precision auto takes the export's judged band)")
     add("--enable_mkldnn", type=parse_bool, default=True, metavar="BOOL", help="oneDNN on CPU (default: True)")
     add("--workers", type=int, default=s.workers, metavar="N",
         help=f"predictors: processes for paddle, threads for the others; at most {MAX_WORKERS} "
@@ -59,6 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     add("--port", type=int, default=8866, help="port; 0 picks a free one, named in the 'serving' line (default: 8866)")
     a = p.parse_args(argv)
+    a.backend_given = a.backend is not None
+    a.backend = a.backend or o.backend
     if not a.model_dir:
         a.model_dir = RunPaths("output").export_dir(check_class_name(a.cls))
     return a
@@ -85,8 +93,11 @@ def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]
         raise UsageError(f"--max_open_uploads {a.max_open_uploads}: must lie in 0..100000")
     threads = a.cpu_threads or max(1, (os.cpu_count() or 1) // a.workers)
     options = PredictorOptions(backend=a.backend, precision=a.precision, cpu_threads=threads,
-                               enable_mkldnn=a.enable_mkldnn)
-    options.check()
+                               enable_mkldnn=a.enable_mkldnn, recheck_band=a.recheck_band)
+    if a.precision == "auto":  # chosen once deploy.json is read
+        check_recheck_band(a.recheck_band)
+    else:
+        options.check()
     service = ServiceOptions(workers=a.workers, queue_size=a.queue, timeout_s=a.timeout, max_upload_mb=a.max_upload_mb,
                              max_pixels=a.max_pixels, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
                              upload_timeout_s=a.upload_timeout, max_open_uploads=a.max_open_uploads)
@@ -133,9 +144,14 @@ def run(a: argparse.Namespace) -> int:
     try:
         sock = listen(a.host, a.port)
         with sock:
-            print(f"loading {a.model_dir} ({options.backend} {options.precision}, {service.workers} worker(s))",
-                  flush=True)
-            inspector = Inspector(read_deployment(a.model_dir), options, service)
+            deployment = read_deployment(a.model_dir)
+            if options.precision == "auto":
+                options, line = auto_options(deployment, options, a.backend_given)
+                print(line, flush=True)
+            recheck = f" + fp32 recheck within {options.recheck_band:.4g}" if options.recheck_band else ""
+            print(f"loading {a.model_dir} ({options.backend} {options.precision}{recheck}, {service.workers} "
+                  f"worker(s))", flush=True)
+            inspector = Inspector(deployment, options, service)
             return _serve(a, sock, inspector)
     except StopRequested as stop:
         print(f"stopped ({stop}) before serving", flush=True)
@@ -163,7 +179,8 @@ def _serve(a: argparse.Namespace, sock: socket.socket, inspector) -> int:
                             timeout_graceful_shutdown=max(service.timeout_s, 1.0), lifespan="off")
     host, port = sock.getsockname()[:2]
     where = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-    server = InspectionServer(config, f"serving {inspector.model_id} ({options.backend} {options.precision}, "
+    recheck = f" + fp32 recheck within {options.recheck_band:.4g}" if options.recheck_band else ""
+    server = InspectionServer(config, f"serving {inspector.model_id} ({options.backend} {options.precision}{recheck}, "
                             f"{service.workers} worker(s), queue {service.queue_size}) on {where}")
     # uvicorn catches SIGTERM and Ctrl-C while serving (stop accepting, finish the requests in
     # flight) and then raises the signal again for the handler found before it started: a

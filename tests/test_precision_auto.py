@@ -156,7 +156,7 @@ def test_without_a_threshold_no_low_precision_path_is_chosen():
 
 class FakePredictor:
     """Scores are the images' first pixel plus an offset; maps that pixel everywhere."""
-    model_path, provider = "fake", "fake"
+    model_path, provider, image_size = "fake", "fake", 4
 
     def __init__(self, offset):
         self.offset, self.calls, self.closed = offset, [], False
@@ -171,7 +171,7 @@ class FakePredictor:
 
 
 def test_rechecked_scores_borderline_images_in_fp32_and_only_those():
-    from deploy.precision import Rechecked
+    from deploy.predictor import Rechecked
     images = np.zeros((5, 3, 4, 4), np.float32)
     images[:, 0, 0, 0] = [0.2, 0.49, 0.5, 0.515, np.nan]  # threshold 0.5, band 0.02: 0.49, 0.5, NaN recheck
     fast, exact = FakePredictor(0.01), FakePredictor(0.0)
@@ -198,22 +198,26 @@ def test_the_recorded_recheck_band_is_twice_the_int8_error_on_the_calibration_im
     assert record["verdict_changes"] is not None and 0 <= record["rechecked"] <= record["images"]
 
 
-def test_precision_auto_runs_a_chosen_rechecked_path_with_fp32_verdicts(judged, tmp_path, capsys):
-    """A judgement whose fastest verdict-keeping path is ONNX Runtime int8 rechecked: infer.py
-    runs int8 and fp32 both, and every verdict is fp32's."""
+def rechecked_fastest(save_dir, folder):
+    """A copy of the judged export whose fastest verdict-keeping path is ONNX Runtime int8
+    rechecked within 10 (every image rechecked)."""
     import shutil
-    save_dir, _ = judged
-    edited = str(tmp_path / "model")
-    shutil.copytree(save_dir, edited)
-    path = os.path.join(edited, "deploy.json")
+    shutil.copytree(save_dir, folder)
+    path = os.path.join(folder, "deploy.json")
     meta = json.load(open(path))
-    threshold = meta["calibration"]["image_threshold"]
     for record in meta["precision_checks"]:
         keep = record["backend"] == "onnxruntime" and record["recheck_band"] is not None
         record["ms_per_image"] = 1.0 if keep else 999.0
-        record["recheck_band"] = 10.0 if keep else record["recheck_band"]  # every image is rechecked
+        record["recheck_band"] = 10.0 if keep else record["recheck_band"]
         record["verdict_changes"] = 0 if keep or record["backend"] == "paddle" else 1
     json.dump(meta, open(path, "w"))
+    return folder, meta["calibration"]["image_threshold"]
+
+
+def test_precision_auto_runs_a_chosen_rechecked_path_with_fp32_verdicts(judged, tmp_path, capsys):
+    """infer.py runs the chosen rechecked path, int8 and fp32 both: every verdict is fp32's."""
+    save_dir, _ = judged
+    edited, threshold = rechecked_fastest(save_dir, str(tmp_path / "model"))
     out = tmp_path / "auto"
     assert infer.main(["--model_dir", edited, "--image", TEST_DIR, "--output_dir", str(out), "--precision", "auto",
                        "--save_images", "False"]) == 0
@@ -226,9 +230,32 @@ def test_precision_auto_runs_a_chosen_rechecked_path_with_fp32_verdicts(judged, 
     assert [r["verdict"] for r in rows] == ["DEFECT" if s > threshold else "OK" for s in fp32]
 
 
+def test_serve_takes_the_same_auto_choice(judged, tmp_path):
+    """serve.py --precision auto chooses as infer.py does, and answers with fp32's scores."""
+    pytest.importorskip("fastapi")
+    from test_service import Server
+    save_dir, _ = judged
+    edited, threshold = rechecked_fastest(save_dir, str(tmp_path / "model"))
+    server = Server(edited, "--precision", "auto")
+    try:
+        status, model, _ = server.get("/model")
+        assert status == 200 and (model["backend"], model["precision"], model["recheck_band"]) == (
+            "onnxruntime", "int8", 10.0) and "fp32 recheck" in model["provider"], model
+        from dataset import index_test_dir
+        fp32 = scores_of(save_dir, "fp32")
+        for sample, expected in zip(index_test_dir(TEST_DIR, None), fp32):
+            status, answer, _ = server.request("POST", "/predict", open(sample.image_path, "rb").read(),
+                                               {"Content-Type": "image/png"})
+            assert status == 200 and answer["score"] == pytest.approx(float(expected), abs=1e-4)
+            assert answer["verdict"] == ("DEFECT" if expected > threshold else "OK")
+    finally:
+        assert server.stop() == 0
+
+
 def test_recheck_band_settings_are_checked(judged, tmp_path, capsys):
     save_dir, _ = judged
     for flags, words in ((["--recheck_band", "0.01"], "it needs --precision int8, not fp32"),
+                         (["--recheck_band", "-1", "--precision", "auto"], "--recheck_band -1.0: must be"),
                          (["--recheck_band", "nan", "--precision", "int8", "--backend", "onnxruntime"],
                           "--recheck_band nan: must be a finite number")):
         code = infer.main(["--model_dir", save_dir, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o"), *flags])
