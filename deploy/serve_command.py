@@ -104,6 +104,15 @@ def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]
     return options, service
 
 
+def say(line: str) -> None:
+    """A status line on stdout. A reader that went away (`serve.py | head -1`, waiting for
+    the "serving" line) does not stop the service: its later lines go nowhere."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class StopRequested(Exception):
     """SIGTERM or Ctrl-C before the server listened, or a second one while it stopped."""
 
@@ -147,14 +156,14 @@ def run(a: argparse.Namespace) -> int:
             deployment = read_deployment(a.model_dir)
             if options.precision == "auto":
                 options, line = auto_options(deployment, options, a.backend_given)
-                print(line, flush=True)
+                say(line)
             recheck = f" + fp32 recheck within {options.recheck_band:.4g}" if options.recheck_band else ""
-            print(f"loading {a.model_dir} ({options.backend} {options.precision}{recheck}, {service.workers} "
-                  f"worker(s))", flush=True)
+            say(f"loading {a.model_dir} ({options.backend} {options.precision}{recheck}, {service.workers} "
+                f"worker(s))")
             inspector = Inspector(deployment, options, service)
             return _serve(a, sock, inspector)
     except StopRequested as stop:
-        print(f"stopped ({stop}) before serving", flush=True)
+        say(f"stopped ({stop}) before serving")
         return 0
     finally:  # whatever ends the run, the predictor processes end with it
         try:
@@ -180,8 +189,9 @@ def _serve(a: argparse.Namespace, sock: socket.socket, inspector) -> int:
     host, port = sock.getsockname()[:2]
     where = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
     recheck = f" + fp32 recheck within {options.recheck_band:.4g}" if options.recheck_band else ""
-    server = InspectionServer(config, f"serving {inspector.model_id} ({options.backend} {options.precision}{recheck}, "
-                            f"{service.workers} worker(s), queue {service.queue_size}) on {where}")
+    serving = (f"serving {inspector.model_id} ({options.backend} {options.precision}{recheck}, {service.workers} "
+               f"worker(s), queue {service.queue_size}) on {where}")
+    server = InspectionServer(config, say, serving)
     # uvicorn catches SIGTERM and Ctrl-C while serving (stop accepting, finish the requests in
     # flight) and then raises the signal again for the handler found before it started: a
     # no-op one, so that a requested stop ends with exit status 0 and not death by signal.
@@ -193,9 +203,9 @@ def _serve(a: argparse.Namespace, sock: socket.socket, inspector) -> int:
         signal.signal(sig, _stop)
     if server.force_exit:
         inspector.pool.close(wait_s=0)  # the queued requests' answers have nobody to go to
-        print("stopped at a second signal, without finishing the requests in flight", flush=True)
+        say("stopped at a second signal, without finishing the requests in flight")
     else:
-        print("stopped", flush=True)
+        say("stopped")
     return 0 if server.started else 2
 
 

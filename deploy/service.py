@@ -657,14 +657,14 @@ class InspectionServer(uvicorn.Server):
     """uvicorn's server, saying `serving_line` once it listens, and stopping at once at a
     second SIGTERM as uvicorn does at a second Ctrl-C."""
 
-    def __init__(self, config: uvicorn.Config, serving_line: str) -> None:
+    def __init__(self, config: uvicorn.Config, say, serving_line: str) -> None:
         super().__init__(config)
-        self.serving_line = serving_line
+        self.say, self.serving_line = say, serving_line
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
-            print(self.serving_line, flush=True)
+            self.say(self.serving_line)
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.should_exit:

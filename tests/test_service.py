@@ -554,3 +554,19 @@ def test_uploads_time_is_not_the_models_and_stopping_answers_json(model_dir):
     finally:
         if server.proc.poll() is None:
             server.stop()
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_service(model_dir):
+    """`serve.py | head -2`: the reader of the status lines leaves once it has the "serving"
+    line; the service goes on answering and still stops with exit 0."""
+    proc, lines = start_serving("--model_dir", model_dir, "--port", "0")
+    try:
+        port = int(lines[-1].rsplit(":", 1)[1].strip("/"))
+        proc.stdout.close()  # the "stopped" line will meet a broken pipe
+        connection = HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
