@@ -167,6 +167,7 @@ def check_deployment(meta: Any, path: str) -> Deployment:
 PRECISION_CHECK_KEYS = ("backend", "precision", "images", "ms_per_image", "min_pearson", "swapped_pairs",
                         "verdict_changes", "recheck_band", "rechecked")
 OLD_PRECISION_CHECK_KEYS = PRECISION_CHECK_KEYS[:7]  # exports before the rechecked int8 paths
+MAX_RECHECK_BAND = 100.0  # scores lie in [0, 6]
 
 
 def _check_precision_checks(meta: dict, path: str) -> tuple[dict, ...]:
@@ -175,22 +176,27 @@ def _check_precision_checks(meta: dict, path: str) -> tuple[dict, ...]:
         return ()
 
     def valid(c: Any) -> bool:
-        if isinstance(c, dict) and tuple(c) == OLD_PRECISION_CHECK_KEYS:
+        if isinstance(c, dict) and set(c) == set(OLD_PRECISION_CHECK_KEYS):
             c = {**c, "recheck_band": None, "rechecked": None}
-        return (isinstance(c, dict) and tuple(c) == PRECISION_CHECK_KEYS
+        if not (isinstance(c, dict) and set(c) == set(PRECISION_CHECK_KEYS)
                 and isinstance(c["backend"], str) and isinstance(c["precision"], str)
-                and is_whole_number(c["images"]) and c["images"] > 0
-                and _numbers([c["ms_per_image"], c["min_pearson"]], 2) and c["ms_per_image"] > 0
-                and is_whole_number(c["swapped_pairs"]) and c["swapped_pairs"] >= 0
+                and is_whole_number(c["images"]) and 0 < c["images"] <= 1_000_000
+                and _numbers([c["ms_per_image"], c["min_pearson"]], 2)):
+            return False
+        n = c["images"]
+        return (0.001 <= c["ms_per_image"] <= 1e7 and -1 <= c["min_pearson"] <= 1
+                and is_whole_number(c["swapped_pairs"]) and 0 <= c["swapped_pairs"] <= n * (n - 1) // 2
                 and (c["verdict_changes"] is None
-                     or is_whole_number(c["verdict_changes"]) and c["verdict_changes"] >= 0)
+                     or is_whole_number(c["verdict_changes"]) and 0 <= c["verdict_changes"] <= n)
                 and (c["recheck_band"] is None and c["rechecked"] is None
-                     or c["precision"] == "int8" and _numbers([c["recheck_band"]], 1) and c["recheck_band"] > 0
-                     and is_whole_number(c["rechecked"]) and 0 <= c["rechecked"] <= c["images"]))
+                     or c["precision"] == "int8" and _numbers([c["recheck_band"]], 1)
+                     and 0 < c["recheck_band"] <= MAX_RECHECK_BAND
+                     and is_whole_number(c["rechecked"]) and 0 <= c["rechecked"] <= n))
     if not isinstance(checks, list) or not all(valid(c) for c in checks):
-        raise ModelError(f"{path}: 'precision_checks' must be a list of {{{', '.join(PRECISION_CHECK_KEYS)}}} "
+        raise ModelError(f"{path}: 'precision_checks' must be a list of {{{', '.join(PRECISION_CHECK_KEYS)}}}, "
+                         f"each within its range "
                          f"(got {shorten(checks)}); export the model again")
-    return tuple({"recheck_band": None, "rechecked": None, **c} for c in checks)
+    return tuple({key: c.get(key) for key in PRECISION_CHECK_KEYS} for c in checks)  # in one order
 
 
 def _check_manifest(files: Any, path: str) -> dict[str, dict] | None:

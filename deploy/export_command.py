@@ -39,9 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                             "needs --onnx and --calib_dir (default: off)")
     add("--calib_dir", metavar="DIR", help="good images to calibrate int8 on, e.g. train/good (default: none)")
     add("--calib_images", type=int, default=32, metavar="N", help="calibrate on at most N images (default: 32)")
-    add("--check_dir", metavar="DIR", help="images (e.g. the class's test folder) on which every bf16 / int8 path "
-                                          "that runs here is judged against fp32, for infer.py --precision auto "
-                                          "(default: the --calib_dir images when --int8)")
+    add("--check_dir", metavar="DIR", help="images (e.g. the class's test folder) on which every runtime and "
+                                          "precision that runs here (int8 also rechecked in fp32) is judged "
+                                          "against Paddle fp32, for --precision auto (default: the --calib_dir "
+                                          "images when --int8)")
     add("--check_images", type=int, default=64, metavar="N", help="judge on at most N images (default: 64)")
     return p.parse_args(argv)
 

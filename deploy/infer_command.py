@@ -24,10 +24,10 @@ from utils.timing import StageTimer, autolog_logger, benchmark_report, format_re
 
 from .deployment import Deployment, read_deployment
 from .precision import auto_options
-from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, Rechecked,
-                        UsageError, build_predictor, check_recheck_band)
+from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, UsageError,
+                        build_predictor, warm_up)
 
-DESCRIPTION = "Score images with an exported RD4AD model (Paddle Inference or ONNX Runtime)."
+DESCRIPTION = "Score images with an exported RD4AD model (Paddle Inference, ONNX Runtime or OpenVINO)."
 DEFAULT_OUTPUT = "output"   # the training output folder whose inference/CLASS is the default model
 DEFAULT_CLASS = "bottle"    # the quick start's class
 
@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
              f"verdict (export_model.py --check_dir) (default: {d.precision})")
     add("--recheck_band", type=float, default=0.0, metavar="SCORE",
         help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
-             "again in fp32 (default: 0, none; --precision auto takes the export's judged band)")
+             "again in fp32 (default: 0, none; --precision auto takes the band the export judged)")
     add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"images per run (default: {d.batch_size})")
     add("--benchmark", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
         help="print AutoLog-style timings and save benchmark.json (default: False)")
@@ -96,7 +96,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.precision == "auto":
         if args.device != "cpu":
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")
-        check_recheck_band(args.recheck_band)
+        if args.recheck_band:
+            raise UsageError("--recheck_band goes with --precision int8; --precision auto takes the band the "
+                             "export judged")
     else:
         predictor_options(args).check()
     if args.threshold is not None and not (math.isfinite(args.threshold) and abs(args.threshold) <= MAX_THRESHOLD):
@@ -224,9 +226,7 @@ def score_all(args: argparse.Namespace, deployment: Deployment, writer: ImageWri
     if args.benchmark and args.warmup:
         warm = np.zeros((args.batch_size, 3, size, size), dtype=np.float32)
         for _ in range(args.warmup):
-            predictor(warm)
-        if isinstance(predictor, Rechecked):
-            predictor.rechecked = 0  # count the images, not the warm-up
+            warm_up(predictor, warm)
     for start in tqdm(range(0, len(items), args.batch_size), desc="infer", leave=False, disable=None):
         chunk = items[start:start + args.batch_size]
         with timer.batch():

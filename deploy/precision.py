@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .deployment import Deployment, ModelError
-from .predictor import PredictorOptions, Rechecked, UsageError, build_predictor, onnx_model_file
+from .predictor import PredictorOptions, Rechecked, UsageError, build_predictor, onnx_model_file, warm_up
 
 # Every path besides the baseline, fastest first as measured on CPUs (README, Performance);
 # the order matters only between paths of equal measured speed.
@@ -61,9 +61,10 @@ class PrecisionCheck:
         return dict(self.__dict__)
 
 
-def recheck_band(fast, baseline, images: np.ndarray) -> float:
-    """RECHECK_SAFETY times the largest score error of `fast` against `baseline` on `images`."""
-    errors = [abs(float(fast(x[None])[1][0]) - float(baseline(x[None])[1][0])) for x in images]
+def recheck_band(fast, baseline_scores: np.ndarray, images: np.ndarray) -> float:
+    """RECHECK_SAFETY times the largest score error of `fast` against the baseline's scores
+    of `images`."""
+    errors = [abs(float(fast(x[None])[1][0]) - float(base)) for x, base in zip(images, baseline_scores)]
     return float(f"{RECHECK_SAFETY * max(errors):.6g}")
 
 
@@ -84,25 +85,31 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
             except (UsageError, ModelError):  # not installed, no bf16 CPU, no model.onnx or model_int8.onnx
                 continue
         own = list(predictors.values())
-        for backend in dict.fromkeys(b for b, _ in JUDGED_PATHS):
-            fast, exact = predictors.get((backend, "int8")), predictors.get((backend, "fp32"))
-            if band_images is not None and threshold is not None and fast and exact:
-                band = recheck_band(fast, predictors[BASELINE], band_images)
-                if band > 0:
-                    predictors[(backend, "int8", band)] = Rechecked(fast, exact, threshold, band)
+        if band_images is not None and threshold is not None:
+            base_scores = np.array([float(predictors[BASELINE](x[None])[1][0]) for x in band_images])
+            for backend in dict.fromkeys(b for b, _ in JUDGED_PATHS):
+                fast, exact = predictors.get((backend, "int8")), predictors.get((backend, "fp32"))
+                if fast and exact:
+                    band = recheck_band(fast, base_scores, band_images)
+                    if band > 0:
+                        predictors[(backend, "int8", band)] = Rechecked(fast, exact, threshold, band)
         for predictor in predictors.values():
-            predictor(images[:1])  # warm-up: the first run builds kernels
-            if isinstance(predictor, Rechecked):
-                predictor.rechecked = 0
+            warm_up(predictor, images[:1])  # the first run builds kernels
         runs = {path: ([], [], []) for path in predictors}
-        for image in images:
-            for path, predictor in predictors.items():
-                start = time.perf_counter()
-                amap, score = predictor(image[None])
-                maps, scores, seconds = runs[path]
-                seconds.append(time.perf_counter() - start)
-                maps.append(amap[0])
-                scores.append(float(score[0]))
+        order = list(predictors)
+        for round_paths in (order, order[::-1]):
+            for path in round_paths:
+                predictor, (maps, scores, seconds) = predictors[path], runs[path]
+                for image in images:
+                    start = time.perf_counter()
+                    amap, score = predictor(image[None])
+                    seconds.append(time.perf_counter() - start)
+                    if len(scores) < len(images):  # the maps and scores of the first round
+                        maps.append(amap[0])
+                        scores.append(float(score[0]))
+        for predictor in predictors.values():
+            if isinstance(predictor, Rechecked):
+                predictor.rechecked //= 2  # the images of one round
     finally:
         for predictor in own:  # a Rechecked shares its two predictors with the plain paths
             predictor.close()
@@ -131,15 +138,24 @@ class Choice:
     why: str
 
 
-def choose_path(checks: list[PrecisionCheck], runs_here, backend: str | None = None) -> Choice:
+def choose_path(checks: list[PrecisionCheck], runs_here, backend: str | None = None,
+                other_threshold: bool = False) -> Choice:
     """The fastest checked path (of `backend`, when given) that changed no verdict and that
-    `runs_here(check)` accepts; fp32 when none did."""
-    candidates = [c for c in checks if (backend is None or c.backend == backend) and runs_here(c)]
+    `runs_here(check)` accepts; fp32 when none did. With `other_threshold` (a threshold
+    other than the one judged at) only fp32 and rechecked paths qualify: a plain low
+    precision path kept the verdicts at the judged threshold only."""
+    candidates = [c for c in checks if (backend is None or c.backend == backend) and runs_here(c)
+                  and (not other_threshold or c.precision == "fp32" or c.recheck_band)]
     keeping = [c for c in candidates if (c.backend, c.precision) == BASELINE or c.keeps_verdicts]
     rejected = [c.name for c in candidates if c not in keeping]
-    why_not = f"; rejected (verdicts or maps changed): {', '.join(rejected)}" if rejected else ""
+    reason = "verdicts or maps changed" if any(c.verdict_changes is not None for c in checks) else \
+        "no threshold to judge verdicts at"
+    why_not = f"; rejected ({reason}): {', '.join(rejected)}" if rejected else ""
+    if other_threshold:
+        why_not += "; with --threshold only fp32 and rechecked paths (the judgement was at the calibrated one)"
     if not keeping:
-        return Choice(backend or BASELINE[0], "fp32", None, f"no checked path of {backend} kept every verdict{why_not}")
+        return Choice(backend or BASELINE[0], "fp32", None,
+                      f"no checked path of {backend or 'any backend'} that runs here kept every verdict{why_not}")
     best = min(keeping, key=lambda c: c.ms_per_image)
     rechecked = f", {best.rechecked} of them rechecked" if best.recheck_band else ""
     return Choice(best.backend, best.precision, best.recheck_band, (
@@ -151,7 +167,10 @@ def auto_options(deployment: Deployment, options: PredictorOptions,
                  backend_given: bool) -> tuple[PredictorOptions, str]:
     """--precision auto (infer.py, serve.py): `options` turned to the fastest path the export
     judged to keep every verdict and that runs on this machine (of `options.backend` when
-    `backend_given`), and the line that says which and why."""
+    `backend_given`), with the judged recheck band, and the line that says which and why."""
+    if options.recheck_band:
+        raise UsageError("--recheck_band goes with --precision int8; --precision auto takes the band the export "
+                         "judged")
     if not deployment.precision_checks:
         raise UsageError(f"--precision auto: {deployment.path} holds no precision checks; export with "
                          f"--check_dir (or --int8), or give --precision")
@@ -166,9 +185,11 @@ def auto_options(deployment: Deployment, options: PredictorOptions,
             return True
         except (UsageError, ModelError):
             return False
+    calibrated = deployment.calibration.image_threshold if deployment.calibration is not None else None
     choice = choose_path(checks_from_json(list(deployment.precision_checks)), runs_here,
-                         options.backend if backend_given else None)
-    band = 0.0 if choice.precision != "int8" else options.recheck_band or choice.recheck_band or 0.0
+                         options.backend if backend_given else None,
+                         other_threshold=options.recheck_threshold not in (None, calibrated))
+    band = (choice.recheck_band or 0.0) if choice.precision == "int8" else 0.0
     chosen = replace(options, backend=choice.backend, precision=choice.precision, recheck_band=band)
     recheck = f" + fp32 recheck within {band:.4g}" if band else ""
     return chosen, f"--precision auto: {chosen.backend} {chosen.precision}{recheck}, {choice.why}"

@@ -18,7 +18,8 @@ import paddle
 from model.rd4ad import RD4AD
 from utils.errors import UserError, first_line, is_out_of_memory
 
-from .deployment import Deployment, ModelError, check_graph_size, check_outputs, paddle_graph_input_shape
+from .deployment import (MAX_RECHECK_BAND, Deployment, ModelError, check_graph_size, check_outputs,
+                         paddle_graph_input_shape)
 from .export import save_static
 
 DEVICE_NAMES = ("cpu", "gpu")
@@ -55,9 +56,6 @@ class PredictorOptions:
             raise UsageError(f"--recheck_band rechecks int8 scores in fp32: it needs --precision int8, not "
                              f"{self.precision}")
         BACKENDS[self.backend].check_options(self)
-
-
-MAX_RECHECK_BAND = 100.0  # scores lie in [0, 6]
 
 
 def check_recheck_band(band: float) -> None:
@@ -349,6 +347,16 @@ def _openvino():
 BACKENDS: dict[str, type[Predictor]] = {"paddle": PaddlePredictor, "onnxruntime": OnnxPredictor,
                                         "openvino": OpenVinoPredictor}
 BACKEND_NAMES = tuple(BACKENDS)
+
+
+def warm_up(predictor: Predictor | Rechecked, images: np.ndarray) -> None:
+    """Run `images` once through the predictor, and through its fp32 recheck (which only
+    borderline images would reach), so that kernels are built before anything is timed or
+    served."""
+    predictor(images)
+    if isinstance(predictor, Rechecked):
+        predictor.exact(images)
+        predictor.rechecked = 0
 
 
 def build_predictor(deployment: Deployment, options: PredictorOptions) -> Predictor | Rechecked:

@@ -15,7 +15,7 @@ from utils.names import check_class_name
 
 from .deployment import read_deployment
 from .precision import auto_options
-from .predictor import BACKEND_NAMES, PRECISION_NAMES, PredictorOptions, UsageError, check_recheck_band
+from .predictor import BACKEND_NAMES, PRECISION_NAMES, PredictorOptions, UsageError
 from .service_options import ServiceOptions
 
 MAX_WORKERS = 64
@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
              f"verdict, as infer.py takes it (default: {o.precision})")
     add("--recheck_band", type=float, default=0.0, metavar="SCORE",
         help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
-             "again in fp32 (default: 0, none; --precision auto takes the export's judged band)")
+             "again in fp32 (default: 0, none; --precision auto takes the band the export judged)")
     add("--enable_mkldnn", type=parse_bool, default=True, metavar="BOOL", help="oneDNN on CPU (default: True)")
     add("--workers", type=int, default=s.workers, metavar="N",
         help=f"predictors: processes for paddle, threads for the others; at most {MAX_WORKERS} "
@@ -95,7 +95,9 @@ def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]
     options = PredictorOptions(backend=a.backend, precision=a.precision, cpu_threads=threads,
                                enable_mkldnn=a.enable_mkldnn, recheck_band=a.recheck_band)
     if a.precision == "auto":  # chosen once deploy.json is read
-        check_recheck_band(a.recheck_band)
+        if a.recheck_band:
+            raise UsageError("--recheck_band goes with --precision int8; --precision auto takes the band the "
+                             "export judged")
     else:
         options.check()
     service = ServiceOptions(workers=a.workers, queue_size=a.queue, timeout_s=a.timeout, max_upload_mb=a.max_upload_mb,

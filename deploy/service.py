@@ -50,7 +50,7 @@ from utils import runtime
 from utils.errors import bounded_line, first_line
 
 from .deployment import Deployment, ModelError
-from .predictor import PredictorOptions, UsageError, build_predictor
+from .predictor import PredictorOptions, UsageError, build_predictor, warm_up
 from .service_options import ServiceOptions
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
@@ -137,7 +137,9 @@ def _predictor_process(connection, model_dir: str, options: PredictorOptions) ->
     def failure(err: BaseException) -> tuple:
         return "error", (type(err).__name__, f"{bounded_line(first_line(err), 300)}")
     try:
-        predictor = build(read_deployment(model_dir), options)
+        deployment = read_deployment(model_dir)
+        predictor = build(deployment, options)
+        warm_up(predictor, np.zeros((1, 3, deployment.image_size, deployment.image_size), np.float32))
         connection.send(("ok", predictor.provider))
     except BaseException as err:
         connection.send(failure(err))
@@ -188,6 +190,9 @@ class PredictorPool:
         try:
             for _ in range(service.workers):
                 self.predictors.append(make(deployment, options))
+                if make is build_predictor:  # a predictor process warms itself up
+                    size = deployment.image_size
+                    warm_up(self.predictors[-1], np.zeros((1, 3, size, size), np.float32))
         except BaseException:
             for predictor in self.predictors:
                 predictor.close()

@@ -104,19 +104,43 @@ def test_precision_auto_needs_a_judged_export(judged, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "holds no precision checks" in err[0]
 
 
-def test_a_forged_judgement_is_refused(judged, tmp_path, capsys):
+FORGERIES = [
+    ("NaN ms", lambda c: {**c, "ms_per_image": float("nan")}),  # NaN: the fastest under min()
+    ("tiny ms", lambda c: {**c, "ms_per_image": 1e-300}),
+    ("pearson 5", lambda c: {**c, "min_pearson": 5.0}),
+    ("too many swaps", lambda c: {**c, "swapped_pairs": 46}),  # 10 images: 45 pairs
+    ("more changes than images", lambda c: {**c, "verdict_changes": 11}),
+    ("huge band", lambda c: {**c, "precision": "int8", "recheck_band": 1e300, "rechecked": 0}),
+    ("band on fp32", lambda c: {**c, "precision": "fp32", "recheck_band": 0.1, "rechecked": 0}),
+    ("band a bool", lambda c: {**c, "precision": "int8", "recheck_band": True, "rechecked": 0}),
+]
+
+
+@pytest.mark.parametrize("case,forge", FORGERIES, ids=[f[0] for f in FORGERIES])
+def test_a_forged_judgement_is_refused(judged, tmp_path, capsys, case, forge):
     import shutil
     save_dir, _ = judged
     forged = str(tmp_path / "forged")
     shutil.copytree(save_dir, forged)
     path = os.path.join(forged, "deploy.json")
     meta = json.load(open(path))
-    meta["precision_checks"][1]["ms_per_image"] = float("nan")  # NaN: the fastest under min()
+    meta["precision_checks"][1] = forge(meta["precision_checks"][1])
     json.dump(meta, open(path, "w"))
     code = infer.main(["--model_dir", forged, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o"),
                        "--precision", "auto"])
-    err = capsys.readouterr().err
-    assert code == 2 and "'precision_checks' must be a list of" in err
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "'precision_checks' must be a list of" in err[0], err
+
+
+def test_the_judgement_reads_in_any_key_order(judged, tmp_path):
+    import shutil
+    save_dir, _ = judged
+    copy = str(tmp_path / "sorted")
+    shutil.copytree(save_dir, copy)
+    path = os.path.join(copy, "deploy.json")
+    meta = json.load(open(path))
+    json.dump(meta, open(path, "w"), sort_keys=True)  # as a JSON tool may rewrite it
+    assert read_deployment(copy).precision_checks == read_deployment(save_dir).precision_checks
 
 
 def check(backend, precision, ms, changes=0, pearson=0.999):
@@ -147,6 +171,17 @@ def test_choose_path_within_a_backend_and_what_runs_here():
     choice = choose_path(CHECKS, lambda c: True, "openvino")  # both openvino paths failed
     assert path(choice) == ("openvino", "fp32", None) and "no checked path of openvino" in choice.why
     assert path(choose_path(CHECKS, lambda c: c.precision == "fp32")) == ("paddle", "fp32", None)
+
+
+def test_another_threshold_takes_only_fp32_or_rechecked_paths():
+    """infer.py --threshold X: a plain int8 path kept the verdicts at the judged threshold
+    only; a rechecked one rechecks around X, and fp32 is fp32."""
+    plain = CHECKS[:3]  # paddle fp32, openvino int8 (changed one), onnxruntime int8 (kept all)
+    choice = choose_path(plain, lambda c: True, other_threshold=True)
+    assert path(choice) == ("paddle", "fp32", None) and "with --threshold only fp32 and rechecked" in choice.why
+    rechecked = PrecisionCheck("onnxruntime", "int8", 10, 200.0, 0.999, 0, 0, 0.01, 1)
+    assert path(choose_path(plain + [rechecked], lambda c: True, other_threshold=True)) == (
+        "onnxruntime", "int8", 0.01)
 
 
 def test_without_a_threshold_no_low_precision_path_is_chosen():
@@ -181,6 +216,16 @@ def test_rechecked_scores_borderline_images_in_fp32_and_only_those():
     assert exact.calls == [3] and rechecked.rechecked == 3 and maps[1].max() == pytest.approx(0.49)
     rechecked.close()
     assert fast.closed and exact.closed
+
+
+def test_warm_up_reaches_the_fp32_recheck_too():
+    """Zero images score far from the threshold: warming up the int8 predictor alone would
+    leave the fp32 one cold for the first borderline image."""
+    from deploy.predictor import Rechecked, warm_up
+    fast, exact = FakePredictor(0.0), FakePredictor(0.0)
+    rechecked = Rechecked(fast, exact, threshold=0.5, band=0.01)
+    warm_up(rechecked, np.zeros((1, 3, 4, 4), np.float32))
+    assert fast.calls == [1] and exact.calls == [1] and rechecked.rechecked == 0
 
 
 def test_the_recorded_recheck_band_is_twice_the_int8_error_on_the_calibration_images(judged):
@@ -255,7 +300,10 @@ def test_serve_takes_the_same_auto_choice(judged, tmp_path):
 def test_recheck_band_settings_are_checked(judged, tmp_path, capsys):
     save_dir, _ = judged
     for flags, words in ((["--recheck_band", "0.01"], "it needs --precision int8, not fp32"),
-                         (["--recheck_band", "-1", "--precision", "auto"], "--recheck_band -1.0: must be"),
+                         (["--recheck_band", "0.001", "--precision", "auto"], "--precision auto takes the band the "
+                                                                              "export judged"),
+                         (["--recheck_band", "-1", "--precision", "int8", "--backend", "onnxruntime"],
+                          "--recheck_band -1.0: must be"),
                          (["--recheck_band", "nan", "--precision", "int8", "--backend", "onnxruntime"],
                           "--recheck_band nan: must be a finite number")):
         code = infer.main(["--model_dir", save_dir, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o"), *flags])
