@@ -78,3 +78,17 @@ def test_benchmark_mistakes_are_one_line_before_any_work(tmp_path, capsys):
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), captured.err[-2000:]
         assert message in lines[0], lines[0]
         assert "benchmark:" not in captured.out  # refused before the run started
+
+
+def test_eager_after_predictor_reports_both_blocks():
+    """tools/eager_after_predictor.py on a small model: the before and after step times and
+    their ratio (no speed asserted)."""
+    import re
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eager_after_predictor.py"), "predictor",
+                           "--arch", "resnet18", "--image_size", "64", "--batch", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"predictor: step seconds before ([\d.]+), ([\d.]+); after ([\d.]+), ([\d.]+); "
+                         r"after/before ([\d.]+)", line)
+    assert match and all(float(v) > 0 for v in match.groups()), line
