@@ -24,8 +24,8 @@ from utils.timing import StageTimer, autolog_logger, benchmark_report, format_re
 
 from .deployment import Deployment, read_deployment
 from .precision import auto_options
-from .predictor import (BACKEND_NAMES, DEVICE_NAMES, PRECISION_NAMES, Predictor, PredictorOptions, UsageError,
-                        build_predictor, warm_up)
+from .predictor import (BACKEND_NAMES, DEVICE_NAMES, Predictor, PredictorOptions, UsageError, add_precision_flags,
+                        build_predictor, check_auto_band, warm_up)
 
 DESCRIPTION = "Score images with an exported RD4AD model (Paddle Inference, ONNX Runtime or OpenVINO)."
 DEFAULT_OUTPUT = "output"   # the training output folder whose inference/CLASS is the default model
@@ -55,12 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"CPU threads of the runtime (default: {d.cpu_threads}, every core)")
     add("--use_tensorrt", type=parse_bool, nargs="?", const=True, default=d.use_tensorrt, metavar="BOOL",
         help=f"TensorRT on GPU (default: {d.use_tensorrt})")
-    add("--precision", default=d.precision, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
-        help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
-             f"verdict (export_model.py --check_dir) (default: {d.precision})")
-    add("--recheck_band", type=float, default=0.0, metavar="SCORE",
-        help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
-             "again in fp32 (default: 0, none; --precision auto takes the band the export judged)")
+    add_precision_flags(add, d.precision, "export_model.py --check_dir")
     add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"images per run (default: {d.batch_size})")
     add("--benchmark", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
         help="print AutoLog-style timings and save benchmark.json (default: False)")
@@ -96,9 +91,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.precision == "auto":
         if args.device != "cpu":
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")
-        if args.recheck_band:
-            raise UsageError("--recheck_band goes with --precision int8; --precision auto takes the band the "
-                             "export judged")
+        check_auto_band(args.recheck_band)
     else:
         predictor_options(args).check()
     if args.threshold is not None and not (math.isfinite(args.threshold) and abs(args.threshold) <= MAX_THRESHOLD):

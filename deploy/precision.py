@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .deployment import Deployment, ModelError
-from .predictor import PredictorOptions, Rechecked, UsageError, build_predictor, onnx_model_file, warm_up
+from .predictor import (PredictorOptions, Rechecked, UsageError, build_predictor, check_auto_band, onnx_model_file,
+                        warm_up)
 
 # Every path besides the baseline, fastest first as measured on CPUs (README, Performance);
 # the order matters only between paths of equal measured speed.
@@ -168,9 +169,7 @@ def auto_options(deployment: Deployment, options: PredictorOptions,
     """--precision auto (infer.py, serve.py): `options` turned to the fastest path the export
     judged to keep every verdict and that runs on this machine (of `options.backend` when
     `backend_given`), with the judged recheck band, and the line that says which and why."""
-    if options.recheck_band:
-        raise UsageError("--recheck_band goes with --precision int8; --precision auto takes the band the export "
-                         "judged")
+    check_auto_band(options.recheck_band)
     if not deployment.precision_checks:
         raise UsageError(f"--precision auto: {deployment.path} holds no precision checks; export with "
                          f"--check_dir (or --int8), or give --precision")

@@ -58,6 +58,23 @@ class PredictorOptions:
         BACKENDS[self.backend].check_options(self)
 
 
+def add_precision_flags(add, default: str, auto_is: str) -> None:
+    """--precision (with auto) and --recheck_band, as infer.py and serve.py both take them."""
+    add("--precision", default=default, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
+        help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
+             f"verdict ({auto_is}) (default: {default})")
+    add("--recheck_band", type=float, default=0.0, metavar="SCORE",
+        help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
+             "again in fp32 (default: 0, none; --precision auto takes the band the export judged)")
+
+
+def check_auto_band(band: float) -> None:
+    """--precision auto takes the export's judged band: a band of the user's would void the judgement."""
+    if band:
+        raise UsageError("--recheck_band goes with --precision int8; --precision auto takes the band the export "
+                         "judged")
+
+
 def check_recheck_band(band: float) -> None:
     if not (math.isfinite(band) and 0 <= band <= MAX_RECHECK_BAND):
         raise UsageError(f"--recheck_band {band}: must be a finite number in 0..{MAX_RECHECK_BAND:g}")

@@ -15,7 +15,7 @@ from utils.names import check_class_name
 
 from .deployment import read_deployment
 from .precision import auto_options
-from .predictor import BACKEND_NAMES, PRECISION_NAMES, PredictorOptions, UsageError
+from .predictor import BACKEND_NAMES, PredictorOptions, UsageError, add_precision_flags, check_auto_band
 from .service_options import ServiceOptions
 
 MAX_WORKERS = 64
@@ -31,12 +31,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--backend", default=None, choices=BACKEND_NAMES, metavar="NAME",
         help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {o.backend}; with --precision auto, the one "
              f"chosen)")
-    add("--precision", default=o.precision, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
-        help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
-             f"verdict, as infer.py takes it (default: {o.precision})")
-    add("--recheck_band", type=float, default=0.0, metavar="SCORE",
-        help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
-             "again in fp32 (default: 0, none; --precision auto takes the band the export judged)")
+    add_precision_flags(add, o.precision, "as infer.py takes it")
     add("--enable_mkldnn", type=parse_bool, default=True, metavar="BOOL", help="oneDNN on CPU (default: True)")
     add("--workers", type=int, default=s.workers, metavar="N",
         help=f"predictors: processes for paddle, threads for the others; at most {MAX_WORKERS} "
@@ -95,9 +90,7 @@ def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]
     options = PredictorOptions(backend=a.backend, precision=a.precision, cpu_threads=threads,
                                enable_mkldnn=a.enable_mkldnn, recheck_band=a.recheck_band)
     if a.precision == "auto":  # chosen once deploy.json is read
-        if a.recheck_band:
-            raise UsageError("--recheck_band goes with --precision int8; --precision auto takes the band the "
-                             "export judged")
+        check_auto_band(a.recheck_band)
     else:
         options.check()
     service = ServiceOptions(workers=a.workers, queue_size=a.queue, timeout_s=a.timeout, max_upload_mb=a.max_upload_mb,

@@ -116,16 +116,25 @@ FORGERIES = [
 ]
 
 
+def edited_copy(save_dir, folder, edit, **dump) -> dict:
+    """A copy of the export in `folder` whose deploy.json `edit(meta)` has changed in place."""
+    import shutil
+    shutil.copytree(save_dir, folder)
+    path = os.path.join(folder, "deploy.json")
+    meta = json.load(open(path))
+    edit(meta)
+    json.dump(meta, open(path, "w"), **dump)
+    return meta
+
+
 @pytest.mark.parametrize("case,forge", FORGERIES, ids=[f[0] for f in FORGERIES])
 def test_a_forged_judgement_is_refused(judged, tmp_path, capsys, case, forge):
-    import shutil
     save_dir, _ = judged
     forged = str(tmp_path / "forged")
-    shutil.copytree(save_dir, forged)
-    path = os.path.join(forged, "deploy.json")
-    meta = json.load(open(path))
-    meta["precision_checks"][1] = forge(meta["precision_checks"][1])
-    json.dump(meta, open(path, "w"))
+
+    def forge_one(meta):
+        meta["precision_checks"][1] = forge(meta["precision_checks"][1])
+    edited_copy(save_dir, forged, forge_one)
     code = infer.main(["--model_dir", forged, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o"),
                        "--precision", "auto"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -133,13 +142,9 @@ def test_a_forged_judgement_is_refused(judged, tmp_path, capsys, case, forge):
 
 
 def test_the_judgement_reads_in_any_key_order(judged, tmp_path):
-    import shutil
     save_dir, _ = judged
     copy = str(tmp_path / "sorted")
-    shutil.copytree(save_dir, copy)
-    path = os.path.join(copy, "deploy.json")
-    meta = json.load(open(path))
-    json.dump(meta, open(path, "w"), sort_keys=True)  # as a JSON tool may rewrite it
+    edited_copy(save_dir, copy, lambda meta: None, sort_keys=True)  # as a JSON tool may rewrite it
     assert read_deployment(copy).precision_checks == read_deployment(save_dir).precision_checks
 
 
@@ -246,16 +251,13 @@ def test_the_recorded_recheck_band_is_twice_the_int8_error_on_the_calibration_im
 def rechecked_fastest(save_dir, folder):
     """A copy of the judged export whose fastest verdict-keeping path is ONNX Runtime int8
     rechecked within 10 (every image rechecked)."""
-    import shutil
-    shutil.copytree(save_dir, folder)
-    path = os.path.join(folder, "deploy.json")
-    meta = json.load(open(path))
-    for record in meta["precision_checks"]:
-        keep = record["backend"] == "onnxruntime" and record["recheck_band"] is not None
-        record["ms_per_image"] = 1.0 if keep else 999.0
-        record["recheck_band"] = 10.0 if keep else record["recheck_band"]
-        record["verdict_changes"] = 0 if keep or record["backend"] == "paddle" else 1
-    json.dump(meta, open(path, "w"))
+    def edit(meta):
+        for record in meta["precision_checks"]:
+            keep = record["backend"] == "onnxruntime" and record["recheck_band"] is not None
+            record["ms_per_image"] = 1.0 if keep else 999.0
+            record["recheck_band"] = 10.0 if keep else record["recheck_band"]
+            record["verdict_changes"] = 0 if keep or record["backend"] == "paddle" else 1
+    meta = edited_copy(save_dir, folder, edit)
     return folder, meta["calibration"]["image_threshold"]
 
 
@@ -312,14 +314,10 @@ def test_recheck_band_settings_are_checked(judged, tmp_path, capsys):
 
 
 def test_an_export_judged_before_rechecking_still_reads(judged, tmp_path):
-    import shutil
     save_dir, _ = judged
     old = str(tmp_path / "old")
-    shutil.copytree(save_dir, old)
-    path = os.path.join(old, "deploy.json")
-    meta = json.load(open(path))
-    meta["precision_checks"] = [{k: v for k, v in c.items() if k not in ("recheck_band", "rechecked")}
-                                for c in meta["precision_checks"] if c["recheck_band"] is None]
-    json.dump(meta, open(path, "w"))
+    edited_copy(save_dir, old, lambda meta: meta.update(precision_checks=[
+        {k: v for k, v in c.items() if k not in ("recheck_band", "rechecked")}
+        for c in meta["precision_checks"] if c["recheck_band"] is None]))
     checks = read_deployment(old).precision_checks
     assert checks and all(c["recheck_band"] is None and c["rechecked"] is None for c in checks)
