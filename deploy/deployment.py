@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
@@ -49,6 +49,7 @@ class Deployment:
     cls: str | None
     files: dict[str, dict] | None     # None: an older export without the manifest
     precision_checks: tuple[dict, ...] = ()  # deploy/precision.py's judgement, when the export made one
+    int8_score_bias: dict[str, float] = field(default_factory=dict)  # per runtime: mean int8 - fp32 score
 
     @property
     def folder(self) -> str:
@@ -161,7 +162,8 @@ def check_deployment(meta: Any, path: str) -> Deployment:
         raise bad("class", "null or a string")
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
-                      _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path))
+                      _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path),
+                      _check_int8_score_bias(meta, path))
 
 
 PRECISION_CHECK_KEYS = ("backend", "precision", "images", "ms_per_image", "min_pearson", "swapped_pairs",
@@ -197,6 +199,21 @@ def _check_precision_checks(meta: dict, path: str) -> tuple[dict, ...]:
                          f"each within its range "
                          f"(got {shorten(checks)}); export the model again")
     return tuple({key: c.get(key) for key in PRECISION_CHECK_KEYS} for c in checks)  # in one order
+
+
+def _check_int8_score_bias(meta: dict, path: str) -> dict[str, float]:
+    """onnx_int8.score_bias: {runtime: the mean int8 - fp32 score on the calibration images},
+    which that runtime's int8 predictor subtracts. Exports before it have none (no correction)."""
+    int8 = meta.get("onnx_int8")
+    bias = int8.get("score_bias") if isinstance(int8, dict) else None
+    if bias is None:
+        return {}
+    if not (isinstance(bias, dict) and len(bias) <= 16 and all(
+            isinstance(k, str) and len(k) <= 32 and _numbers([v], 1) and abs(v) <= MAX_RECHECK_BAND
+            for k, v in bias.items())):
+        raise ModelError(f"{path}: 'onnx_int8' 'score_bias' must map runtime names to finite numbers within "
+                         f"+-{MAX_RECHECK_BAND:g} (got {shorten(bias)}); export the model again")
+    return {k: float(v) for k, v in bias.items()}
 
 
 def _check_manifest(files: Any, path: str) -> dict[str, dict] | None:

@@ -19,7 +19,7 @@ from utils.names import check_class_name
 
 from .deployment import MAX_DEPLOY_BYTES, check_deployment, read_deployment, read_json_file
 
-from .precision import judge_precisions
+from .precision import Judgement, judge_precisions
 from .export import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET, ExportError, calibration_images, export
 
 DESCRIPTION = "Export a trained RD4AD class to one static graph: image -> (anomaly map, score)."
@@ -110,10 +110,10 @@ def run(a: argparse.Namespace) -> dict:
     if calibration and a.check_dir is None:
         print("note: judged on the calibration images, which also set the int8 recheck band: give --check_dir "
               "(e.g. the class's test folder) for an independent judgement")
-    checks = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1,
-                              np.concatenate(calibration) if calibration else None)
-    meta = record_precision_checks(a.save_dir, checks)
-    print(precision_table(checks))
+    judgement = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1,
+                                 np.concatenate(calibration) if calibration else None)
+    meta = record_judgement(a.save_dir, judgement)
+    print(precision_table(judgement))
     return meta
 
 
@@ -127,17 +127,21 @@ def check_images(folder: str, image_size: int, limit: int) -> np.ndarray:
     return np.stack([load_image(s.image_path, image_size) for s in picked])
 
 
-def record_precision_checks(save_dir: str, checks: list) -> dict:
-    """deploy.json with the judgement added, checked as infer.py checks it, written atomically."""
+def record_judgement(save_dir: str, judgement: Judgement) -> dict:
+    """deploy.json with the judgement added (the paths' checks, and each runtime's int8 score
+    bias beside the int8 calibration), checked as infer.py checks it, written atomically."""
     path = os.path.join(save_dir, "deploy.json")
     meta = {**read_json_file(path, MAX_DEPLOY_BYTES, "a deploy.json"),
-            "precision_checks": [c.as_dict() for c in checks]}
+            "precision_checks": [c.as_dict() for c in judgement.checks]}
+    if judgement.int8_score_bias and isinstance(meta.get("onnx_int8"), dict):
+        meta["onnx_int8"] = {**meta["onnx_int8"], "score_bias": judgement.int8_score_bias}
     check_deployment(meta, path)
     atomic_write_json(path, meta)
     return meta
 
 
-def precision_table(checks: list) -> str:
+def precision_table(judgement: Judgement) -> str:
+    checks = judgement.checks
     lines = ["| path | ms/img | min Pearson | swapped pairs | verdict changes | keeps verdicts |",
              "|---|---:|---:|---:|---:|---|"]
     for k, c in enumerate(checks):
@@ -145,7 +149,9 @@ def precision_table(checks: list) -> str:
         rechecked = f" ({c.rechecked} of {c.images} rechecked)" if c.recheck_band else ""
         lines.append(f"| {c.name}{rechecked} | {c.ms_per_image:g} | {c.min_pearson:.5f} | {c.swapped_pairs} | "
                      f"{changes} | {'baseline' if k == 0 else 'yes' if c.keeps_verdicts else 'no'} |")
-    return f"judged on {checks[0].images} images against Paddle Inference fp32:\n" + "\n".join(lines)
+    bias = "".join(f"; {backend} int8 scores less {bias:.4g} (their mean bias on the calibration images)"
+                   for backend, bias in judgement.int8_score_bias.items())
+    return f"judged on {checks[0].images} images against Paddle Inference fp32{bias}:\n" + "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

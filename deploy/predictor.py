@@ -126,6 +126,7 @@ class Predictor:
     model_path: str = "model"
     image_size: int | None = None
     provider: str = ""  # where the runtime says it runs (e.g. "gpu:0", "CUDAExecutionProvider")
+    score_bias: float = 0.0  # subtracted from maps and scores: int8's measured bias (Deployment.int8_score_bias)
 
     @classmethod
     def check_options(cls, options: "PredictorOptions") -> None:
@@ -147,7 +148,15 @@ class Predictor:
             raise ModelError(f"{self.model_path}: the model failed to run on a batch of {len(array)} "
                              f"images ({first_line(err)}); export the model again") from None
         check_outputs(maps, scores, len(array), self.image_size or array.shape[-1], self.model_path)
+        if self.score_bias:  # one shift of maps and scores alike, so a score stays its map's maximum
+            maps, scores = maps - np.float32(self.score_bias), scores - np.float32(self.score_bias)
         return maps, scores
+
+    def remove_bias(self, bias: float) -> None:
+        """Subtract `bias` from every later map and score (int8's bias, measured at export)."""
+        self.score_bias = bias
+        if bias:
+            self.provider = f"{self.provider.split(', int8 bias')[0]}, int8 bias {bias:+.4g} removed"
 
     def close(self) -> None:
         """Release what the predictor holds beyond memory (temporary files)."""
@@ -377,10 +386,13 @@ def warm_up(predictor: Predictor | Rechecked, images: np.ndarray) -> None:
 
 
 def build_predictor(deployment: Deployment, options: PredictorOptions) -> Predictor | Rechecked:
-    """The predictor of `options.backend` on a checked export; with a recheck band, its int8
-    predictor beside its fp32 one (Rechecked)."""
+    """The predictor of `options.backend` on a checked export (int8: less the bias the export
+    measured for this runtime); with a recheck band, its int8 predictor beside its fp32 one
+    (Rechecked)."""
     options.check()
     predictor = BACKENDS[options.backend](deployment, options)
+    if options.precision == "int8":
+        predictor.remove_bias(deployment.int8_score_bias.get(options.backend, 0.0))
     if not options.recheck_band:
         return predictor
     threshold = options.recheck_threshold

@@ -164,7 +164,10 @@ def test_int8_onnx_export_runs_and_follows_fp32(exported, tmp_path, capsys):
     assert export_model.main(["--checkpoint", ckpt, "--save_dir", int8_dir, "--onnx", "--int8",
                               "--calib_dir", calib]) == 0
     meta = json.load(open(os.path.join(int8_dir, "deploy.json")))
-    assert meta["onnx_int8"] == {"calibration_images": 4}
+    # and each runtime's int8 score bias, measured on those images (tests/test_precision_auto.py)
+    assert meta["onnx_int8"]["calibration_images"] == 4
+    assert set(meta["onnx_int8"]["score_bias"]) == {"onnxruntime", "openvino"}
+    assert all(np.isfinite(v) and abs(v) < 0.1 for v in meta["onnx_int8"]["score_bias"].values())
     import onnx
     graph = onnx.load(os.path.join(int8_dir, "model_int8.onnx")).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # really quantised

@@ -114,6 +114,8 @@ FORGERIES = [
     ("band on fp32", lambda c: {**c, "precision": "fp32", "recheck_band": 0.1, "rechecked": 0}),
     ("band a bool", lambda c: {**c, "precision": "int8", "recheck_band": True, "rechecked": 0}),
 ]
+BIAS_FORGERIES = [("NaN bias", {"openvino": float("nan")}), ("huge bias", {"onnxruntime": 1e300}),
+                  ("bias a list", [0.1]), ("bias a string", {"openvino": "0.1"})]
 
 
 def edited_copy(save_dir, folder, edit, **dump) -> dict:
@@ -139,6 +141,31 @@ def test_a_forged_judgement_is_refused(judged, tmp_path, capsys, case, forge):
                        "--precision", "auto"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "'precision_checks' must be a list of" in err[0], err
+
+
+@pytest.mark.parametrize("case,bias", BIAS_FORGERIES, ids=[f[0] for f in BIAS_FORGERIES])
+def test_a_forged_int8_bias_is_refused(judged, tmp_path, capsys, case, bias):
+    save_dir, _ = judged
+    forged = str(tmp_path / "forged")
+    edited_copy(save_dir, forged, lambda meta: meta["onnx_int8"].update(score_bias=bias))
+    code = infer.main(["--model_dir", forged, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o"),
+                       "--precision", "int8", "--backend", "onnxruntime"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "'onnx_int8' 'score_bias' must map runtime names" in err[0], err
+
+
+def test_an_export_without_int8_bias_runs_int8_raw(judged, tmp_path):
+    """Exports before the bias was measured still read, and their int8 runs uncorrected."""
+    from deploy.predictor import BACKENDS
+    save_dir, _ = judged
+    old = str(tmp_path / "old")
+    edited_copy(save_dir, old, lambda meta: meta["onnx_int8"].pop("score_bias"))
+    deployment = read_deployment(old)
+    options = PredictorOptions(backend="onnxruntime", precision="int8")
+    assert deployment.int8_score_bias == {} and build_predictor(deployment, options).score_bias == 0
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    np.testing.assert_array_equal(build_predictor(deployment, options)(x)[1], BACKENDS["onnxruntime"](deployment,
+                                                                                                       options)(x)[1])
 
 
 def test_the_judgement_reads_in_any_key_order(judged, tmp_path):
@@ -246,6 +273,31 @@ def test_the_recorded_recheck_band_is_twice_the_int8_error_on_the_calibration_im
     error = max(abs(float(int8(x[None])[1][0]) - float(fp32(x[None])[1][0])) for x in calibration)
     assert record["recheck_band"] == pytest.approx(RECHECK_SAFETY * error, rel=1e-4)
     assert record["verdict_changes"] is not None and 0 <= record["rechecked"] <= record["images"]
+
+
+def test_int8_runs_less_the_score_bias_measured_on_the_calibration_images(judged):
+    """The export records each runtime's mean int8 - fp32 score on the calibration images,
+    and build_predictor's int8 predictor subtracts it from maps and scores alike."""
+    from deploy.export import calibration_images
+    from deploy.predictor import BACKENDS
+    save_dir, _ = judged
+    deployment = read_deployment(save_dir)
+    assert set(deployment.int8_score_bias) == {"onnxruntime", "openvino"}
+    calibration = np.concatenate(calibration_images(GOOD_DIR, SIZE, 16))
+    fp32 = build_predictor(deployment, PredictorOptions())
+    for backend, bias in deployment.int8_score_bias.items():
+        options = PredictorOptions(backend=backend, precision="int8")
+        raw, corrected = BACKENDS[backend](deployment, options), build_predictor(deployment, options)
+        errors = [float(raw(x[None])[1][0]) - float(fp32(x[None])[1][0]) for x in calibration]
+        assert bias == pytest.approx(np.mean(errors), rel=1e-4, abs=1e-7)
+        raw_maps, raw_scores = raw(calibration)
+        maps, scores = corrected(calibration)
+        np.testing.assert_allclose(maps, raw_maps - np.float32(bias), atol=1e-6)
+        np.testing.assert_allclose(scores, raw_scores - np.float32(bias), atol=1e-6)
+        np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), atol=1e-6)  # a score is still its map's maximum
+        assert f"int8 bias {bias:+.4g} removed" in corrected.provider
+        # so the corrected scores' mean error on the calibration images is nil
+        assert np.mean(scores - fp32(calibration)[1]) == pytest.approx(0, abs=1e-5)
 
 
 def rechecked_fastest(save_dir, folder):
