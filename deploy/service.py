@@ -307,6 +307,8 @@ class Inspector:
         return {"model_id": self.model_id, "arch": d.arch, "class": d.cls, "image_size": d.image_size,
                 "backend": self.options.backend, "precision": self.options.precision,
                 "recheck_band": self.options.recheck_band or None,
+                "int8_score_bias": d.int8_score_bias.get(self.options.backend)
+                if self.options.precision == "int8" else None,
                 "provider": self.pool.provider, "workers": self.service.workers,
                 "thresholds": None if c is None else {"image": c.image_threshold, "pixel": c.pixel_threshold},
                 "max_upload_mb": self.service.max_upload_mb, "queue_size": self.service.queue_size,

@@ -340,6 +340,7 @@ def test_serve_takes_the_same_auto_choice(judged, tmp_path):
         status, model, _ = server.get("/model")
         assert status == 200 and (model["backend"], model["precision"], model["recheck_band"]) == (
             "onnxruntime", "int8", 10.0) and "fp32 recheck" in model["provider"], model
+        assert model["int8_score_bias"] == read_deployment(edited).int8_score_bias["onnxruntime"] != 0
         from dataset import index_test_dir
         fp32 = scores_of(save_dir, "fp32")
         for sample, expected in zip(index_test_dir(TEST_DIR, None), fp32):
