@@ -17,6 +17,7 @@ import paddle
 
 from model.rd4ad import RD4AD
 from utils.errors import UserError, first_line, is_out_of_memory
+from utils.runtime import restore_eager_threads
 
 from .deployment import (MAX_RECHECK_BAND, Deployment, ModelError, check_graph_size, check_outputs,
                          paddle_graph_input_shape)
@@ -177,6 +178,7 @@ class PaddleInferenceSession(Predictor):
         self.input.reshape(list(images.shape))
         self.input.copy_from_cpu(images)
         self.predictor.run()
+        restore_eager_threads()  # the run left the process's math library on one thread
         maps, scores = (h.copy_to_cpu() for h in self.outputs)
         return maps, scores
 

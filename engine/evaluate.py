@@ -82,11 +82,11 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
     elif dataset is None:
         dataset = MVTecDataset(samples, cfg.image_size)
     # Building the predictor costs seconds; it pays back from a few dozen images on a CPU.
-    # Not in train mode: once a Paddle Inference predictor has run, eager training in the
-    # same process ran ~1.7x slower on CPU (measured: resnet50 RD4AD, 1.28 -> 0.73 img/s).
+    # Also while training: the predictor gives the math library its threads back after each
+    # run (utils/runtime.restore_eager_threads), so later eager steps keep their speed. Not
+    # data-parallel: each rank's predictor would take every core.
     static = cfg.eval_backend == "static" or (
-        cfg.eval_backend == "auto" and cfg.mode != "train" and paddle.get_device() == "cpu"
-        and len(dataset) >= 32)
+        cfg.eval_backend == "auto" and paddle.get_device() == "cpu" and not ctx.parallel and len(dataset) >= 32)
     runner = StaticGraphRunner(net, os.cpu_count() or 1) if static else None
     batch_size = min(cfg.batch_size, 8)
     try:

@@ -4,7 +4,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from conftest import ROOT
+from utils.runtime import eager_threads, math_library_threads
+
+NEEDS_TWO_THREADS = pytest.mark.skipif(eager_threads() < 2 or math_library_threads() is None,
+                                       reason="one eager thread, or no MKL library in this Paddle build")
 
 
 def test_quick_benchmark_reports_every_path(tmp_path):
@@ -80,15 +87,37 @@ def test_benchmark_mistakes_are_one_line_before_any_work(tmp_path, capsys):
         assert "benchmark:" not in captured.out  # refused before the run started
 
 
-def test_eager_after_predictor_reports_both_blocks():
-    """tools/eager_after_predictor.py on a small model: the before and after step times and
-    their ratio (no speed asserted)."""
+def eager_after_predictor(*flags):
     import re
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eager_after_predictor.py"), "predictor",
-                           "--arch", "resnet18", "--image_size", "64", "--batch", "2"], cwd=ROOT,
+                           "--arch", "resnet18", "--image_size", "64", "--batch", "2", *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"predictor: step seconds before ([\d.]+), ([\d.]+); after ([\d.]+), ([\d.]+); "
-                         r"after/before ([\d.]+)", line)
-    assert match and all(float(v) > 0 for v in match.groups()), line
+    match = re.fullmatch(r"predictor( --no_restore)?: step seconds before ([\d.]+), ([\d.]+); after ([\d.]+), "
+                         r"([\d.]+); after/before ([\d.]+); math library threads (\d+) -> (\d+)", line)
+    assert match and all(float(v) > 0 for v in match.groups()[1:6]), line
+    return int(match[7]), int(match[8])
+
+
+@NEEDS_TWO_THREADS
+def test_eager_after_predictor_keeps_the_math_library_threads():
+    """tools/eager_after_predictor.py on a small model (no speed asserted): Paddle's
+    predictor leaves the math library on one thread (--no_restore), and ours gives the
+    threads back, which is why eager training after it keeps its speed."""
+    threads = eager_threads()  # the child inherits OMP_NUM_THREADS
+    assert eager_after_predictor() == (threads, threads)
+    assert eager_after_predictor("--no_restore") == (threads, 1)
+
+
+@NEEDS_TWO_THREADS
+def test_a_predictor_run_leaves_the_eager_threads_as_they_were():
+    from deploy.predictor import StaticGraphRunner
+    from model import build_rd4ad
+    net = build_rd4ad("resnet18", teacher_weights="none", image_size=64)
+    runner = StaticGraphRunner(net, threads=1)
+    try:
+        runner(np.zeros((1, 3, 64, 64), np.float32))
+    finally:
+        runner.close()
+    assert math_library_threads() == eager_threads()

@@ -34,6 +34,37 @@ def start() -> None:
     _started = True
 
 
+def eager_threads() -> int:
+    """The thread count of Paddle's eager CPU kernels: OMP_NUM_THREADS, which start() (or the
+    user) set and which Paddle's import sets to 1 when unset."""
+    value = os.environ.get("OMP_NUM_THREADS", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def restore_eager_threads() -> None:
+    """Give the math library (MKL on Intel OpenMP) back its thread count after a Paddle
+    Inference predictor has run. Paddle 3.3.1's predictor sets it to 1 for the whole
+    process at its first run and leaves it so; eager training afterwards ran on one core,
+    1.4-1.7x slower (tools/eager_after_predictor.py). The predictor's own speed is unchanged:
+    it sets its threads again each run."""
+    from paddle.base import core
+
+    core.set_num_threads(eager_threads())
+
+
+def math_library_threads() -> int | None:
+    """The thread count MKL (Paddle's CPU math library) will use, or None where Paddle
+    carries no MKL library (other builds)."""
+    import ctypes
+
+    import paddle
+
+    path = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
+    if not os.path.isfile(path):
+        return None
+    return int(ctypes.CDLL(path).MKL_Get_Max_Threads())
+
+
 def child_environment(**extra: str) -> dict[str, str]:
     """The environment for a child Python process that imports paddle itself: without the
     thread count set here (paddle warns at import when it finds one above 1)."""
