@@ -108,8 +108,8 @@ def run(a: argparse.Namespace) -> dict:
     else:
         return meta
     if calibration and a.check_dir is None:
-        print("note: judged on the calibration images, which also set the int8 recheck band: give --check_dir "
-              "(e.g. the class's test folder) for an independent judgement")
+        print("note: judged on the calibration images, which also set the int8 bias and recheck band: give "
+              "--check_dir (e.g. the class's test folder) for an independent judgement")
     judgement = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1,
                                  np.concatenate(calibration) if calibration else None)
     meta = record_judgement(a.save_dir, judgement)
