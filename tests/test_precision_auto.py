@@ -250,6 +250,20 @@ def test_rechecked_scores_borderline_images_in_fp32_and_only_those():
     assert fast.closed and exact.closed
 
 
+def test_a_judged_block_starts_with_an_untimed_run_whose_recheck_is_not_counted():
+    from deploy.precision import lead_in
+    from deploy.predictor import Rechecked
+    borderline = np.full((1, 3, 4, 4), 0.5, np.float32)
+    fast, exact = FakePredictor(0.0), FakePredictor(0.0)
+    rechecked = Rechecked(fast, exact, threshold=0.5, band=0.01)
+    rechecked.rechecked = 3
+    lead_in(rechecked, borderline)
+    assert fast.calls == [1] and exact.calls == [1] and rechecked.rechecked == 3  # run, rechecked, not counted
+    plain = FakePredictor(0.0)
+    lead_in(plain, borderline)
+    assert plain.calls == [1]
+
+
 def test_warm_up_reaches_the_fp32_recheck_too():
     """Zero images score far from the threshold: warming up the int8 predictor alone would
     leave the fp32 one cold for the first borderline image."""
