@@ -25,7 +25,11 @@ FLOAT32_TINY, FLOAT32_MAX = 1.1754944e-38, 3.4028235e38  # normalisation compute
 # without model.pdiparams, runs random weights and scores every image nan.
 
 DEPLOY_FORMAT_PREFIX = "rd4ad-paddle-inference/"
-DEPLOY_FORMAT = DEPLOY_FORMAT_PREFIX + "1"
+# /2 added onnx_int8.score_bias: a reader of /1 would run /2's int8 without removing its bias
+# (and with another judgement of it), so it must refuse /2 rather than misread it.
+DEPLOY_FORMAT = DEPLOY_FORMAT_PREFIX + "2"
+READ_FORMATS = (DEPLOY_FORMAT_PREFIX + "1", DEPLOY_FORMAT)
+MAX_SCORE_BIAS = 1.0  # int8's measured bias is thousandths of a score: a larger one is no rounding noise
 OUTPUT_NAMES = ("anomaly_map", "score")  # in the graph's output order
 MAX_DEPLOY_BYTES = 1 << 20      # a deploy.json is about 1 kB: never read a huge file whole
 MAX_GRAPH_JSON_BYTES = 256 << 20  # model.json of wide_resnet50_2 is well under 1 MB
@@ -130,9 +134,9 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     fmt = meta.get("format")
     if not isinstance(fmt, str) or not fmt.startswith(DEPLOY_FORMAT_PREFIX):
         raise ModelError(f"{path}: not an RD4AD-Paddle export (format {shorten(fmt)})")
-    if fmt != DEPLOY_FORMAT:
-        raise ModelError(f"{path}: export format {shorten(fmt)} is not {DEPLOY_FORMAT}, the one "
-                         f"this version reads")
+    if fmt not in READ_FORMATS:
+        raise ModelError(f"{path}: export format {shorten(fmt)} is not one this version reads "
+                         f"({', '.join(READ_FORMATS)})")
     if meta.get("arch") not in ARCH_NAMES:
         raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = meta.get("image_size")
@@ -163,7 +167,7 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
                       _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path),
-                      _check_int8_score_bias(meta, path))
+                      _check_int8_score_bias(meta, path) if fmt == DEPLOY_FORMAT else {})
 
 
 PRECISION_CHECK_KEYS = ("backend", "precision", "images", "ms_per_image", "min_pearson", "swapped_pairs",
@@ -209,10 +213,10 @@ def _check_int8_score_bias(meta: dict, path: str) -> dict[str, float]:
     if bias is None:
         return {}
     if not (isinstance(bias, dict) and len(bias) <= 16 and all(
-            isinstance(k, str) and len(k) <= 32 and _numbers([v], 1) and abs(v) <= MAX_RECHECK_BAND
+            isinstance(k, str) and len(k) <= 32 and _numbers([v], 1) and abs(v) <= MAX_SCORE_BIAS
             for k, v in bias.items())):
         raise ModelError(f"{path}: 'onnx_int8' 'score_bias' must map runtime names to finite numbers within "
-                         f"+-{MAX_RECHECK_BAND:g} (got {shorten(bias)}); export the model again")
+                         f"+-{MAX_SCORE_BIAS:g} (got {shorten(bias)}); export the model again")
     return {k: float(v) for k, v in bias.items()}
 
 

@@ -155,9 +155,9 @@ class Predictor:
 
     def remove_bias(self, bias: float) -> None:
         """Subtract `bias` from every later map and score (int8's bias, measured at export)."""
+        base = self.provider.split(", int8 bias ")[0]
         self.score_bias = bias
-        if bias:
-            self.provider = f"{self.provider.split(', int8 bias')[0]}, int8 bias {bias:+.4g} removed"
+        self.provider = f"{base}, int8 bias {bias:+.4g} removed" if bias else base
 
     def close(self) -> None:
         """Release what the predictor holds beyond memory (temporary files)."""

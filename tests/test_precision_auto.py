@@ -115,6 +115,7 @@ FORGERIES = [
     ("band a bool", lambda c: {**c, "precision": "int8", "recheck_band": True, "rechecked": 0}),
 ]
 BIAS_FORGERIES = [("NaN bias", {"openvino": float("nan")}), ("huge bias", {"onnxruntime": 1e300}),
+                  ("bias of 50", {"openvino": 50.0}),  # turns every verdict; int8's bias is thousandths
                   ("bias a list", [0.1]), ("bias a string", {"openvino": "0.1"})]
 
 
@@ -154,18 +155,27 @@ def test_a_forged_int8_bias_is_refused(judged, tmp_path, capsys, case, bias):
     assert code == 2 and len(err) == 1 and "'onnx_int8' 'score_bias' must map runtime names" in err[0], err
 
 
-def test_an_export_without_int8_bias_runs_int8_raw(judged, tmp_path):
-    """Exports before the bias was measured still read, and their int8 runs uncorrected."""
+def test_an_export_of_format_1_runs_int8_raw_and_a_later_format_is_refused(judged, tmp_path, capsys):
+    """Exports before the bias was measured (format /1) still read, and their int8 runs
+    uncorrected; the new exports say /2, which a reader of /1 refuses rather than running
+    their int8 without its bias. A format from a later version is refused in one line."""
     from deploy.predictor import BACKENDS
     save_dir, _ = judged
+    assert json.load(open(os.path.join(save_dir, "deploy.json")))["format"] == "rd4ad-paddle-inference/2"
     old = str(tmp_path / "old")
-    edited_copy(save_dir, old, lambda meta: meta["onnx_int8"].pop("score_bias"))
+    edited_copy(save_dir, old, lambda meta: meta.update(format="rd4ad-paddle-inference/1"))
     deployment = read_deployment(old)
     options = PredictorOptions(backend="onnxruntime", precision="int8")
     assert deployment.int8_score_bias == {} and build_predictor(deployment, options).score_bias == 0
     x = np.zeros((1, 3, SIZE, SIZE), np.float32)
     np.testing.assert_array_equal(build_predictor(deployment, options)(x)[1], BACKENDS["onnxruntime"](deployment,
                                                                                                        options)(x)[1])
+    later = str(tmp_path / "later")
+    edited_copy(save_dir, later, lambda meta: meta.update(format="rd4ad-paddle-inference/3"))
+    code = infer.main(["--model_dir", later, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "export format 'rd4ad-paddle-inference/3' is not one this version " \
+        "reads (rd4ad-paddle-inference/1, rd4ad-paddle-inference/2)" in err[0], err
 
 
 def test_the_judgement_reads_in_any_key_order(judged, tmp_path):
@@ -310,6 +320,8 @@ def test_int8_runs_less_the_score_bias_measured_on_the_calibration_images(judged
         np.testing.assert_allclose(scores, raw_scores - np.float32(bias), atol=1e-6)
         np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), atol=1e-6)  # a score is still its map's maximum
         assert f"int8 bias {bias:+.4g} removed" in corrected.provider
+        corrected.remove_bias(0.0)
+        assert corrected.provider == raw.provider and corrected.score_bias == 0
         # so the corrected scores' mean error on the calibration images is nil
         assert np.mean(scores - fp32(calibration)[1]) == pytest.approx(0, abs=1e-5)
 
