@@ -38,10 +38,16 @@ def save_static(net: RD4AD, path_prefix: str) -> None:
     score)): input `image` [N, 3, S, S] float32, ImageNet-normalised, any N."""
     if not net.image_size:
         raise ValueError("build the model with its image_size to export it")
+    from paddle.jit.dy2static.program_translator import StaticFunction
+
     net.eval()
-    size = net.image_size
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
-    paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True), path_prefix)
+    if not isinstance(net.forward, StaticFunction):
+        # to_static converts net.forward in place; converting it again at every save (each
+        # evaluation with a predictor) kept another program alive: about 8 MB per save
+        size = net.image_size
+        spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
+        paddle.jit.to_static(net, input_spec=spec, full_graph=True)
+    paddle.jit.save(net, path_prefix)  # the current weights, whenever it is saved
 
 
 

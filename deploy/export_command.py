@@ -113,6 +113,8 @@ def run(a: argparse.Namespace) -> dict:
     judgement = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1,
                                  np.concatenate(calibration) if calibration else None)
     meta = record_judgement(a.save_dir, judgement)
+    for note in judgement.notes:
+        print(f"note: {note}")
     print(precision_table(judgement))
     return meta
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,6 +81,7 @@ def recheck_band(fast, baseline_scores: np.ndarray, images: np.ndarray) -> float
 class Judgement:
     checks: list[PrecisionCheck]  # the baseline first
     int8_score_bias: dict[str, float]  # per runtime, measured on the calibration images (deploy.json onnx_int8)
+    notes: list[str] = field(default_factory=list)  # biases not removed (bias_note)
 
 
 def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
@@ -96,7 +97,7 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
     thousandths on a trained wide_resnet50_2). The int8 paths are judged with the bias
     removed, as build_predictor then runs them. With a threshold too, each int8 path is
     judged rechecked within a band of twice its largest remaining error there."""
-    predictors, own, biases = {}, [], {}
+    predictors, own, biases, notes = {}, [], {}, []
     threshold = deployment.calibration.image_threshold if deployment.calibration is not None else None
     try:
         for backend, precision in (BASELINE,) + JUDGED_PATHS:
@@ -108,12 +109,21 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
         own = list(predictors.values())
         if band_images is not None:
             base_scores = np.array([float(predictors[BASELINE](x[None])[1][0]) for x in band_images])
+            check_scores = None  # the baseline's on the check images, once an int8 path needs them
             for backend in dict.fromkeys(b for b, _ in JUDGED_PATHS):
                 fast, exact = predictors.get((backend, "int8")), predictors.get((backend, "fp32"))
                 if fast:
                     fast.remove_bias(0.0)  # measured on the raw outputs, whatever the deployment recorded
-                    biases[backend] = float(f"{score_errors(fast, base_scores, band_images).mean():.6g}")
-                    fast.remove_bias(biases[backend])
+                    bias = float(f"{score_errors(fast, base_scores, band_images).mean():.6g}")
+                    if check_scores is None:
+                        check_scores = np.array([float(predictors[BASELINE](x[None])[1][0]) for x in images])
+                    raw = np.array([float(fast(x[None])[1][0]) for x in images])
+                    note = bias_note(backend, bias, raw, check_scores, threshold)
+                    if note:
+                        notes.append(note)
+                    else:
+                        biases[backend] = bias
+                        fast.remove_bias(bias)
                 if fast and exact and threshold is not None:
                     band = recheck_band(fast, base_scores, band_images)
                     if band > 0:
@@ -143,7 +153,24 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
                       getattr(predictors[path], "band", None), getattr(predictors[path], "rechecked", None))
                for path, (maps, scores, seconds) in runs.items()}
     return Judgement([_compare(path, result, results[BASELINE], threshold) for path, result in results.items()],
-                     biases)
+                     biases, notes)
+
+
+def bias_note(backend: str, bias: float, raw_scores: np.ndarray, baseline_scores: np.ndarray,
+              threshold: float | None) -> str | None:
+    """None when removing `bias` (measured on good images) keeps the check images at least as
+    faithful to fp32 as raw int8: no more verdicts changed, and when as many, a mean score
+    error no larger. Otherwise the bias overcorrects there, is not removed, and the note
+    says why."""
+    def faithfulness(scores: np.ndarray) -> tuple[int, float]:
+        changes = 0 if threshold is None else int(((scores > threshold) != (baseline_scores > threshold)).sum())
+        return changes, float(np.mean(np.abs(scores - baseline_scores)))
+    with_bias, without = faithfulness(raw_scores - bias), faithfulness(raw_scores)
+    if not bias or with_bias <= without:
+        return None
+    return (f"{backend} int8: its bias on the calibration images ({bias:.4g}) did not hold on the check images "
+            f"(verdicts changed {with_bias[0]} with it removed, {without[0]} without; mean score error "
+            f"{with_bias[1]:.4g} and {without[1]:.4g}): int8 runs raw")
 
 
 def lead_in(predictor, image: np.ndarray) -> None:

@@ -58,8 +58,8 @@ class Config:
     feature_cache_mb: float = setting(8192.0, "a feature cache above this many MB goes to a memory-mapped file")
     feature_cache_dtype: str = setting("float16", "dtype of the cached teacher features",
                                        choices=("float16", "float32"))
-    # auto: a predictor (static) on CPU for 32+ images, training too unless data-parallel;
-    # else the dynamic graph
+    # auto: a predictor (static) in eval/infer on CPU for 32+ images; the dynamic graph while
+    # training, where the predictor's build cost comes at every evaluation
     eval_backend: str = setting("auto", "evaluate with the dynamic graph or a predictor",
                                 choices=("auto", "dygraph", "static"))
     train_dir: str = setting("", "a folder of good training images (instead of --data_dir)", group=DATA)

@@ -81,12 +81,13 @@ def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
         dataset = MVTecDataset(ctx.shard(samples), cfg.image_size)
     elif dataset is None:
         dataset = MVTecDataset(samples, cfg.image_size)
-    # Building the predictor costs seconds; it pays back from a few dozen images on a CPU.
-    # Also while training: the predictor gives the math library its threads back after each
-    # run (utils/runtime.restore_eager_threads), so later eager steps keep their speed. Not
-    # data-parallel: each rank's predictor would take every core.
+    # Building the predictor costs seconds; it pays back from a few dozen images of a large
+    # model on a CPU. Not by default while training, where that cost comes at every
+    # evaluation and small models never earn it back; --eval_backend static is safe there
+    # (the predictor gives the math library its threads back: utils/runtime.py).
     static = cfg.eval_backend == "static" or (
-        cfg.eval_backend == "auto" and paddle.get_device() == "cpu" and not ctx.parallel and len(dataset) >= 32)
+        cfg.eval_backend == "auto" and cfg.mode != "train" and paddle.get_device() == "cpu"
+        and len(dataset) >= 32)
     runner = StaticGraphRunner(net, os.cpu_count() or 1) if static else None
     batch_size = min(cfg.batch_size, 8)
     try:

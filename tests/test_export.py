@@ -166,8 +166,9 @@ def test_int8_onnx_export_runs_and_follows_fp32(exported, tmp_path, capsys):
     meta = json.load(open(os.path.join(int8_dir, "deploy.json")))
     # and each runtime's int8 score bias, measured on those images (tests/test_precision_auto.py)
     assert meta["onnx_int8"]["calibration_images"] == 4
-    assert set(meta["onnx_int8"]["score_bias"]) == {"onnxruntime", "openvino"}
-    assert all(np.isfinite(v) and abs(v) < 0.1 for v in meta["onnx_int8"]["score_bias"].values())
+    biases = meta["onnx_int8"].get("score_bias", {})  # those that held on the check images
+    assert set(biases) <= {"onnxruntime", "openvino"}
+    assert all(np.isfinite(v) and abs(v) < 0.1 for v in biases.values())
     import onnx
     graph = onnx.load(os.path.join(int8_dir, "model_int8.onnx")).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # really quantised
@@ -300,3 +301,32 @@ def test_a_broken_auto_log_install_falls_back_to_our_lines(exported, tmp_path, m
     captured = capsys.readouterr()
     assert "auto_log is installed but cannot be imported" in captured.err
     assert "inference_time(ms)" in captured.out and "Env info" in captured.out
+
+
+def test_saving_again_follows_the_weights_and_converts_once():
+    """An evaluation with a predictor saves the current weights through the one static
+    conversion of the model (converting again at every save kept another program alive)."""
+    from deploy.predictor import StaticGraphRunner
+    from model import build_rd4ad
+    paddle.seed(0)
+    net = build_rd4ad("resnet18", teacher_weights="none", image_size=64)
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    first = StaticGraphRunner(net, threads=1)
+    first_scores = first(x)[1]
+    first.close()
+    static_forward = net.forward
+    with paddle.no_grad():
+        for param in net.trainable_parameters():
+            param.set_value(param * 1.5)
+    second = StaticGraphRunner(net, threads=1)
+    maps, scores = second(x)
+    second.close()
+    assert net.forward is static_forward
+    fresh = build_rd4ad("resnet18", teacher_weights="none", image_size=64)  # never converted
+    fresh.set_state_dict(net.state_dict())
+    fresh.eval()
+    with paddle.no_grad():
+        fresh_maps, fresh_scores = (t.numpy() for t in fresh(paddle.to_tensor(x)))
+    np.testing.assert_allclose(maps, fresh_maps, atol=1e-4)
+    np.testing.assert_allclose(scores, fresh_scores, atol=1e-4)
+    assert np.abs(scores - first_scores).max() > 1e-3  # the weights did change the scores
