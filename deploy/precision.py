@@ -4,8 +4,8 @@ compared with Paddle Inference fp32 on check images at export time, and `infer.p
 --precision auto` picks the fastest path that changed no verdict there.
 
 Each int8 runtime's score bias (the mean int8 - fp32 score on the int8 calibration images)
-is measured first and recorded in deploy.json; its int8 predictor subtracts it from maps
-and scores, and is judged so.
+is measured first and, where removing it holds on the check images (bias_note), recorded in
+deploy.json; its int8 predictor subtracts it from maps and scores, and is judged so.
 
 An int8 path may also be judged "rechecked": images whose int8 score lies within a band of
 the image threshold are scored again in fp32 by the same runtime, so that only an int8 error
@@ -94,9 +94,10 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
     With `band_images` (the int8 calibration images: good images), each int8 runtime's
     score bias is measured there first: quantisation noise lowers the cosine similarity of
     teacher and student features, which raises every map by about the same amount (a few
-    thousandths on a trained wide_resnet50_2). The int8 paths are judged with the bias
-    removed, as build_predictor then runs them. With a threshold too, each int8 path is
-    judged rechecked within a band of twice its largest remaining error there."""
+    thousandths on a trained wide_resnet50_2). Where removing it holds on the check images
+    (bias_note), the int8 paths are judged with it removed, as build_predictor then runs
+    them. With a threshold too, each int8 path is judged rechecked within a band of twice
+    its largest remaining error on the calibration images."""
     predictors, own, biases, notes = {}, [], {}, []
     threshold = deployment.calibration.image_threshold if deployment.calibration is not None else None
     try:
