@@ -26,7 +26,9 @@ FLOAT32_TINY, FLOAT32_MAX = 1.1754944e-38, 3.4028235e38  # normalisation compute
 
 DEPLOY_FORMAT_PREFIX = "rd4ad-paddle-inference/"
 # /2 added onnx_int8.score_bias: a reader of /1 would run /2's int8 without removing its bias
-# (and with another judgement of it), so it must refuse /2 rather than misread it.
+# (and with another judgement of it), so it must refuse /2 rather than misread it. Released /1
+# exports have no bias; a /1 file that has one (written during that change) gets it applied,
+# as its judgement was made with it.
 DEPLOY_FORMAT = DEPLOY_FORMAT_PREFIX + "2"
 READ_FORMATS = (DEPLOY_FORMAT_PREFIX + "1", DEPLOY_FORMAT)
 MAX_SCORE_BIAS = 1.0  # int8's measured bias is thousandths of a score: a larger one is no rounding noise
@@ -167,7 +169,7 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
                       _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path),
-                      _check_int8_score_bias(meta, path) if fmt == DEPLOY_FORMAT else {})
+                      _check_int8_score_bias(meta, path))
 
 
 PRECISION_CHECK_KEYS = ("backend", "precision", "images", "ms_per_image", "min_pearson", "swapped_pairs",

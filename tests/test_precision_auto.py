@@ -163,13 +163,19 @@ def test_an_export_of_format_1_runs_int8_raw_and_a_later_format_is_refused(judge
     save_dir, _ = judged
     assert json.load(open(os.path.join(save_dir, "deploy.json")))["format"] == "rd4ad-paddle-inference/2"
     old = str(tmp_path / "old")
-    edited_copy(save_dir, old, lambda meta: meta.update(format="rd4ad-paddle-inference/1"))
+    def as_format_1(meta):
+        meta.update(format="rd4ad-paddle-inference/1")
+        meta["onnx_int8"].pop("score_bias", None)
+    edited_copy(save_dir, old, as_format_1)
     deployment = read_deployment(old)
     options = PredictorOptions(backend="onnxruntime", precision="int8")
     assert deployment.int8_score_bias == {} and build_predictor(deployment, options).score_bias == 0
     x = np.zeros((1, 3, SIZE, SIZE), np.float32)
     np.testing.assert_array_equal(build_predictor(deployment, options)(x)[1], BACKENDS["onnxruntime"](deployment,
                                                                                                        options)(x)[1])
+    carrying = str(tmp_path / "carrying")  # a /1 file that has a bias was judged with it: it is applied
+    edited_copy(old, carrying, lambda meta: meta["onnx_int8"].update(score_bias={"onnxruntime": 0.003}))
+    assert read_deployment(carrying).int8_score_bias == {"onnxruntime": 0.003}
     later = str(tmp_path / "later")
     edited_copy(save_dir, later, lambda meta: meta.update(format="rd4ad-paddle-inference/3"))
     code = infer.main(["--model_dir", later, "--image", TEST_DIR, "--output_dir", str(tmp_path / "o")])
@@ -263,14 +269,19 @@ def test_rechecked_scores_borderline_images_in_fp32_and_only_those():
 def test_a_bias_that_does_not_hold_on_the_check_images_is_not_removed():
     from deploy.precision import bias_note
     baseline = np.array([0.49, 0.51, 0.6])
+    calibration = np.array([0.01, 0.02, 0.03])  # raw int8 - fp32 on good images: bias 0.02, band 2 * 0.01
     # raw int8 keeps every verdict at 0.5; less its bias 0.02, 0.515 turns OK
-    note = bias_note("openvino", 0.02, np.array([0.495, 0.515, 0.605]), baseline, threshold=0.5)
+    note = bias_note("openvino", 0.02, np.array([0.495, 0.515, 0.605]), baseline, 0.5, calibration)
     assert "verdicts changed 1 with it removed, 0 without" in note and "int8 runs raw" in note
     # raw turns the first image DEFECT; less 0.02 every verdict is fp32's: removed
-    assert bias_note("openvino", 0.02, np.array([0.505, 0.525, 0.615]), baseline, threshold=0.5) is None
+    assert bias_note("openvino", 0.02, np.array([0.505, 0.525, 0.615]), baseline, 0.5, calibration) is None
     # as many changes (none): the smaller mean score error decides, both ways
-    assert bias_note("openvino", 0.02, np.array([0.52, 0.54, 0.63]), baseline, threshold=None) is None
-    assert "mean score error" in bias_note("openvino", 0.02, np.array([0.49, 0.51, 0.6]), baseline, threshold=None)
+    assert bias_note("openvino", 0.02, np.array([0.52, 0.54, 0.63]), baseline, None, calibration) is None
+    assert "mean score error" in bias_note("openvino", 0.02, np.array([0.49, 0.51, 0.6]), baseline, None,
+                                           calibration)
+    # fewer changes and a smaller mean error, but one error (0.025) beyond the band (0.02) it gives
+    note = bias_note("openvino", 0.02, np.array([0.51, 0.53, 0.645]), baseline, 0.5, calibration)
+    assert "an error of 0.025 with it removed, beyond the recheck band of 0.02" in note
 
 
 def test_a_judged_block_starts_with_an_untimed_run_whose_recheck_is_not_counted():
@@ -329,9 +340,11 @@ def test_int8_runs_less_the_score_bias_the_export_measured_when_it_held(judged, 
     for backend in ("onnxruntime", "openvino"):
         raw = BACKENDS[backend](deployment, PredictorOptions(backend=backend, precision="int8"))
         measured[backend] = np.mean([float(raw(x[None])[1][0]) - float(fp32(x[None])[1][0]) for x in calibration])
-        kept = bias_note(backend, measured[backend], np.array([float(raw(x[None])[1][0]) for x in checks]),
+        errors = np.array([float(raw(x[None])[1][0]) - float(fp32(x[None])[1][0]) for x in calibration])
+        kept = bias_note(backend, float(f"{measured[backend]:.6g}"),
+                         np.array([float(raw(x[None])[1][0]) for x in checks]),
                          np.array([float(fp32(x[None])[1][0]) for x in checks]),
-                         deployment.calibration.image_threshold) is None
+                         deployment.calibration.image_threshold, errors) is None
         assert (backend in deployment.int8_score_bias) == kept  # the export's decision, made again here
         if kept:
             assert deployment.int8_score_bias[backend] == pytest.approx(measured[backend], rel=1e-4, abs=1e-7)
