@@ -66,9 +66,14 @@ class PrecisionCheck:
         return dict(self.__dict__)
 
 
+def scores_one_by_one(predictor, images: np.ndarray) -> np.ndarray:
+    """The predictor's score of each image, run at batch 1 as the judgement runs them."""
+    return np.array([float(predictor(x[None])[1][0]) for x in images])
+
+
 def score_errors(fast, baseline_scores: np.ndarray, images: np.ndarray) -> np.ndarray:
     """`fast`'s score minus the baseline's, image by image."""
-    return np.array([float(fast(x[None])[1][0]) - float(base) for x, base in zip(images, baseline_scores)])
+    return scores_one_by_one(fast, images) - baseline_scores
 
 
 def recheck_band(fast, baseline_scores: np.ndarray, images: np.ndarray) -> float:
@@ -109,7 +114,7 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
                 continue
         own = list(predictors.values())
         if band_images is not None:
-            base_scores = np.array([float(predictors[BASELINE](x[None])[1][0]) for x in band_images])
+            base_scores = scores_one_by_one(predictors[BASELINE], band_images)
             check_scores = None  # the baseline's on the check images, once an int8 path needs them
             for backend in dict.fromkeys(b for b, _ in JUDGED_PATHS):
                 fast, exact = predictors.get((backend, "int8")), predictors.get((backend, "fp32"))
@@ -118,8 +123,8 @@ def judge_precisions(deployment: Deployment, images: np.ndarray, threads: int,
                     errors = score_errors(fast, base_scores, band_images)
                     bias = float(f"{errors.mean():.6g}")
                     if check_scores is None:
-                        check_scores = np.array([float(predictors[BASELINE](x[None])[1][0]) for x in images])
-                    raw = np.array([float(fast(x[None])[1][0]) for x in images])
+                        check_scores = scores_one_by_one(predictors[BASELINE], images)
+                    raw = scores_one_by_one(fast, images)
                     note = bias_note(backend, bias, raw, check_scores, threshold, errors)
                     if note:
                         notes.append(note)
