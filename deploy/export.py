@@ -145,7 +145,9 @@ def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
     """Write the static graph (and ONNX) to save_dir; return the deploy metadata. save_dir
     is created only once the checkpoint has been read and checked, and removed again when
     this call created it and the export failed."""
-    model, state = load_trained(checkpoint, teacher_weights=teacher_weights)
+    # Paddle's own kernels: the static graph never runs model/onednn.py's, and the dygraph
+    # runs here only trace it.
+    model, state = load_trained(checkpoint, teacher_weights=teacher_weights, conv_backend="paddle")
     created = _make_folder(save_dir)
     try:
         with quiet_output():  # the converters' own logging; our errors still say what failed

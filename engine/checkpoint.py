@@ -120,7 +120,7 @@ def apply_checkpoint(net: paddle.nn.Layer, state: dict, path: str = "checkpoint"
 
 
 def load_trained(path: str, *, arch: str | None = None, image_size: int | None = None,
-                 teacher_weights: str | None = None) -> tuple[RD4AD, dict]:
+                 teacher_weights: str | None = None, conv_backend: str = "auto") -> tuple[RD4AD, dict]:
     """(eval-mode model, checkpoint contents). The checkpoint is read without running code
     and checked part by part; `arch` / `image_size`, when given, must match it. The
     teacher: the one the checkpoint carries (trained with a random teacher), else
@@ -137,7 +137,7 @@ def load_trained(path: str, *, arch: str | None = None, image_size: int | None =
         if source.lower() == "none":
             raise CheckpointError(f"{path}: trained with teacher weights {state['teacher_weights']!r}; "
                                   f"--teacher_weights none would pair it with a random teacher")
-    net = build_rd4ad(state["arch"], source, state["image_size"])
+    net = build_rd4ad(state["arch"], source, state["image_size"], conv_backend)
     apply_checkpoint(net, state, path)
     net.eval()
     return net, state

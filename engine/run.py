@@ -144,7 +144,7 @@ def load_class_model(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None, 
     none) and its good-image score statistics."""
     path = cfg.paths.checkpoint(cls, best=cfg.select_best_on_test)
     override = cfg.teacher_weights if "teacher_weights" in cfg.explicit else None
-    net, state = load_trained(path, teacher_weights=override)
+    net, state = load_trained(path, teacher_weights=override, conv_backend=cfg.conv_backend)
     calibration = Calibration.from_dict(state["calibration"]) if "calibration" in state else None
     if calibration is None:
         log(f"[{cls}] note: {path} has no calibrated thresholds (trained by an older version): "

@@ -96,7 +96,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     data = TrainData(source, cfg, ctx)
     check_batch_size(cfg, source, len(data.train), "readable ")
     train_set = data.train_set  # decoded once (TrainData), read every epoch
-    net = build_rd4ad(cfg.arch, cfg.teacher_weights, cfg.image_size)
+    net = build_rd4ad(cfg.arch, cfg.teacher_weights, cfg.image_size, cfg.conv_backend)
     params = net.trainable_parameters()
     optimizer = build_optimizer(params, cfg.lr, cfg.beta1, cfg.beta2)
     branch = net.student_branch()  # bottleneck + student: what the optimizer trains
@@ -123,8 +123,8 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         log(f"[{cls}] starting again at epoch 1 ({state_path(cfg, cls)} exists: --resume continues it)")
 
     log(f"[{cls}] {len(data.train)} train / {len(data.val)} validation / {len(data.test)} test images, "
-        f"arch {cfg.arch}, {cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}"
-        + (f", {ctx.world_size} ranks" if ctx.parallel else ""))
+        f"arch {cfg.arch}, {cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"convolutions on {net.conv_backend}" + (f", {ctx.world_size} ranks" if ctx.parallel else ""))
     for note in (data.val_note, data.pixel_note):
         if note:
             log(f"[{cls}] note: {note}")

@@ -9,9 +9,12 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
+from utils.runtime import eager_threads
+
 from .anomaly_map import AnomalyMapHead
 from .arch import FEATURE_STRIDES, get_arch
 from .bottleneck import build_bottleneck
+from .onednn import use_conv_backend
 from .student import build_student
 from .teacher import Teacher, load_teacher_weights
 
@@ -83,9 +86,11 @@ class StudentBranch(nn.Layer):
 
 
 def build_rd4ad(arch: str = "wide_resnet50_2", teacher_weights: str = "imagenet",
-                image_size: int | None = None) -> RD4AD:
+                image_size: int | None = None, conv_backend: str = "auto") -> RD4AD:
     """Build the model; `teacher_weights` is "imagenet", "none" or a .pdparams path;
-    `image_size` the size its anomaly-map head is built (and exported) for."""
+    `image_size` the size its anomaly-map head is built (and exported) for; `conv_backend`
+    what runs its 3x3 and transposed convolutions in the dynamic graph on the CPU (model/onednn.py)."""
     net = RD4AD(arch, image_size)
     load_teacher_weights(net.teacher, teacher_weights)
+    net.conv_backend = use_conv_backend(net, conv_backend, eager_threads())
     return net

@@ -33,14 +33,14 @@ def load_fixture(arch):
     return dict(np.load(os.path.join(FIXTURES, f"parity_{arch}.npz")))
 
 
-def reference_model(arch="resnet18", dtype="float32"):
+def reference_model(arch="resnet18", dtype="float32", conv_backend="auto"):
     w = deterministic_state_dicts(arch)
     state = convert_reference_state_dicts(arch, w["encoder"], w["bn"], w["decoder"])
     del w
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype(dtype)
     try:
-        model = build_rd4ad(arch, teacher_weights="none")
+        model = build_rd4ad(arch, teacher_weights="none", conv_backend=conv_backend)
     finally:
         paddle.set_default_dtype(previous)
     model.set_state_dict({k: v.astype(dtype) for k, v in state.items()})
@@ -83,8 +83,17 @@ def _check_buffers(net, reference, rtol):
         assert_close(ours, reference[key], key, rtol)
 
 
-def test_eval_outputs_match_reference(reference):
-    _check_eval(reference_model("resnet18"), reference, "eval_")
+@pytest.mark.parametrize("conv_backend", ["paddle", "auto"])
+def test_eval_outputs_match_reference(reference, conv_backend):
+    """Both backends of the 3x3 convolutions (auto: oneDNN where Paddle carries it)."""
+    net = reference_model("resnet18", conv_backend=conv_backend)
+    assert conv_backend == "paddle" or net.conv_backend == load_library_backend()
+    _check_eval(net, reference, "eval_")
+
+
+def load_library_backend() -> str:
+    from model.onednn import OneDNNLibrary, load_library
+    return "onednn" if isinstance(load_library(), OneDNNLibrary) else "paddle"
 
 
 def test_wide_resnet50_2_matches_reference():
@@ -104,7 +113,9 @@ def test_wide_resnet50_2_matches_reference():
 
 def test_training_matches_reference(reference):
     """Three Adam steps in train mode (float64): losses, BatchNorm running statistics
-    (torch's unbiased-variance update) and the trained model's outputs all match."""
+    (torch's unbiased-variance update) and the trained model's outputs all match. (float64
+    runs Paddle's own convolutions: model/onednn.py is float32 only; its float32 gradients
+    are checked against float64 in tests/test_onednn.py.)"""
     net = reference_model("resnet18", "float64")
     size = int(reference["image_size"])
     images = paddle.to_tensor(deterministic_images(2, size).astype("float64"))

@@ -10,7 +10,8 @@ not depend on them):
 - inference ms/image at batch 1 and --batch: dynamic graph (what main.py evaluates with),
   Paddle Inference fp32 with oneDNN, ONNX Runtime, Paddle Inference bf16 (oneDNN, where the
   CPU has bf16), with the bf16 maps' agreement with fp32 on sample_data;
-- training images/s at --train_batch with and without the teacher-feature cache;
+- training images/s at --train_batch with and without the teacher-feature cache, with the
+  3x3 and transposed convolutions on oneDNN (the default, model/onednn.py) and on Paddle's own kernels;
 - evaluation of one class end to end (--eval_images test images, metrics included);
 - AUPRO on 30 maps: exact mode against a 200-threshold loop like the reference's;
 - peak RSS of each stage (reset between stages where Linux allows), threads and flags;
@@ -53,6 +54,7 @@ from engine.metrics import aupro  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from model.arch import ARCH_NAMES as ARCHS  # noqa: E402
 from model.loss import cosine_distillation_loss  # noqa: E402
+from model.onednn import OneDNNLibrary, load_library, use_conv_backend  # noqa: E402
 from model.rd4ad import build_rd4ad  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError, shorten  # noqa: E402
@@ -231,15 +233,23 @@ def bench_training(args, net) -> list[dict]:
     net.train()
     optimizer = build_optimizer(net.trainable_parameters())
 
-    def our_step(uses_cache: bool):
+    def our_step(uses_cache: bool, conv_backend: str):
         def step():
+            use_conv_backend(net, conv_backend, a_threads)
             feats = cached if uses_cache else net.teacher_features(images)
             loss = cosine_distillation_loss(feats, net.student_features(feats))
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
         return step
-    steps = {"train, teacher every step": our_step(False), "train, teacher-feature cache": our_step(True)}
+    # Every backend this machine has for the convolutions (model/onednn.py), the default first.
+    a_threads = runtime.eager_threads()
+    backends = ["onednn", "paddle"] if isinstance(load_library(), OneDNNLibrary) else ["paddle"]
+    steps = {}
+    for backend in backends:
+        label = "" if backend == backends[0] else f", {backend} convolutions"
+        steps[f"train, teacher every step{label}"] = our_step(False, backend)
+        steps[f"train, teacher-feature cache{label}"] = our_step(True, backend)
     if args.reference_code is not None:
         steps[REFERENCE_TRAINING] = args.reference_code.training_step(args.arch, inputs)
     for step in steps.values():  # warm-up
@@ -259,6 +269,7 @@ def bench_training(args, net) -> list[dict]:
             row["x vs reference"] = round(reference / statistics.median(seconds[row["path"]]), 2)
     for row in rows:
         print(f"  {row}", flush=True)
+    use_conv_backend(net, backends[0], a_threads)
     return rows
 
 

@@ -1,0 +1,441 @@
+"""3x3 and transposed convolutions on oneDNN in Paddle's dynamic graph on the CPU.
+
+Paddle 3.3.1's eager CPU `conv2d` and its gradients are im2col + GEMM kernels, 2-3x slower
+than oneDNN's direct convolutions on the student's and bottleneck's 3x3 layers (the
+biggest share of a training step). Paddle's own wheel carries oneDNN (paddle/libs/
+libdnnl.so.3, used by Paddle Inference) but its eager kernels do not call it, and the wheel
+has no oneDNN headers to compile against. So this module calls oneDNN's stable C API
+through ctypes (nothing to compile) and wraps forward and both backward passes in a
+PyLayer. The student's 2x2 stride-2 transposed convolutions go the same way (oneDNN's
+deconvolution). 1x1 convolutions stay on Paddle's GEMM, which is as fast.
+
+- Same results as Paddle's kernels up to float32 rounding (tests/test_onednn.py: forward
+  and both gradients within 1e-5 relative; the model's gradients as close to a float64
+  run as Paddle's own).
+- Only where it applies: the dynamic graph, float32 on the CPU, 4-D NCHW, groups 1,
+  dilation 1, no bias, equal strides, an int padding (no output padding or output size
+  for a transposed one). Anything else, and every static graph (to_static, export), runs
+  Paddle's own kernel: exported models never contain this.
+- `--conv_backend auto` uses oneDNN where Paddle's wheel has it (x86-64 Linux CPU builds),
+  else Paddle's kernels; `onednn` insists; `paddle` never uses it.
+
+The C API's constants below are the values oneDNN 3.x defines (dnnl_types.h); oneDNN keeps
+its ABI within a major version, and the library's version is checked when it loads.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+from paddle.autograd import PyLayer
+
+from utils.errors import UserError
+
+CONV_BACKENDS = ("auto", "onednn", "paddle")
+LIBRARY_NAME = "libdnnl.so.3"
+
+# oneDNN 3.x C API values (dnnl_types.h / dnnl_common_types.h).
+_MAX_NDIMS = 12
+_F32 = 3                      # dnnl_f32
+_TAG_ANY, _TAG_ABCD = 1, 5    # dnnl_format_tag_any, dnnl_abcd (plain NCHW / OIHW)
+_CPU_ENGINE = 1               # dnnl_cpu
+_IN_ORDER = 1                 # dnnl_stream_in_order
+_FORWARD_TRAINING = 64        # dnnl_forward_training
+_CONVOLUTION_DIRECT = 1       # dnnl_convolution_direct
+_DECONVOLUTION_DIRECT = 0xA   # dnnl_deconvolution_direct
+_Q_SRC, _Q_DIFF_SRC, _Q_WEIGHTS, _Q_DIFF_WEIGHTS, _Q_DST, _Q_DIFF_DST = 129, 130, 131, 132, 133, 134
+_ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
+_ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
+_STATUS = {1: "out of memory", 2: "invalid arguments", 3: "unimplemented", 5: "runtime error",
+           6: "not required", 7: "invalid graph", 8: "invalid graph op", 9: "invalid shape",
+           10: "invalid data type"}
+
+_Dims = ctypes.c_int64 * _MAX_NDIMS
+_P = ctypes.c_void_p
+
+
+class OneDNNUnavailable(UserError):
+    """--conv_backend onednn was asked for where Paddle carries no usable oneDNN."""
+
+
+class _ExecArg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_int), ("memory", _P)]
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int),
+                ("hash", ctypes.c_char_p), ("cpu_runtime", ctypes.c_uint), ("gpu_runtime", ctypes.c_uint)]
+
+
+def _dims(values: list[int]) -> _Dims:
+    dims = _Dims()
+    for i, v in enumerate(values):
+        dims[i] = v
+    return dims
+
+
+class OneDNNLibrary:
+    """Paddle's own libdnnl.so.3: the C functions used here, one CPU engine and stream."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        lib = ctypes.CDLL(path)
+        lib.dnnl_version.restype = ctypes.POINTER(_Version)
+        v = lib.dnnl_version().contents
+        self.version = f"{v.major}.{v.minor}.{v.patch}"
+        if v.major != 3:
+            raise OSError(f"{path}: oneDNN {self.version}, this module speaks the 3.x C API")
+        signatures = {
+            "dnnl_engine_create": [ctypes.POINTER(_P), ctypes.c_int, ctypes.c_size_t],
+            "dnnl_stream_create": [ctypes.POINTER(_P), _P, ctypes.c_uint],
+            "dnnl_stream_wait": [_P],
+            "dnnl_memory_desc_create_with_tag": [ctypes.POINTER(_P), ctypes.c_int, _Dims, ctypes.c_int, ctypes.c_int],
+            "dnnl_memory_desc_create_with_strides": [ctypes.POINTER(_P), ctypes.c_int, _Dims, ctypes.c_int, _Dims],
+            "dnnl_memory_desc_get_size": [_P],
+            "dnnl_memory_create": [ctypes.POINTER(_P), _P, _P, _P],
+            "dnnl_memory_set_data_handle": [_P, _P],
+            "dnnl_convolution_forward_primitive_desc_create": [
+                ctypes.POINTER(_P), _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P],
+            "dnnl_convolution_backward_data_primitive_desc_create": [
+                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
+            "dnnl_convolution_backward_weights_primitive_desc_create": [
+                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
+            "dnnl_deconvolution_forward_primitive_desc_create": [
+                ctypes.POINTER(_P), _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P],
+            "dnnl_deconvolution_backward_data_primitive_desc_create": [
+                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
+            "dnnl_deconvolution_backward_weights_primitive_desc_create": [
+                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
+            "dnnl_reorder_primitive_desc_create": [ctypes.POINTER(_P), _P, _P, _P, _P, _P],
+            "dnnl_primitive_desc_query_md": [_P, ctypes.c_int, ctypes.c_int],
+            "dnnl_memory_desc_equal": [_P, _P],
+            "dnnl_primitive_create": [ctypes.POINTER(_P), _P],
+            "dnnl_primitive_execute": [_P, _P, ctypes.c_int, ctypes.POINTER(_ExecArg)],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+        lib.dnnl_primitive_desc_query_md.restype = _P
+        lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+        self.lib = lib
+        self.engine = self._make(lib.dnnl_engine_create, _CPU_ENGINE, 0, what="engine")
+        self.stream = self._make(lib.dnnl_stream_create, self.engine, _IN_ORDER, what="stream")
+        # oneDNN in Paddle's wheel runs on GNU OpenMP, whose thread count is its own (not MKL's).
+        self._omp_set_num_threads = _gomp_thread_setter()
+
+    def check(self, status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"oneDNN {what}: {_STATUS.get(status, f'status {status}')}")
+
+    def _make(self, fn, *args, what: str) -> _P:
+        handle = _P()
+        self.check(fn(ctypes.byref(handle), *args), what)
+        return handle
+
+    def plain_desc(self, shape: list[int]) -> _P:
+        return self._make(self.lib.dnnl_memory_desc_create_with_tag, len(shape), _dims(shape), _F32, _TAG_ABCD,
+                          what="memory descriptor")
+
+    def strided_desc(self, shape: list[int], strides: list[int]) -> _P:
+        return self._make(self.lib.dnnl_memory_desc_create_with_strides, len(shape), _dims(shape), _F32,
+                          _dims(strides), what="memory descriptor")
+
+    def any_desc(self, shape: list[int]) -> _P:
+        return self._make(self.lib.dnnl_memory_desc_create_with_tag, len(shape), _dims(shape), _F32, _TAG_ANY,
+                          what="memory descriptor")
+
+    def query(self, primitive_desc: _P, what: int) -> _P:
+        return _P(self.lib.dnnl_primitive_desc_query_md(primitive_desc, what, 0))
+
+    def memory(self, desc: _P) -> _P:
+        return self._make(self.lib.dnnl_memory_create, desc, self.engine, None, what="memory")
+
+    def primitive(self, primitive_desc: _P) -> _P:
+        return self._make(self.lib.dnnl_primitive_create, primitive_desc, what="primitive")
+
+    def execute(self, primitive: _P, args: list[tuple[int, _P]], what: str) -> None:
+        exec_args = (_ExecArg * len(args))(*[_ExecArg(arg, memory) for arg, memory in args])
+        self.check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(args), exec_args), what)
+
+    def wait(self) -> None:
+        self.check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
+
+    def set_threads(self, threads: int) -> None:
+        if self._omp_set_num_threads is not None:
+            self._omp_set_num_threads(threads)
+
+
+def _gomp_thread_setter():
+    try:
+        return ctypes.CDLL("libgomp.so.1").omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def load_library(path: str | None = None) -> OneDNNLibrary | str:
+    """Paddle's oneDNN library, or the reason it cannot be used (one line)."""
+    path = path or os.path.join(os.path.dirname(paddle.__file__), "libs", LIBRARY_NAME)
+    if not os.path.isfile(path):
+        return f"{path}: not found (this Paddle build carries no oneDNN)"
+    try:
+        return OneDNNLibrary(path)
+    except (OSError, AttributeError, RuntimeError) as e:
+        return f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+
+class _Scratch:
+    """Growing buffers for the blocked layouts oneDNN wants: one per role (source-like,
+    weights-like, destination-like), reused by every convolution, so the extra memory is
+    three tensors' worth rather than one set per layer shape."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def pointer(self, role: str, nbytes: int) -> int:
+        buf = self.buffers.get(role)
+        if buf is None or buf.nbytes < nbytes + 64:
+            buf = self.buffers[role] = np.empty(nbytes + 64, dtype=np.uint8)
+        address = buf.ctypes.data
+        return address + (-address % 64)  # 64-byte aligned, as oneDNN prefers
+
+
+class _Layout:
+    """A tensor's plain NCHW/OIHW buffer as one primitive argument: the primitive's own
+    layout in a scratch buffer, with the reorder between them, where the two differ."""
+
+    def __init__(self, lib: OneDNNLibrary, plain: _P, wanted: _P, role: str, out: bool) -> None:
+        self.lib, self.role, self.out = lib, role, out
+        self.user = lib.memory(plain)
+        self.direct = bool(lib.lib.dnnl_memory_desc_equal(plain, wanted))
+        self.work = self.user if self.direct else lib.memory(wanted)
+        self.nbytes = int(lib.lib.dnnl_memory_desc_get_size(wanted))
+        self.reorder = None
+        if not self.direct:
+            source, target = (wanted, plain) if out else (plain, wanted)
+            desc = lib._make(lib.lib.dnnl_reorder_primitive_desc_create, source, lib.engine, target, lib.engine,
+                             None, what="reorder")
+            self.reorder = lib.primitive(desc)
+
+    def bind(self, tensor: paddle.Tensor, scratch: _Scratch, reorder: bool = True) -> _P:
+        """Point at `tensor` (reordered into scratch for an input, unless the scratch holds
+        it already: `reorder` False); the memory to pass."""
+        set_handle = self.lib.lib.dnnl_memory_set_data_handle
+        self.lib.check(set_handle(self.user, _P(tensor.data_ptr())), "set data handle")
+        if not self.direct:
+            self.lib.check(set_handle(self.work, _P(scratch.pointer(self.role, self.nbytes))), "set data handle")
+            if not self.out and reorder:
+                self.lib.execute(self.reorder, [(_ARG_SRC, self.user), (_ARG_DST, self.work)], "reorder")
+        return self.work
+
+    def finish(self) -> None:
+        """For an output: reorder the primitive's layout back into the tensor."""
+        if not self.direct:
+            self.lib.execute(self.reorder, [(_ARG_SRC, self.work), (_ARG_DST, self.user)], "reorder")
+
+
+class _ConvPrimitives:
+    """Forward, backward-data and backward-weights primitives for one (transposed)
+    convolution shape, with the layouts of their arguments."""
+
+    def __init__(self, lib: OneDNNLibrary, x_shape: list[int], w_shape: list[int], stride: int,
+                 padding: int, transposed: bool) -> None:
+        n, c, h, w = x_shape
+        if transposed:  # Paddle's weight [C_in, C_out, kh, kw]; oneDNN's logical order (out, in, kh, kw)
+            i, o, kh, kw = w_shape
+            self.y_shape = [n, o, (h - 1) * stride - 2 * padding + kh, (w - 1) * stride - 2 * padding + kw]
+            logical_w = [o, i, kh, kw]
+            plain_w = lib.strided_desc(logical_w, [kh * kw, o * kh * kw, kw, 1])
+            fns = ("dnnl_deconvolution_forward_primitive_desc_create",
+                   "dnnl_deconvolution_backward_data_primitive_desc_create",
+                   "dnnl_deconvolution_backward_weights_primitive_desc_create")
+            algorithm = _DECONVOLUTION_DIRECT
+        else:
+            o, _, kh, kw = w_shape
+            self.y_shape = [n, o, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1]
+            logical_w = list(w_shape)
+            plain_w = lib.plain_desc(logical_w)
+            fns = ("dnnl_convolution_forward_primitive_desc_create",
+                   "dnnl_convolution_backward_data_primitive_desc_create",
+                   "dnnl_convolution_backward_weights_primitive_desc_create")
+            algorithm = _CONVOLUTION_DIRECT
+        xs, ys = list(x_shape), self.y_shape
+        any_x, any_w, any_y = lib.any_desc(xs), lib.any_desc(logical_w), lib.any_desc(ys)
+        plain_x, plain_y = lib.plain_desc(xs), lib.plain_desc(ys)
+        strides, no_dilation, pads = _dims([stride, stride]), _dims([0, 0]), _dims([padding, padding])
+        forward_fn, data_fn, weights_fn = (getattr(lib.lib, name) for name in fns)
+        fwd = lib._make(forward_fn, lib.engine, _FORWARD_TRAINING, algorithm, any_x, any_w, None, any_y, strides,
+                        no_dilation, pads, pads, None, what="forward")
+        bwd_data = lib._make(data_fn, lib.engine, algorithm, any_x, any_w, any_y, strides, no_dilation, pads, pads,
+                             fwd, None, what="backward data")
+        bwd_weights = lib._make(weights_fn, lib.engine, algorithm, any_x, any_w, None, any_y, strides, no_dilation,
+                                pads, pads, fwd, None, what="backward weights")
+        self.forward = lib.primitive(fwd)
+        self.backward_data = lib.primitive(bwd_data)
+        self.backward_weights = lib.primitive(bwd_weights)
+        q = lib.query
+        self.f_x = _Layout(lib, plain_x, q(fwd, _Q_SRC), "src", False)
+        self.f_w = _Layout(lib, plain_w, q(fwd, _Q_WEIGHTS), "weights", False)
+        self.f_y = _Layout(lib, plain_y, q(fwd, _Q_DST), "dst", True)
+        self.d_dy = _Layout(lib, plain_y, q(bwd_data, _Q_DIFF_DST), "dst", False)
+        self.d_w = _Layout(lib, plain_w, q(bwd_data, _Q_WEIGHTS), "weights", False)
+        self.d_dx = _Layout(lib, plain_x, q(bwd_data, _Q_DIFF_SRC), "src", True)
+        self.w_x = _Layout(lib, plain_x, q(bwd_weights, _Q_SRC), "src", False)
+        self.w_dy = _Layout(lib, plain_y, q(bwd_weights, _Q_DIFF_DST), "dst", False)
+        self.w_dw = _Layout(lib, plain_w, q(bwd_weights, _Q_DIFF_WEIGHTS), "weights", True)
+        # Both backward passes usually want the output gradient in the same layout: reorder it once.
+        self.same_dy_layout = bool(lib.lib.dnnl_memory_desc_equal(q(bwd_data, _Q_DIFF_DST),
+                                                                  q(bwd_weights, _Q_DIFF_DST)))
+
+
+class OneDNNConvolutions:
+    """The primitives of every convolution shape met so far, run one at a time (a lock:
+    the scratch buffers are shared)."""
+
+    def __init__(self, lib: OneDNNLibrary, threads: int) -> None:
+        self.lib, self.threads = lib, threads
+        self._primitives: dict[tuple, _ConvPrimitives] = {}
+        self._scratch = _Scratch()
+        self._lock = threading.Lock()
+
+    def _for(self, x: paddle.Tensor, w: paddle.Tensor, stride: int, padding: int,
+             transposed: bool) -> _ConvPrimitives:
+        key = (tuple(x.shape), tuple(w.shape), stride, padding, transposed)
+        if key not in self._primitives:
+            self._primitives[key] = _ConvPrimitives(self.lib, list(x.shape), list(w.shape), stride, padding,
+                                                    transposed)
+        return self._primitives[key]
+
+    def forward(self, x: paddle.Tensor, w: paddle.Tensor, stride: int, padding: int,
+                transposed: bool = False) -> paddle.Tensor:
+        with self._lock:
+            p = self._for(x, w, stride, padding, transposed)
+            y = paddle.empty(p.y_shape, dtype="float32")
+            self.lib.set_threads(self.threads)
+            args = [(_ARG_SRC, p.f_x.bind(x, self._scratch)), (_ARG_WEIGHTS, p.f_w.bind(w, self._scratch)),
+                    (_ARG_DST, p.f_y.bind(y, self._scratch))]
+            self.lib.execute(p.forward, args, "convolution forward")
+            p.f_y.finish()
+            self.lib.wait()
+        return y
+
+    def backward(self, x: paddle.Tensor, w: paddle.Tensor, dy: paddle.Tensor, stride: int, padding: int,
+                 transposed: bool, need_dx: bool) -> tuple[paddle.Tensor | None, paddle.Tensor]:
+        with self._lock:
+            p = self._for(x, w, stride, padding, transposed)
+            self.lib.set_threads(self.threads)
+            dx = None
+            if need_dx:
+                dx = paddle.empty(x.shape, dtype="float32")
+                args = [(_ARG_DIFF_DST, p.d_dy.bind(dy, self._scratch)), (_ARG_WEIGHTS, p.d_w.bind(w, self._scratch)),
+                        (_ARG_DIFF_SRC, p.d_dx.bind(dx, self._scratch))]
+                self.lib.execute(p.backward_data, args, "convolution backward data")
+                p.d_dx.finish()
+            dw = paddle.empty(w.shape, dtype="float32")
+            dy_in_scratch = need_dx and p.same_dy_layout  # the "dst" scratch still holds it
+            args = [(_ARG_SRC, p.w_x.bind(x, self._scratch)),
+                    (_ARG_DIFF_DST, p.w_dy.bind(dy, self._scratch, reorder=not dy_in_scratch)),
+                    (_ARG_DIFF_WEIGHTS, p.w_dw.bind(dw, self._scratch))]
+            self.lib.execute(p.backward_weights, args, "convolution backward weights")
+            p.w_dw.finish()
+            self.lib.wait()
+        return dx, dw
+
+
+@functools.lru_cache(maxsize=None)
+def shared_convolutions(lib: OneDNNLibrary, threads: int) -> OneDNNConvolutions:
+    """One primitive cache and one set of scratch buffers per process (and thread count),
+    shared by every model: primitives are built once per shape, not once per model."""
+    return OneDNNConvolutions(lib, threads)
+
+
+class _OneDNNConv2DFunction(PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, convolutions, stride, padding, transposed):
+        x, weight = x.contiguous(), weight.contiguous()
+        ctx.convolutions, ctx.stride, ctx.padding, ctx.transposed = convolutions, stride, padding, transposed
+        ctx.need_dx = not x.stop_gradient
+        ctx.save_for_backward(x, weight)
+        return convolutions.forward(x, weight, stride, padding, transposed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensor()
+        return ctx.convolutions.backward(x, weight, dy.contiguous(), ctx.stride, ctx.padding, ctx.transposed,
+                                         ctx.need_dx)
+
+
+class OneDNNConv2D(nn.Conv2D):
+    """nn.Conv2D that runs on oneDNN where it applies (see the module's docstring); the
+    same parameters and state_dict, so checkpoints and exports do not change."""
+
+    _onednn: OneDNNConvolutions | None = None
+
+    @paddle.jit.not_to_static  # plain Python under to_static: the static graph takes Paddle's kernel
+    def _uses_onednn(self, x: paddle.Tensor) -> bool:
+        return (self._onednn is not None and paddle.in_dynamic_mode() and x.place.is_cpu_place()
+                and x.dtype == paddle.float32 and self.weight.dtype == paddle.float32 and len(x.shape) == 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self._uses_onednn(x):
+            return _OneDNNConv2DFunction.apply(x, self.weight, self._onednn, self._stride[0], self._padding, False)
+        return nn.Conv2D.forward(self, x)
+
+
+class OneDNNConv2DTranspose(nn.Conv2DTranspose):
+    """nn.Conv2DTranspose (the student's 2x2 stride-2 upsampling) on oneDNN's deconvolution
+    where it applies; as OneDNNConv2D otherwise."""
+
+    _onednn: OneDNNConvolutions | None = None
+
+    def forward(self, x: paddle.Tensor, output_size=None) -> paddle.Tensor:
+        if output_size is None and OneDNNConv2D._uses_onednn(self, x):
+            return _OneDNNConv2DFunction.apply(x, self.weight, self._onednn, self._stride[0], self._padding, True)
+        return nn.Conv2DTranspose.forward(self, x, output_size)
+
+
+def _plain(conv: nn.Layer) -> bool:
+    """Groups 1, dilation 1, no bias, NCHW, equal strides, an int padding of zeros."""
+    return (conv._groups == 1 and list(conv._dilation) == [1, 1] and conv.bias is None
+            and conv._data_format == "NCHW" and conv._stride[0] == conv._stride[1]
+            and isinstance(conv._padding, int) and conv._padding_mode == "zeros")
+
+
+def _onednn_class(layer: nn.Layer) -> tuple[type, type] | None:
+    """(Paddle's class, our class) for a layer oneDNN runs here: a plain 3x3 convolution
+    (1x1 ones stay on Paddle's GEMM, as fast) or a plain transposed convolution without
+    output padding; None for any other layer."""
+    if type(layer) in (nn.Conv2D, OneDNNConv2D):
+        return (nn.Conv2D, OneDNNConv2D) if list(layer._kernel_size) == [3, 3] and _plain(layer) else None
+    if type(layer) in (nn.Conv2DTranspose, OneDNNConv2DTranspose):
+        return ((nn.Conv2DTranspose, OneDNNConv2DTranspose)
+                if _plain(layer) and layer.output_padding == 0 else None)
+    return None
+
+
+def use_conv_backend(layer: nn.Layer, backend: str, threads: int) -> str:
+    """Run `layer`'s 3x3 convolutions on `backend` ("auto", "onednn" or "paddle"); returns
+    the backend in use ("onednn" or "paddle"). "onednn" where it cannot load raises one line."""
+    if backend not in CONV_BACKENDS:
+        raise UserError(f"--conv_backend {backend!r}: choose from {', '.join(CONV_BACKENDS)}")
+    convolutions = None
+    if backend != "paddle":
+        lib = load_library()
+        if isinstance(lib, str):
+            if backend == "onednn":
+                raise OneDNNUnavailable(f"--conv_backend onednn: {lib}")
+        else:
+            convolutions = shared_convolutions(lib, threads)
+    for sub in layer.sublayers(include_self=True):
+        classes = _onednn_class(sub)
+        if classes is not None:
+            # Same object, same parameters: only the forward changes (state_dict names stay).
+            sub.__class__ = classes[1] if convolutions is not None else classes[0]
+            sub._onednn = convolutions
+    return "onednn" if convolutions is not None else "paddle"
