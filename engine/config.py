@@ -63,9 +63,8 @@ class Config:
     # training, where the predictor's build cost comes at every evaluation
     eval_backend: str = setting("auto", "evaluate with the dynamic graph or a predictor",
                                 choices=("auto", "dygraph", "static"))
-    conv_backend: str = setting("auto", "what runs the 3x3 and transposed convolutions in the dynamic graph on "
-                                "the CPU: oneDNN (2-3x faster than Paddle's own kernels; auto: when Paddle "
-                                "carries it) or Paddle",
+    # auto: oneDNN (model/onednn.py, 2-3x faster on 3x3 layers) where Paddle carries it, on the CPU
+    conv_backend: str = setting("auto", "convolutions of the dynamic graph on the CPU: oneDNN or Paddle's",
                                 choices=CONV_BACKENDS)
     train_dir: str = setting("", "a folder of good training images (instead of --data_dir)", group=DATA)
     test_dir: str = setting("", "test images; subfolders good/ and DEFECT/ label them", group=DATA)

@@ -16,8 +16,12 @@ deconvolution). 1x1 convolutions stay on Paddle's GEMM, which is as fast.
   dilation 1, no bias, equal strides, an int padding (no output padding or output size
   for a transposed one). Anything else, and every static graph (to_static, export), runs
   Paddle's own kernel: exported models never contain this.
-- `--conv_backend auto` uses oneDNN where Paddle's wheel has it (x86-64 Linux CPU builds),
-  else Paddle's kernels; `onednn` insists; `paddle` never uses it.
+- `--conv_backend auto` uses oneDNN where Paddle's wheel has it (x86-64 Linux CPU builds)
+  and the device is the CPU, else Paddle's kernels; `onednn` insists; `paddle` never uses it.
+- Limits of Paddle 3.3.1's PyLayer, which training here never meets: a second
+  `backward(retain_graph=True)` through any PyLayer crashes the process; hooks on a
+  PyLayer's output are not called; `paddle.grad` for a strict subset of the leaves that
+  need a gradient is refused. Switch back with `use_conv_backend(net, "paddle", threads)`.
 
 The C API's constants below are the values oneDNN 3.x defines (dnnl_types.h); oneDNN keeps
 its ABI within a major version, and the library's version is checked when it loads.
@@ -28,11 +32,19 @@ import ctypes
 import functools
 import os
 import threading
+from collections import OrderedDict
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 from paddle.autograd import PyLayer
+from paddle.base import core
+
+try:
+    from paddle.base.dygraph.base import in_sot_simulation_mode
+except ImportError:  # a Paddle without SOT
+    def in_sot_simulation_mode() -> bool:
+        return False
 
 from utils.errors import UserError
 
@@ -116,6 +128,10 @@ class OneDNNLibrary:
             "dnnl_memory_desc_equal": [_P, _P],
             "dnnl_primitive_create": [ctypes.POINTER(_P), _P],
             "dnnl_primitive_execute": [_P, _P, ctypes.c_int, ctypes.POINTER(_ExecArg)],
+            "dnnl_primitive_destroy": [_P],
+            "dnnl_primitive_desc_destroy": [_P],
+            "dnnl_memory_destroy": [_P],
+            "dnnl_memory_desc_destroy": [_P],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -126,8 +142,6 @@ class OneDNNLibrary:
         self.lib = lib
         self.engine = self._make(lib.dnnl_engine_create, _CPU_ENGINE, 0, what="engine")
         self.stream = self._make(lib.dnnl_stream_create, self.engine, _IN_ORDER, what="stream")
-        # oneDNN in Paddle's wheel runs on GNU OpenMP, whose thread count is its own (not MKL's).
-        self._omp_set_num_threads = _gomp_thread_setter()
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -167,15 +181,11 @@ class OneDNNLibrary:
         self.check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
 
     def set_threads(self, threads: int) -> None:
-        if self._omp_set_num_threads is not None:
-            self._omp_set_num_threads(threads)
-
-
-def _gomp_thread_setter():
-    try:
-        return ctypes.CDLL("libgomp.so.1").omp_set_num_threads
-    except (OSError, AttributeError):
-        return None
+        """OpenMP's thread count for the next primitives. libdnnl.so.3 names GNU OpenMP, but
+        loaded by Paddle its OpenMP calls bind to Paddle's Intel OpenMP (libiomp5), as
+        Paddle's own calls do: Paddle's setter reaches the one oneDNN uses (checked in
+        tests/test_onednn.py by oneDNN's own verbose log)."""
+        core.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,22 +216,40 @@ class _Scratch:
         return address + (-address % 64)  # 64-byte aligned, as oneDNN prefers
 
 
+class _Owned:
+    """The oneDNN objects made for one shape, destroyed together when it leaves the cache."""
+
+    def __init__(self, lib: OneDNNLibrary) -> None:
+        self.lib, self.handles = lib, []
+
+    def __call__(self, kind: str, handle: _P) -> _P:
+        """Own `handle`, a dnnl_{kind}_t (primitive, primitive_desc, memory or memory_desc)."""
+        self.handles.append((kind, handle))
+        return handle
+
+    def close(self) -> None:
+        for kind, handle in reversed(self.handles):
+            getattr(self.lib.lib, f"dnnl_{kind}_destroy")(handle)
+        self.handles.clear()
+
+
 class _Layout:
     """A tensor's plain NCHW/OIHW buffer as one primitive argument: the primitive's own
     layout in a scratch buffer, with the reorder between them, where the two differ."""
 
-    def __init__(self, lib: OneDNNLibrary, plain: _P, wanted: _P, role: str, out: bool) -> None:
-        self.lib, self.role, self.out = lib, role, out
-        self.user = lib.memory(plain)
+    def __init__(self, own: _Owned, plain: _P, wanted: _P, role: str, out: bool) -> None:
+        lib = self.lib = own.lib
+        self.role, self.out = role, out
+        self.user = own("memory", lib.memory(plain))
         self.direct = bool(lib.lib.dnnl_memory_desc_equal(plain, wanted))
-        self.work = self.user if self.direct else lib.memory(wanted)
+        self.work = self.user if self.direct else own("memory", lib.memory(wanted))
         self.nbytes = int(lib.lib.dnnl_memory_desc_get_size(wanted))
         self.reorder = None
         if not self.direct:
             source, target = (wanted, plain) if out else (plain, wanted)
-            desc = lib._make(lib.lib.dnnl_reorder_primitive_desc_create, source, lib.engine, target, lib.engine,
-                             None, what="reorder")
-            self.reorder = lib.primitive(desc)
+            desc = own("primitive_desc", lib._make(lib.lib.dnnl_reorder_primitive_desc_create, source, lib.engine,
+                                                   target, lib.engine, None, what="reorder"))
+            self.reorder = own("primitive", lib.primitive(desc))
 
     def bind(self, tensor: paddle.Tensor, scratch: _Scratch, reorder: bool = True) -> _P:
         """Point at `tensor` (reordered into scratch for an input, unless the scratch holds
@@ -246,104 +274,125 @@ class _ConvPrimitives:
 
     def __init__(self, lib: OneDNNLibrary, x_shape: list[int], w_shape: list[int], stride: int,
                  padding: int, transposed: bool) -> None:
-        n, c, h, w = x_shape
+        own = self.owned = _Owned(lib)
+        try:
+            self._build(own, list(x_shape), list(w_shape), stride, padding, transposed)
+        except Exception:
+            own.close()
+            raise
+
+    def _build(self, own: _Owned, xs: list[int], w_shape: list[int], stride: int, padding: int,
+               transposed: bool) -> None:
+        lib = own.lib
+        n, c, h, w = xs
         if transposed:  # Paddle's weight [C_in, C_out, kh, kw]; oneDNN's logical order (out, in, kh, kw)
             i, o, kh, kw = w_shape
             self.y_shape = [n, o, (h - 1) * stride - 2 * padding + kh, (w - 1) * stride - 2 * padding + kw]
             logical_w = [o, i, kh, kw]
-            plain_w = lib.strided_desc(logical_w, [kh * kw, o * kh * kw, kw, 1])
-            fns = ("dnnl_deconvolution_forward_primitive_desc_create",
-                   "dnnl_deconvolution_backward_data_primitive_desc_create",
-                   "dnnl_deconvolution_backward_weights_primitive_desc_create")
-            algorithm = _DECONVOLUTION_DIRECT
+            plain_w = own("memory_desc", lib.strided_desc(logical_w, [kh * kw, o * kh * kw, kw, 1]))
+            kind, algorithm = "deconvolution", _DECONVOLUTION_DIRECT
         else:
             o, _, kh, kw = w_shape
             self.y_shape = [n, o, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1]
-            logical_w = list(w_shape)
-            plain_w = lib.plain_desc(logical_w)
-            fns = ("dnnl_convolution_forward_primitive_desc_create",
-                   "dnnl_convolution_backward_data_primitive_desc_create",
-                   "dnnl_convolution_backward_weights_primitive_desc_create")
-            algorithm = _CONVOLUTION_DIRECT
-        xs, ys = list(x_shape), self.y_shape
-        any_x, any_w, any_y = lib.any_desc(xs), lib.any_desc(logical_w), lib.any_desc(ys)
-        plain_x, plain_y = lib.plain_desc(xs), lib.plain_desc(ys)
+            logical_w = w_shape
+            plain_w = own("memory_desc", lib.plain_desc(logical_w))
+            kind, algorithm = "convolution", _CONVOLUTION_DIRECT
+        ys = self.y_shape
+        any_x, any_w, any_y = (own("memory_desc", lib.any_desc(s)) for s in (xs, logical_w, ys))
+        plain_x, plain_y = (own("memory_desc", lib.plain_desc(s)) for s in (xs, ys))
         strides, no_dilation, pads = _dims([stride, stride]), _dims([0, 0]), _dims([padding, padding])
-        forward_fn, data_fn, weights_fn = (getattr(lib.lib, name) for name in fns)
-        fwd = lib._make(forward_fn, lib.engine, _FORWARD_TRAINING, algorithm, any_x, any_w, None, any_y, strides,
-                        no_dilation, pads, pads, None, what="forward")
-        bwd_data = lib._make(data_fn, lib.engine, algorithm, any_x, any_w, any_y, strides, no_dilation, pads, pads,
-                             fwd, None, what="backward data")
-        bwd_weights = lib._make(weights_fn, lib.engine, algorithm, any_x, any_w, None, any_y, strides, no_dilation,
-                                pads, pads, fwd, None, what="backward weights")
-        self.forward = lib.primitive(fwd)
-        self.backward_data = lib.primitive(bwd_data)
-        self.backward_weights = lib.primitive(bwd_weights)
-        q = lib.query
-        self.f_x = _Layout(lib, plain_x, q(fwd, _Q_SRC), "src", False)
-        self.f_w = _Layout(lib, plain_w, q(fwd, _Q_WEIGHTS), "weights", False)
-        self.f_y = _Layout(lib, plain_y, q(fwd, _Q_DST), "dst", True)
-        self.d_dy = _Layout(lib, plain_y, q(bwd_data, _Q_DIFF_DST), "dst", False)
-        self.d_w = _Layout(lib, plain_w, q(bwd_data, _Q_WEIGHTS), "weights", False)
-        self.d_dx = _Layout(lib, plain_x, q(bwd_data, _Q_DIFF_SRC), "src", True)
-        self.w_x = _Layout(lib, plain_x, q(bwd_weights, _Q_SRC), "src", False)
-        self.w_dy = _Layout(lib, plain_y, q(bwd_weights, _Q_DIFF_DST), "dst", False)
-        self.w_dw = _Layout(lib, plain_w, q(bwd_weights, _Q_DIFF_WEIGHTS), "weights", True)
+        forward_fn, data_fn, weights_fn = (getattr(lib.lib, f"dnnl_{kind}_{part}_primitive_desc_create")
+                                           for part in ("forward", "backward_data", "backward_weights"))
+        fwd = own("primitive_desc", lib._make(forward_fn, lib.engine, _FORWARD_TRAINING, algorithm, any_x, any_w,
+                                              None, any_y, strides, no_dilation, pads, pads, None,
+                                              what=f"{kind} forward"))
+        bwd_data = own("primitive_desc", lib._make(data_fn, lib.engine, algorithm, any_x, any_w, any_y, strides,
+                                                   no_dilation, pads, pads, fwd, None, what=f"{kind} backward data"))
+        bwd_weights = own("primitive_desc", lib._make(weights_fn, lib.engine, algorithm, any_x, any_w, None, any_y,
+                                                      strides, no_dilation, pads, pads, fwd, None,
+                                                      what=f"{kind} backward weights"))
+        self.forward = own("primitive", lib.primitive(fwd))
+        self.backward_data = own("primitive", lib.primitive(bwd_data))
+        self.backward_weights = own("primitive", lib.primitive(bwd_weights))
+        q = lib.query  # descriptors owned by their primitive descriptor
+        self.f_x = _Layout(own, plain_x, q(fwd, _Q_SRC), "src", False)
+        self.f_w = _Layout(own, plain_w, q(fwd, _Q_WEIGHTS), "weights", False)
+        self.f_y = _Layout(own, plain_y, q(fwd, _Q_DST), "dst", True)
+        self.d_dy = _Layout(own, plain_y, q(bwd_data, _Q_DIFF_DST), "dst", False)
+        self.d_w = _Layout(own, plain_w, q(bwd_data, _Q_WEIGHTS), "weights", False)
+        self.d_dx = _Layout(own, plain_x, q(bwd_data, _Q_DIFF_SRC), "src", True)
+        self.w_x = _Layout(own, plain_x, q(bwd_weights, _Q_SRC), "src", False)
+        self.w_dy = _Layout(own, plain_y, q(bwd_weights, _Q_DIFF_DST), "dst", False)
+        self.w_dw = _Layout(own, plain_w, q(bwd_weights, _Q_DIFF_WEIGHTS), "weights", True)
         # Both backward passes usually want the output gradient in the same layout: reorder it once.
         self.same_dy_layout = bool(lib.lib.dnnl_memory_desc_equal(q(bwd_data, _Q_DIFF_DST),
                                                                   q(bwd_weights, _Q_DIFF_DST)))
 
 
+def _cpu_empty(shape: list[int]) -> paddle.Tensor:
+    """A float32 CPU tensor to write into, wherever Paddle's default device is."""
+    return paddle.empty(shape, dtype="float32", device=paddle.CPUPlace())
+
+
+MAX_SHAPES = 64  # shapes whose primitives stay built; a model at one size needs about 25
+
+
 class OneDNNConvolutions:
-    """The primitives of every convolution shape met so far, run one at a time (a lock:
-    the scratch buffers are shared)."""
+    """The primitives of the convolution shapes met last (at most MAX_SHAPES, the oldest
+    destroyed first), run one at a time: a lock, as the scratch buffers are shared."""
 
     def __init__(self, lib: OneDNNLibrary, threads: int) -> None:
         self.lib, self.threads = lib, threads
-        self._primitives: dict[tuple, _ConvPrimitives] = {}
+        self._primitives: OrderedDict[tuple, _ConvPrimitives] = OrderedDict()
         self._scratch = _Scratch()
         self._lock = threading.Lock()
 
     def _for(self, x: paddle.Tensor, w: paddle.Tensor, stride: int, padding: int,
              transposed: bool) -> _ConvPrimitives:
         key = (tuple(x.shape), tuple(w.shape), stride, padding, transposed)
-        if key not in self._primitives:
+        if key in self._primitives:
+            self._primitives.move_to_end(key)
+        else:
             self._primitives[key] = _ConvPrimitives(self.lib, list(x.shape), list(w.shape), stride, padding,
                                                     transposed)
+            while len(self._primitives) > MAX_SHAPES:
+                self._primitives.popitem(last=False)[1].owned.close()
         return self._primitives[key]
 
     def forward(self, x: paddle.Tensor, w: paddle.Tensor, stride: int, padding: int,
                 transposed: bool = False) -> paddle.Tensor:
         with self._lock:
             p = self._for(x, w, stride, padding, transposed)
-            y = paddle.empty(p.y_shape, dtype="float32")
+            y = _cpu_empty(p.y_shape)
             self.lib.set_threads(self.threads)
             args = [(_ARG_SRC, p.f_x.bind(x, self._scratch)), (_ARG_WEIGHTS, p.f_w.bind(w, self._scratch)),
                     (_ARG_DST, p.f_y.bind(y, self._scratch))]
-            self.lib.execute(p.forward, args, "convolution forward")
+            self.lib.execute(p.forward, args, "forward")
             p.f_y.finish()
             self.lib.wait()
         return y
 
     def backward(self, x: paddle.Tensor, w: paddle.Tensor, dy: paddle.Tensor, stride: int, padding: int,
-                 transposed: bool, need_dx: bool) -> tuple[paddle.Tensor | None, paddle.Tensor]:
+                 transposed: bool, need_dx: bool, need_dw: bool) -> tuple[paddle.Tensor | None, paddle.Tensor | None]:
+        """The gradients asked for (None for the others)."""
+        dx = dw = None
         with self._lock:
             p = self._for(x, w, stride, padding, transposed)
             self.lib.set_threads(self.threads)
-            dx = None
             if need_dx:
-                dx = paddle.empty(x.shape, dtype="float32")
+                dx = _cpu_empty(x.shape)
                 args = [(_ARG_DIFF_DST, p.d_dy.bind(dy, self._scratch)), (_ARG_WEIGHTS, p.d_w.bind(w, self._scratch)),
                         (_ARG_DIFF_SRC, p.d_dx.bind(dx, self._scratch))]
-                self.lib.execute(p.backward_data, args, "convolution backward data")
+                self.lib.execute(p.backward_data, args, "backward data")
                 p.d_dx.finish()
-            dw = paddle.empty(w.shape, dtype="float32")
-            dy_in_scratch = need_dx and p.same_dy_layout  # the "dst" scratch still holds it
-            args = [(_ARG_SRC, p.w_x.bind(x, self._scratch)),
-                    (_ARG_DIFF_DST, p.w_dy.bind(dy, self._scratch, reorder=not dy_in_scratch)),
-                    (_ARG_DIFF_WEIGHTS, p.w_dw.bind(dw, self._scratch))]
-            self.lib.execute(p.backward_weights, args, "convolution backward weights")
-            p.w_dw.finish()
+            if need_dw:
+                dw = _cpu_empty(w.shape)
+                dy_in_scratch = need_dx and p.same_dy_layout  # the "dst" scratch still holds it
+                args = [(_ARG_SRC, p.w_x.bind(x, self._scratch)),
+                        (_ARG_DIFF_DST, p.w_dy.bind(dy, self._scratch, reorder=not dy_in_scratch)),
+                        (_ARG_DIFF_WEIGHTS, p.w_dw.bind(dw, self._scratch))]
+                self.lib.execute(p.backward_weights, args, "backward weights")
+                p.w_dw.finish()
             self.lib.wait()
         return dx, dw
 
@@ -356,19 +405,28 @@ def shared_convolutions(lib: OneDNNLibrary, threads: int) -> OneDNNConvolutions:
 
 
 class _OneDNNConv2DFunction(PyLayer):
+    """Forward and both backward passes. Gradients only for inputs that want one (Paddle
+    refuses others); a saved input changed in place before backward is refused, as Paddle's
+    own conv2d refuses it, rather than differentiated at the wrong point."""
+
     @staticmethod
     def forward(ctx, x, weight, convolutions, stride, padding, transposed):
+        ctx.need_dx, ctx.need_dw = not x.stop_gradient, not weight.stop_gradient
         x, weight = x.contiguous(), weight.contiguous()
         ctx.convolutions, ctx.stride, ctx.padding, ctx.transposed = convolutions, stride, padding, transposed
-        ctx.need_dx = not x.stop_gradient
+        ctx.versions = (x._inplace_version(), weight._inplace_version())
         ctx.save_for_backward(x, weight)
         return convolutions.forward(x, weight, stride, padding, transposed)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensor()
+        for name, tensor, version in (("input", x, ctx.versions[0]), ("weight", weight, ctx.versions[1])):
+            if tensor._inplace_version() != version:
+                raise RuntimeError(f"a convolution's {name}, saved for its backward pass, was modified by an "
+                                   f"inplace operation after the forward pass (model/onednn.py)")
         return ctx.convolutions.backward(x, weight, dy.contiguous(), ctx.stride, ctx.padding, ctx.transposed,
-                                         ctx.need_dx)
+                                         ctx.need_dx, ctx.need_dw)
 
 
 class OneDNNConv2D(nn.Conv2D):
@@ -377,10 +435,14 @@ class OneDNNConv2D(nn.Conv2D):
 
     _onednn: OneDNNConvolutions | None = None
 
-    @paddle.jit.not_to_static  # plain Python under to_static: the static graph takes Paddle's kernel
     def _uses_onednn(self, x: paddle.Tensor) -> bool:
-        return (self._onednn is not None and paddle.in_dynamic_mode() and x.place.is_cpu_place()
-                and x.dtype == paddle.float32 and self.weight.dtype == paddle.float32 and len(x.shape) == 4)
+        # Never while to_static translates (SOT simulates this code with the dynamic mode on).
+        if self._onednn is None or not paddle.in_dynamic_mode() or in_sot_simulation_mode():
+            return False
+        # Channels that do not fit the weight: Paddle's kernel, for Paddle's own error message.
+        channels = self.weight.shape[0 if isinstance(self, nn.Conv2DTranspose) else 1]
+        return (x.place.is_cpu_place() and x.dtype == paddle.float32 and self.weight.dtype == paddle.float32
+                and len(x.shape) == 4 and x.shape[1] == channels)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self._uses_onednn(x):
@@ -420,12 +482,16 @@ def _onednn_class(layer: nn.Layer) -> tuple[type, type] | None:
 
 
 def use_conv_backend(layer: nn.Layer, backend: str, threads: int) -> str:
-    """Run `layer`'s 3x3 convolutions on `backend` ("auto", "onednn" or "paddle"); returns
-    the backend in use ("onednn" or "paddle"). "onednn" where it cannot load raises one line."""
+    """Run `layer`'s 3x3 and transposed convolutions on `backend` ("auto", "onednn" or
+    "paddle"); returns the backend in use ("onednn" or "paddle"). Auto takes oneDNN when
+    it loads and Paddle's device is the CPU; "onednn" where it cannot run raises one line."""
     if backend not in CONV_BACKENDS:
         raise UserError(f"--conv_backend {backend!r}: choose from {', '.join(CONV_BACKENDS)}")
     convolutions = None
-    if backend != "paddle":
+    device = paddle.device.get_device()
+    if backend == "onednn" and not device.startswith("cpu"):
+        raise OneDNNUnavailable(f"--conv_backend onednn: runs on the CPU only (Paddle's device is {device})")
+    if backend != "paddle" and device.startswith("cpu"):
         lib = load_library()
         if isinstance(lib, str):
             if backend == "onednn":

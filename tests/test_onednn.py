@@ -3,7 +3,10 @@
 Equal to Paddle's kernels up to float32 rounding, forward and both gradients; only where
 it applies; never in a static graph; a clear line where the library cannot be used.
 """
-import ctypes
+import os
+import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -185,19 +188,31 @@ def test_auto_falls_back_to_paddle_and_onednn_refuses_in_one_line(monkeypatch, t
         use_conv_backend(layer, "fastest", 2)
 
 
+THREADS_SCRIPT = """
+import sys
+from utils import runtime
+runtime.start()
+import paddle, paddle.nn as nn
+from paddle.base import core
+from model.onednn import use_conv_backend
+core.set_num_threads(int(sys.argv[2]))  # something else set OpenMP's count before this
+conv = nn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
+use_conv_backend(conv, "onednn", int(sys.argv[1]))
+conv(paddle.randn([1, 4, 6, 6]))
+"""
+
+
 @needs_onednn
-def test_each_run_uses_the_eager_thread_count_even_after_something_changed_it():
-    """oneDNN runs on GNU OpenMP; a predictor (or anything else) may change its thread
-    count. Each convolution sets it back to the count it was built with."""
-    gomp = ctypes.CDLL("libgomp.so.1")
-    conv = nn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
-    use_conv_backend(conv, "onednn", 1)
-    gomp.omp_set_num_threads(3)
-    conv(paddle.randn([1, 4, 6, 6]))
-    assert gomp.omp_get_max_threads() == 1
-    use_conv_backend(conv, "onednn", 2)
-    conv(paddle.randn([1, 4, 6, 6]))
-    assert gomp.omp_get_max_threads() == 2
+@pytest.mark.parametrize("threads, other", [(1, 2), (2, 1)])
+def test_onednn_runs_on_the_thread_count_it_was_given(threads, other):
+    """Read from oneDNN itself (its verbose log names the threads it runs on): each run
+    sets the count back, whatever OpenMP's count was before (a predictor changes it)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(threads), str(other)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.findall(r"nthr:(\d+)", proc.stdout) == [str(threads)], proc.stdout[-2000:]
 
 
 @needs_onednn
@@ -222,3 +237,96 @@ def test_convolutions_from_several_threads_give_each_its_own_result():
         t.join()
     for got, want in zip(results, wanted):
         assert relative(got, want) < 1e-5
+
+
+@needs_onednn
+def test_gradients_only_for_what_asks_for_one():
+    """A frozen convolution's input gradient (a saliency map through the teacher), and the
+    gradient of the one trainable layer behind a frozen one: equal to Paddle's kernels.
+    (paddle.grad of a strict subset of the leaves that need one is the PyLayer's limit,
+    README: --conv_backend.)"""
+    paddle.seed(0)
+    frozen = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.ReLU(),
+                           nn.Conv2D(8, 4, 3, stride=2, padding=1, bias_attr=False))
+    plain = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.ReLU(),
+                          nn.Conv2D(8, 4, 3, stride=2, padding=1, bias_attr=False))
+    plain.set_state_dict(frozen.state_dict())
+    use_conv_backend(frozen, "onednn", 2)
+    for net in (frozen, plain):
+        for p in net.parameters():
+            p.stop_gradient = True
+    x = paddle.randn([2, 3, 8, 8])
+
+    def saliency(net):
+        image = x.detach()
+        image.stop_gradient = False
+        return paddle.grad(net(image).square().sum(), [image])[0].numpy()
+    assert relative(saliency(frozen), saliency(plain)) < 1e-5
+
+    def last_layer(net):
+        net[2].weight.stop_gradient = False
+        net(x).square().sum().backward()
+        grad = net[2].weight.grad.numpy()
+        net.clear_gradients()
+        return grad
+    assert relative(last_layer(frozen), last_layer(plain)) < 1e-5
+
+
+@needs_onednn
+def test_an_input_changed_in_place_before_backward_is_refused():
+    conv = nn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
+    use_conv_backend(conv, "onednn", 2)
+    h = paddle.randn([1, 4, 6, 6])
+    h.stop_gradient = False
+    h = h * 1.0
+    y = conv(h)
+    h.scale_(2.0)
+    # Paddle hands the backward pass's error on inside its own (an OSError, "External")
+    with pytest.raises((RuntimeError, OSError), match="input, saved for its backward pass, was modified by an "
+                                                      "inplace operation"):
+        y.sum().backward()
+
+
+@needs_onednn
+def test_to_static_by_default_translation_holds_paddles_kernels():
+    """paddle.jit.to_static without full_graph (SOT translation) too: saved, loaded, equal."""
+    paddle.seed(0)
+    net = nn.Sequential(nn.Conv2D(4, 4, 3, padding=1, bias_attr=False), nn.ReLU(),
+                        nn.Conv2DTranspose(4, 2, 2, stride=2, bias_attr=False))
+    use_conv_backend(net, "onednn", 2)
+    x = paddle.randn([2, 4, 8, 8])
+    want = net(x).numpy()
+    static = paddle.jit.to_static(net)
+    assert relative(static(x).numpy(), want) < 1e-5
+
+
+@needs_onednn
+def test_primitive_cache_is_bounded_and_destroys_what_it_drops(monkeypatch):
+    monkeypatch.setattr(onednn, "MAX_SHAPES", 4)
+    convolutions = onednn.OneDNNConvolutions(LIBRARY, 1)
+    w = paddle.randn([2, 2, 3, 3])
+    dropped = []
+    for size in range(3, 10):
+        convolutions.forward(paddle.randn([1, 2, size, size]), w, 1, 1)
+        for p in list(convolutions._primitives.values()):
+            if p not in dropped:
+                dropped.append(p)
+    assert len(convolutions._primitives) == 4
+    gone = [p for p in dropped if p not in convolutions._primitives.values()]
+    assert len(gone) == 3 and all(not p.owned.handles for p in gone)  # every handle destroyed
+
+
+@needs_onednn
+def test_mismatched_channels_get_paddles_own_error():
+    conv = nn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
+    use_conv_backend(conv, "onednn", 2)
+    with pytest.raises(ValueError, match="(?i)channel"):
+        conv(paddle.randn([1, 3, 6, 6]))
+
+
+def test_onednn_is_for_the_cpu_device_only(monkeypatch):
+    monkeypatch.setattr(paddle.device, "get_device", lambda: "gpu:0")
+    layer = nn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
+    assert use_conv_backend(layer, "auto", 2) == "paddle" and type(layer) is nn.Conv2D
+    with pytest.raises(OneDNNUnavailable, match="runs on the CPU only"):
+        use_conv_backend(layer, "onednn", 2)

@@ -233,31 +233,36 @@ def bench_training(args, net) -> list[dict]:
     net.train()
     optimizer = build_optimizer(net.trainable_parameters())
 
-    def our_step(uses_cache: bool, conv_backend: str):
+    def our_step(uses_cache: bool):
         def step():
-            use_conv_backend(net, conv_backend, a_threads)
             feats = cached if uses_cache else net.teacher_features(images)
             loss = cosine_distillation_loss(feats, net.student_features(feats))
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
         return step
-    # Every backend this machine has for the convolutions (model/onednn.py), the default first.
-    a_threads = runtime.eager_threads()
+    # Every backend this machine has for the convolutions (model/onednn.py), the default
+    # first; each is switched on (outside the timing) before its steps.
+    threads = runtime.eager_threads()
     backends = ["onednn", "paddle"] if isinstance(load_library(), OneDNNLibrary) else ["paddle"]
-    steps = {}
+    steps, backend_of = {}, {}
     for backend in backends:
-        label = "" if backend == backends[0] else f", {backend} convolutions"
-        steps[f"train, teacher every step{label}"] = our_step(False, backend)
-        steps[f"train, teacher-feature cache{label}"] = our_step(True, backend)
+        for uses_cache, what in ((False, "teacher every step"), (True, "teacher-feature cache")):
+            name = f"train, {what}, {backend} convolutions"
+            steps[name], backend_of[name] = our_step(uses_cache), backend
     if args.reference_code is not None:
         steps[REFERENCE_TRAINING] = args.reference_code.training_step(args.arch, inputs)
-    for step in steps.values():  # warm-up
-        step()
+
+    def run(name: str, step) -> list[float]:
+        if name in backend_of:
+            use_conv_backend(net, backend_of[name], threads)
+        return seconds_per_run(step, 1, 0)
+    for name, step in steps.items():  # warm-up
+        run(name, step)
     seconds = {name: [] for name in steps}
     for _ in range(args.train_repeats):  # the steps take turns: drifts hit all alike
         for name, step in steps.items():
-            seconds[name] += seconds_per_run(step, 1, 0)
+            seconds[name] += run(name, step)
     rows = []
     for name, times in seconds.items():
         rates = [batch / t for t in times]
@@ -269,7 +274,7 @@ def bench_training(args, net) -> list[dict]:
             row["x vs reference"] = round(reference / statistics.median(seconds[row["path"]]), 2)
     for row in rows:
         print(f"  {row}", flush=True)
-    use_conv_backend(net, backends[0], a_threads)
+    use_conv_backend(net, backends[0], threads)
     return rows
 
 
