@@ -63,7 +63,7 @@ class Config:
     # training, where the predictor's build cost comes at every evaluation
     eval_backend: str = setting("auto", "evaluate with the dynamic graph or a predictor",
                                 choices=("auto", "dygraph", "static"))
-    # auto: oneDNN (model/onednn.py, 2-3x faster on 3x3 layers) where Paddle carries it, on the CPU
+    # auto: oneDNN (model/onednn.py; a training step 1.17-1.35x faster) where Paddle carries it, on the CPU
     conv_backend: str = setting("auto", "convolutions of the dynamic graph on the CPU: oneDNN or Paddle's",
                                 choices=CONV_BACKENDS)
     train_dir: str = setting("", "a folder of good training images (instead of --data_dir)", group=DATA)

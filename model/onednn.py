@@ -1,8 +1,8 @@
 """3x3 and transposed convolutions on oneDNN in Paddle's dynamic graph on the CPU.
 
-Paddle 3.3.1's eager CPU `conv2d` and its gradients are im2col + GEMM kernels, 2-3x slower
-than oneDNN's direct convolutions on the student's and bottleneck's 3x3 layers (the
-biggest share of a training step). Paddle's own wheel carries oneDNN (paddle/libs/
+Paddle 3.3.1's eager CPU `conv2d` and its gradients are im2col + GEMM kernels, 1.1-2.3x
+slower than oneDNN's direct convolutions on the student's and bottleneck's 3x3 layers
+(1.7x over all of them; half of a training step on Paddle's kernels). Paddle's own wheel carries oneDNN (paddle/libs/
 libdnnl.so.3, used by Paddle Inference) but its eager kernels do not call it, and the wheel
 has no oneDNN headers to compile against. So this module calls oneDNN's stable C API
 through ctypes (nothing to compile) and wraps forward and both backward passes in a
@@ -21,7 +21,10 @@ deconvolution). 1x1 convolutions stay on Paddle's GEMM, which is as fast.
 - Limits of Paddle 3.3.1's PyLayer, which training here never meets: a second
   `backward(retain_graph=True)` through any PyLayer crashes the process; hooks on a
   PyLayer's output are not called; `paddle.grad` for a strict subset of the leaves that
-  need a gradient is refused. Switch back with `use_conv_backend(net, "paddle", threads)`.
+  need a gradient is refused; second-order gradients are refused here. Switch back with
+  `use_conv_backend(net, "paddle")`.
+- Import paddle before torch: oneDNN's OpenMP calls go to the OpenMP runtime loaded first,
+  and with torch's first a review measured these convolutions slower than Paddle's own.
 
 The C API's constants below are the values oneDNN 3.x defines (dnnl_types.h); oneDNN keeps
 its ABI within a major version, and the library's version is checked when it loads.
@@ -38,7 +41,6 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 from paddle.autograd import PyLayer
-from paddle.base import core
 
 try:
     from paddle.base.dygraph.base import in_sot_simulation_mode
@@ -47,6 +49,7 @@ except ImportError:  # a Paddle without SOT
         return False
 
 from utils.errors import UserError
+from utils.runtime import eager_threads
 
 CONV_BACKENDS = ("auto", "onednn", "paddle")
 LIBRARY_NAME = "libdnnl.so.3"
@@ -140,6 +143,7 @@ class OneDNNLibrary:
         lib.dnnl_primitive_desc_query_md.restype = _P
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
         self.lib = lib
+        self._omp_setters = _omp_thread_setters(os.path.dirname(path))
         self.engine = self._make(lib.dnnl_engine_create, _CPU_ENGINE, 0, what="engine")
         self.stream = self._make(lib.dnnl_stream_create, self.engine, _IN_ORDER, what="stream")
 
@@ -181,11 +185,25 @@ class OneDNNLibrary:
         self.check(self.lib.dnnl_stream_wait(self.stream), "stream wait")
 
     def set_threads(self, threads: int) -> None:
-        """OpenMP's thread count for the next primitives. libdnnl.so.3 names GNU OpenMP, but
-        loaded by Paddle its OpenMP calls bind to Paddle's Intel OpenMP (libiomp5), as
-        Paddle's own calls do: Paddle's setter reaches the one oneDNN uses (checked in
-        tests/test_onednn.py by oneDNN's own verbose log)."""
-        core.set_num_threads(threads)
+        """OpenMP's thread count for the next primitives, in each OpenMP runtime of the
+        process. libdnnl.so.3 names GNU OpenMP, but its calls bind to whichever OpenMP was
+        loaded first: Paddle's Intel OpenMP (libiomp5) when paddle is imported first, GNU
+        OpenMP when torch is (checked in tests/test_onednn.py by oneDNN's own verbose log).
+        MKL's own count is left alone."""
+        for set_num_threads in self._omp_setters:
+            set_num_threads(threads)
+
+
+def _omp_thread_setters(folder: str) -> list:
+    """omp_set_num_threads of Paddle's Intel OpenMP (beside libdnnl) and of GNU OpenMP (which
+    libdnnl names, so it is loaded with it)."""
+    setters = []
+    for name in (os.path.join(folder, "libiomp5.so"), "libgomp.so.1"):
+        try:
+            setters.append(ctypes.CDLL(name).omp_set_num_threads)
+        except (OSError, AttributeError):
+            pass
+    return setters
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,12 +352,15 @@ def _cpu_empty(shape: list[int]) -> paddle.Tensor:
     return paddle.empty(shape, dtype="float32", device=paddle.CPUPlace())
 
 
-MAX_SHAPES = 64  # shapes whose primitives stay built; a model at one size needs about 25
+MAX_SHAPES = 64  # shapes whose primitives stay built; wide_resnet50_2 needs 15 per batch size
 
 
 class OneDNNConvolutions:
     """The primitives of the convolution shapes met last (at most MAX_SHAPES, the oldest
     destroyed first), run one at a time: a lock, as the scratch buffers are shared."""
+
+    def __deepcopy__(self, memo: dict) -> "OneDNNConvolutions":
+        return self  # a process-wide resource: a copied model shares it (native handles cannot be copied)
 
     def __init__(self, lib: OneDNNLibrary, threads: int) -> None:
         self.lib, self.threads = lib, threads
@@ -355,7 +376,7 @@ class OneDNNConvolutions:
         else:
             self._primitives[key] = _ConvPrimitives(self.lib, list(x.shape), list(w.shape), stride, padding,
                                                     transposed)
-            while len(self._primitives) > MAX_SHAPES:
+            while len(self._primitives) > max(1, MAX_SHAPES):
                 self._primitives.popitem(last=False)[1].owned.close()
         return self._primitives[key]
 
@@ -420,6 +441,9 @@ class _OneDNNConv2DFunction(PyLayer):
 
     @staticmethod
     def backward(ctx, dy):
+        if paddle.is_grad_enabled():  # create_graph=True: this backward would need its own gradient
+            raise RuntimeError("second-order gradients (create_graph=True) through model/onednn.py's "
+                               "convolutions are not supported: use_conv_backend(net, \"paddle\")")
         x, weight = ctx.saved_tensor()
         for name, tensor, version in (("input", x, ctx.versions[0]), ("weight", weight, ctx.versions[1])):
             if tensor._inplace_version() != version:
@@ -481,10 +505,11 @@ def _onednn_class(layer: nn.Layer) -> tuple[type, type] | None:
     return None
 
 
-def use_conv_backend(layer: nn.Layer, backend: str, threads: int) -> str:
+def use_conv_backend(layer: nn.Layer, backend: str, threads: int | None = None) -> str:
     """Run `layer`'s 3x3 and transposed convolutions on `backend` ("auto", "onednn" or
     "paddle"); returns the backend in use ("onednn" or "paddle"). Auto takes oneDNN when
-    it loads and Paddle's device is the CPU; "onednn" where it cannot run raises one line."""
+    it loads and Paddle's device is the CPU; "onednn" where it cannot run raises one line.
+    `threads`: OpenMP threads for oneDNN (default: the dynamic graph's, OMP_NUM_THREADS)."""
     if backend not in CONV_BACKENDS:
         raise UserError(f"--conv_backend {backend!r}: choose from {', '.join(CONV_BACKENDS)}")
     convolutions = None
@@ -497,7 +522,7 @@ def use_conv_backend(layer: nn.Layer, backend: str, threads: int) -> str:
             if backend == "onednn":
                 raise OneDNNUnavailable(f"--conv_backend onednn: {lib}")
         else:
-            convolutions = shared_convolutions(lib, threads)
+            convolutions = shared_convolutions(lib, threads or eager_threads())
     for sub in layer.sublayers(include_self=True):
         classes = _onednn_class(sub)
         if classes is not None:

@@ -203,12 +203,15 @@ conv(paddle.randn([1, 4, 6, 6]))
 
 
 @needs_onednn
-@pytest.mark.parametrize("threads, other", [(1, 2), (2, 1)])
-def test_onednn_runs_on_the_thread_count_it_was_given(threads, other):
+@pytest.mark.parametrize("threads, other, gnu_first", [(1, 2, False), (2, 1, False), (1, 2, True)])
+def test_onednn_runs_on_the_thread_count_it_was_given(threads, other, gnu_first):
     """Read from oneDNN itself (its verbose log names the threads it runs on): each run
-    sets the count back, whatever OpenMP's count was before (a predictor changes it)."""
+    sets the count back, whatever OpenMP's count was before (a predictor changes it), and
+    also when GNU OpenMP was loaded before Paddle's (as importing torch first does)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "PYTHONPATH": root}
+    if gnu_first:
+        env["LD_PRELOAD"] = "libgomp.so.1"
     proc = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(threads), str(other)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -303,7 +306,7 @@ def test_to_static_by_default_translation_holds_paddles_kernels():
 @needs_onednn
 def test_primitive_cache_is_bounded_and_destroys_what_it_drops(monkeypatch):
     monkeypatch.setattr(onednn, "MAX_SHAPES", 4)
-    convolutions = onednn.OneDNNConvolutions(LIBRARY, 1)
+    convolutions = onednn.OneDNNConvolutions(LIBRARY, 2)
     w = paddle.randn([2, 2, 3, 3])
     dropped = []
     for size in range(3, 10):
@@ -330,3 +333,48 @@ def test_onednn_is_for_the_cpu_device_only(monkeypatch):
     assert use_conv_backend(layer, "auto", 2) == "paddle" and type(layer) is nn.Conv2D
     with pytest.raises(OneDNNUnavailable, match="runs on the CPU only"):
         use_conv_backend(layer, "onednn", 2)
+
+
+@needs_onednn
+def test_second_order_gradients_are_refused_not_dropped():
+    """create_graph=True would need the backward pass's own gradient, which the PyLayer has
+    not: a clear error rather than a silently missing term."""
+    conv = nn.Conv2D(3, 3, 3, padding=1, bias_attr=False)
+    use_conv_backend(conv, "onednn")
+    x = paddle.randn([1, 3, 5, 5])
+    x.stop_gradient = False
+    y = paddle.tanh(conv(x)).sum()
+    with pytest.raises((RuntimeError, OSError), match="second-order gradients"):
+        paddle.grad(y, [x], create_graph=True)
+
+
+@needs_onednn
+def test_a_model_can_be_deep_copied_and_the_copy_computes_the_same():
+    import copy
+
+    paddle.seed(0)
+    net = build_rd4ad("resnet18", "none", 64)
+    twin = copy.deepcopy(net)
+    assert twin.conv_backend == "onednn" and type(twin.student.layer1[0].conv2) is OneDNNConv2D
+    x = paddle.randn([1, 3, 64, 64])
+    net.eval()
+    twin.eval()
+    with paddle.no_grad():
+        np.testing.assert_array_equal(net(x)[0].numpy(), twin(x)[0].numpy())
+
+
+@needs_onednn
+def test_ctrl_c_inside_a_convolutions_backward_is_still_an_interrupt(monkeypatch, capsys):
+    """Paddle wraps a KeyboardInterrupt raised in a PyLayer's backward in an OSError; the
+    commands still end as interrupted (exit 130, one line), not as an output error."""
+    from utils.cli import EXIT_INTERRUPTED, run_main
+
+    conv = nn.Conv2D(3, 3, 3, padding=1, bias_attr=False)
+    use_conv_backend(conv, "onednn")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(onednn.OneDNNConvolutions, "backward", interrupted)
+    x = paddle.randn([1, 3, 5, 5])
+    assert run_main(lambda: conv(x).sum().backward(), interrupted="interrupted; resume") == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted; resume"

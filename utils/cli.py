@@ -69,12 +69,21 @@ def run_main(body: Callable[[], int | None], *, interrupted: str | Callable[[], 
         return _fail("out of memory" + (f" ({bounded_line(detail, 160)})" if detail else "")
                      + "; try a smaller --image_size or --batch_size", EXIT_USAGE)
     except OSError as err:
+        if interrupt_inside_paddle(err):
+            return _fail(interrupted() if callable(interrupted) else interrupted, EXIT_INTERRUPTED)
         return _fail(describe_os_error(err), EXIT_USAGE)
     except Exception as err:  # a bug of ours: still one line, with a way to see more
         if os.environ.get("RD4AD_DEBUG"):
             raise
         return _fail(f"internal error ({type(err).__name__}: {bounded_line(str(err), 200)}); "
                      f"run again with RD4AD_DEBUG=1 for the traceback and report it", EXIT_FAILED)
+
+
+def interrupt_inside_paddle(err: OSError) -> bool:
+    """Paddle runs a PyLayer's Python backward (model/onednn.py's convolutions) from C++ and
+    hands a Ctrl-C that lands there back as an OSError "(External) ... KeyboardInterrupt"."""
+    text = str(err)
+    return text.lstrip().startswith("(External)") and "KeyboardInterrupt" in text
 
 
 def describe_os_error(err: OSError) -> str:
