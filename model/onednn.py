@@ -2,12 +2,13 @@
 
 Paddle 3.3.1's eager CPU `conv2d` and its gradients are im2col + GEMM kernels, 1.1-2.3x
 slower than oneDNN's direct convolutions on the student's and bottleneck's 3x3 layers
-(1.7x over all of them; half of a training step on Paddle's kernels). Paddle's own wheel carries oneDNN (paddle/libs/
-libdnnl.so.3, used by Paddle Inference) but its eager kernels do not call it, and the wheel
-has no oneDNN headers to compile against. So this module calls oneDNN's stable C API
-through ctypes (nothing to compile) and wraps forward and both backward passes in a
-PyLayer. The student's 2x2 stride-2 transposed convolutions go the same way (oneDNN's
-deconvolution). 1x1 convolutions stay on Paddle's GEMM, which is as fast.
+(1.7x over all of them, which are half of a training step on Paddle's kernels). Paddle's
+own wheel carries oneDNN (paddle/libs/libdnnl.so.3, used by Paddle Inference) but its
+eager kernels do not call it, and the wheel has no oneDNN headers to compile against.
+So this module calls oneDNN's stable C API through ctypes (nothing to compile) and wraps
+forward and both backward passes in a PyLayer. The student's 2x2 stride-2 transposed
+convolutions go the same way (oneDNN's deconvolution). 1x1 convolutions stay on Paddle's
+GEMM, which is as fast.
 
 - Same results as Paddle's kernels up to float32 rounding (tests/test_onednn.py: forward
   and both gradients within 1e-5 relative; the model's gradients as close to a float64
