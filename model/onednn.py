@@ -115,18 +115,16 @@ class OneDNNLibrary:
             "dnnl_memory_desc_get_size": [_P],
             "dnnl_memory_create": [ctypes.POINTER(_P), _P, _P, _P],
             "dnnl_memory_set_data_handle": [_P, _P],
-            "dnnl_convolution_forward_primitive_desc_create": [
-                ctypes.POINTER(_P), _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P],
-            "dnnl_convolution_backward_data_primitive_desc_create": [
-                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
-            "dnnl_convolution_backward_weights_primitive_desc_create": [
-                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
-            "dnnl_deconvolution_forward_primitive_desc_create": [
-                ctypes.POINTER(_P), _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P],
-            "dnnl_deconvolution_backward_data_primitive_desc_create": [
-                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
-            "dnnl_deconvolution_backward_weights_primitive_desc_create": [
-                ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _P, _Dims, _Dims, _Dims, _Dims, _P, _P],
+            # convolution and deconvolution take the same arguments
+            **{f"dnnl_{kind}_{part}_primitive_desc_create": argtypes
+               for kind in ("convolution", "deconvolution")
+               for part, argtypes in (
+                   ("forward", [ctypes.POINTER(_P), _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P,
+                                _Dims, _Dims, _Dims, _Dims, _P]),
+                   ("backward_data", [ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P,
+                                      _Dims, _Dims, _Dims, _Dims, _P, _P]),
+                   ("backward_weights", [ctypes.POINTER(_P), _P, ctypes.c_int, _P, _P, _P, _P,
+                                         _Dims, _Dims, _Dims, _Dims, _P, _P]))},
             "dnnl_reorder_primitive_desc_create": [ctypes.POINTER(_P), _P, _P, _P, _P, _P],
             "dnnl_primitive_desc_query_md": [_P, ctypes.c_int, ctypes.c_int],
             "dnnl_memory_desc_equal": [_P, _P],
@@ -454,9 +452,8 @@ class _OneDNNConv2DFunction(PyLayer):
                                          ctx.need_dx, ctx.need_dw)
 
 
-class OneDNNConv2D(nn.Conv2D):
-    """nn.Conv2D that runs on oneDNN where it applies (see the module's docstring); the
-    same parameters and state_dict, so checkpoints and exports do not change."""
+class _RunsOnOneDNN:
+    """What both layer classes share: their convolutions, and whether this call applies."""
 
     _onednn: OneDNNConvolutions | None = None
 
@@ -469,20 +466,23 @@ class OneDNNConv2D(nn.Conv2D):
         return (x.place.is_cpu_place() and x.dtype == paddle.float32 and self.weight.dtype == paddle.float32
                 and len(x.shape) == 4 and x.shape[1] == channels)
 
+
+class OneDNNConv2D(_RunsOnOneDNN, nn.Conv2D):
+    """nn.Conv2D that runs on oneDNN where it applies (see the module's docstring); the
+    same parameters and state_dict, so checkpoints and exports do not change."""
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self._uses_onednn(x):
             return _OneDNNConv2DFunction.apply(x, self.weight, self._onednn, self._stride[0], self._padding, False)
         return nn.Conv2D.forward(self, x)
 
 
-class OneDNNConv2DTranspose(nn.Conv2DTranspose):
+class OneDNNConv2DTranspose(_RunsOnOneDNN, nn.Conv2DTranspose):
     """nn.Conv2DTranspose (the student's 2x2 stride-2 upsampling) on oneDNN's deconvolution
     where it applies; as OneDNNConv2D otherwise."""
 
-    _onednn: OneDNNConvolutions | None = None
-
     def forward(self, x: paddle.Tensor, output_size=None) -> paddle.Tensor:
-        if output_size is None and OneDNNConv2D._uses_onednn(self, x):
+        if output_size is None and self._uses_onednn(x):
             return _OneDNNConv2DFunction.apply(x, self.weight, self._onednn, self._stride[0], self._padding, True)
         return nn.Conv2DTranspose.forward(self, x, output_size)
 

@@ -30,6 +30,14 @@ def relative(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def on_onednn_and_plain(make_layer):
+    """Two layers with the same weights: the first on oneDNN, the second on Paddle's kernel."""
+    ours, plain = make_layer(), make_layer()
+    ours.set_state_dict(plain.state_dict())
+    assert use_conv_backend(ours, "onednn", 2) == "onednn"
+    return ours, plain
+
+
 def conv_and_grads(conv: nn.Layer, x: paddle.Tensor):
     x = x.detach()
     x.stop_gradient = False
@@ -51,10 +59,8 @@ def conv_and_grads(conv: nn.Layer, x: paddle.Tensor):
 ])
 def test_forward_and_both_gradients_equal_paddles_kernels(n, c, o, size, stride):
     paddle.seed(0)
-    reference = nn.Conv2D(c, o, 3, stride=stride, padding=1, bias_attr=False)
-    ours = nn.Conv2D(c, o, 3, stride=stride, padding=1, bias_attr=False)
-    ours.weight.set_value(reference.weight)
-    assert use_conv_backend(ours, "onednn", 2) == "onednn" and type(ours) is OneDNNConv2D
+    ours, reference = on_onednn_and_plain(lambda: nn.Conv2D(c, o, 3, stride=stride, padding=1, bias_attr=False))
+    assert type(ours) is OneDNNConv2D
     x = paddle.randn([n, c, size, size])
     for got, want, what in zip(conv_and_grads(ours, x), conv_and_grads(reference, x), ("output", "dx", "dw")):
         assert got.shape == want.shape, what
@@ -69,10 +75,8 @@ def test_forward_and_both_gradients_equal_paddles_kernels(n, c, o, size, stride)
 ])
 def test_transposed_convolution_and_both_gradients_equal_paddles(n, c, o, size, kernel, stride, padding):
     paddle.seed(0)
-    reference = nn.Conv2DTranspose(c, o, kernel, stride=stride, padding=padding, bias_attr=False)
-    ours = nn.Conv2DTranspose(c, o, kernel, stride=stride, padding=padding, bias_attr=False)
-    ours.weight.set_value(reference.weight)
-    use_conv_backend(ours, "onednn", 2)
+    ours, reference = on_onednn_and_plain(
+        lambda: nn.Conv2DTranspose(c, o, kernel, stride=stride, padding=padding, bias_attr=False))
     assert type(ours) is OneDNNConv2DTranspose
     x = paddle.randn([n, c, size, size])
     for got, want, what in zip(conv_and_grads(ours, x), conv_and_grads(reference, x), ("output", "dx", "dw")):
@@ -146,10 +150,7 @@ def test_only_plain_3x3_convolutions_change_and_parameters_keep_their_names():
 def test_where_it_does_not_apply_paddles_kernel_runs_unchanged():
     """float64, a non-contiguous input and a static graph all run Paddle's own conv2d."""
     paddle.seed(0)
-    conv = nn.Conv2D(6, 6, 3, padding=1, bias_attr=False)
-    plain = nn.Conv2D(6, 6, 3, padding=1, bias_attr=False)
-    plain.weight.set_value(conv.weight)
-    use_conv_backend(conv, "onednn", 2)
+    conv, plain = on_onednn_and_plain(lambda: nn.Conv2D(6, 6, 3, padding=1, bias_attr=False))
     x = paddle.randn([2, 6, 8, 8])
     # float64: Paddle's kernel, bit for bit
     conv64 = nn.Conv2D(6, 6, 3, padding=1, bias_attr=False)
@@ -222,10 +223,7 @@ def test_onednn_runs_on_the_thread_count_it_was_given(threads, other, gnu_first)
 def test_convolutions_from_several_threads_give_each_its_own_result():
     """The scratch buffers are shared: the lock keeps concurrent calls apart."""
     paddle.seed(0)
-    conv = nn.Conv2D(8, 8, 3, padding=1, bias_attr=False)
-    plain = nn.Conv2D(8, 8, 3, padding=1, bias_attr=False)
-    plain.weight.set_value(conv.weight)
-    use_conv_backend(conv, "onednn", 2)
+    conv, plain = on_onednn_and_plain(lambda: nn.Conv2D(8, 8, 3, padding=1, bias_attr=False))
     inputs = [paddle.randn([2, 8, 10, 10]) for _ in range(4)]
     wanted = [plain(x).numpy() for x in inputs]
     results = [None] * 4
@@ -249,12 +247,9 @@ def test_gradients_only_for_what_asks_for_one():
     (paddle.grad of a strict subset of the leaves that need one is the PyLayer's limit,
     README: --conv_backend.)"""
     paddle.seed(0)
-    frozen = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.ReLU(),
-                           nn.Conv2D(8, 4, 3, stride=2, padding=1, bias_attr=False))
-    plain = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.ReLU(),
-                          nn.Conv2D(8, 4, 3, stride=2, padding=1, bias_attr=False))
-    plain.set_state_dict(frozen.state_dict())
-    use_conv_backend(frozen, "onednn", 2)
+    frozen, plain = on_onednn_and_plain(lambda: nn.Sequential(
+        nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.ReLU(),
+        nn.Conv2D(8, 4, 3, stride=2, padding=1, bias_attr=False)))
     for net in (frozen, plain):
         for p in net.parameters():
             p.stop_gradient = True
