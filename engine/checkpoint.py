@@ -1,6 +1,11 @@
-"""Class checkpoints: one dict of bottleneck + student weights with the settings they
-were trained at, thresholds and score statistics; and the one way back to a network
-(`load_trained`, used by evaluation, inference, export and the benchmark)."""
+"""Class checkpoints: one dict of the weights of the parts a model trains (its
+trainable_parts(), under their keys), the model's name and the arguments that rebuild it
+(build_args()), the settings it was trained at, thresholds and score statistics; and the
+one way back to a network (`load_trained`, used by evaluation, both inference paths,
+export, serving and the benchmark).
+
+A checkpoint without a model name (written before model/registry.py) is RD4AD's: its
+parts are "bottleneck" and "student", its arguments arch and image_size."""
 from __future__ import annotations
 
 import math
@@ -10,7 +15,8 @@ import numpy as np
 import paddle
 
 from model.arch import ARCH_NAMES
-from model.rd4ad import RD4AD, build_rd4ad
+from model.base import AnomalyModel
+from model.registry import DEFAULT_MODEL, MODELS, build_model
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
 from utils.safe_pickle import load_plain_pickle
@@ -18,23 +24,51 @@ from utils.safe_pickle import load_plain_pickle
 from .decision import Calibration, CalibrationError
 
 FORMAT = "rd4ad-paddle/1"
+# Keys of a checkpoint that are not a part's weights: no model may name a part so.
+RESERVED_KEYS = frozenset({"format", "model", "model_args", "parts", "arch", "image_size", "epoch", "class",
+                           "teacher", "teacher_weights", "score_stats", "calibration", "selection",
+                           "converted_from"})
+MAX_ARGS = 32
 
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or for another model."""
 
 
-def save_checkpoint(path: str, net: paddle.nn.Layer, *, arch: str, image_size: int, epoch: int,
-                    cls: str, teacher_weights: str = "imagenet", extra: dict | None = None) -> None:
-    """A random teacher ('none') is saved too: it cannot be rebuilt from a name."""
+def part_layers(net: AnomalyModel) -> dict[str, paddle.nn.Layer]:
+    """The model's trainable parts, their keys checked against the checkpoint's own."""
+    parts = net.trainable_parts()
+    clash = sorted(set(parts) & RESERVED_KEYS)
+    if clash or not parts:
+        raise ValueError(f"model {net.name}: trainable part names {clash or 'none'} are not allowed")
+    return parts
+
+
+def model_args(net: AnomalyModel, image_size: int) -> dict:
+    """build_args() with the image size the checkpoint is for (a model may be built
+    without one: its head is then made for each image size)."""
+    return {**net.build_args(), "image_size": int(image_size)}
+
+
+def save_checkpoint(path: str, net: AnomalyModel, *, epoch: int, cls: str, image_size: int | None = None,
+                    arch: str | None = None, teacher_weights: str = "imagenet", extra: dict | None = None) -> None:
+    """The parts `net` trains, its name and build arguments (`arch` / `image_size`, when
+    given, must be the model's; `image_size` names the size when the model was built
+    without one). A random teacher ('none') is saved too: it cannot be rebuilt from a name."""
+    args = model_args(net, image_size if image_size is not None else net.build_args()["image_size"])
+    if arch is not None and arch != args["arch"]:
+        raise ValueError(f"save_checkpoint: arch {arch} for a {args['arch']} model")
+    parts = part_layers(net)
     state = {
         "format": FORMAT,
-        "arch": arch,
-        "image_size": int(image_size),
+        "model": net.name,
+        "model_args": args,
+        "parts": list(parts),
+        "arch": args["arch"],
+        "image_size": args["image_size"],
         "epoch": int(epoch),
         "class": cls,
-        "bottleneck": net.bottleneck.state_dict(),
-        "student": net.student.state_dict(),
+        **{key: layer.state_dict() for key, layer in parts.items()},
         "teacher_weights": teacher_weights,
         **(extra or {}),
     }
@@ -71,6 +105,7 @@ def check_checkpoint(state: dict, path: str) -> None:
         got = shorten(state[key]) if key in state else "missing"
         return CheckpointError(f"{path}: damaged checkpoint: {key!r} must be {need} ({got})")
 
+    normalise_model_fields(state, path)
     if state.get("arch") not in ARCH_NAMES:
         raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = state.get("image_size")
@@ -81,7 +116,7 @@ def check_checkpoint(state: dict, path: str) -> None:
     for key, longest in (("class", 255), ("teacher_weights", 4096)):
         if not isinstance(state.get(key), str) or len(state[key]) > longest:
             raise bad(key, f"a string of at most {longest} characters")
-    for part in ("bottleneck", "student", "teacher"):
+    for part in [*state["parts"], "teacher"]:
         if part == "teacher" and part not in state:
             continue
         weights = state.get(part)
@@ -106,11 +141,47 @@ def check_checkpoint(state: dict, path: str) -> None:
         raise bad("score_stats", "a dict of finite numbers")
 
 
-def apply_checkpoint(net: paddle.nn.Layer, state: dict, path: str = "checkpoint") -> None:
-    for part in ("bottleneck", "student", "teacher"):
+LEGACY_PARTS = ("bottleneck", "student")  # RD4AD's, in checkpoints without a model name
+
+
+def normalise_model_fields(state: dict, path: str) -> None:
+    """Fill in (a checkpoint without a model name: RD4AD's) and check the model's name,
+    build arguments and part list."""
+    if "model" not in state:
+        state.update(model=DEFAULT_MODEL, parts=list(LEGACY_PARTS),
+                     model_args={"arch": state.get("arch"), "image_size": state.get("image_size")})
+    name, args, parts = state["model"], state.get("model_args"), state.get("parts")
+    if not isinstance(name, str) or name not in MODELS:
+        raise CheckpointError(f"{path}: trained with --model {shorten(name)}, which this version does not "
+                              f"know (known: {', '.join(MODELS)})")
+    if (not isinstance(args, dict) or len(args) > MAX_ARGS or not all(isinstance(k, str) for k in args)
+            or args.get("arch") != state.get("arch") or args.get("image_size") != state.get("image_size")):
+        raise CheckpointError(f"{path}: damaged checkpoint: 'model_args' must be a dict naming its arch and "
+                              f"image_size ({shorten(args)})")
+    options = MODELS[name].options
+    unknown = sorted(set(args) - {"arch", "image_size"} - set(options))
+    if unknown:
+        raise CheckpointError(f"{path}: damaged checkpoint: {shorten(unknown)} not options of --model {name}")
+    for key, option in options.items():
+        value = args.get(key, option.default)
+        if type(value) is not option.type or (option.choices and value not in option.choices):
+            raise CheckpointError(f"{path}: damaged checkpoint: --{key} {shorten(value)} is not a valid "
+                                  f"option of --model {name}")
+    if (not isinstance(parts, list) or not parts or len(parts) > MAX_ARGS
+            or not all(isinstance(p, str) and p not in RESERVED_KEYS for p in parts)):
+        raise CheckpointError(f"{path}: damaged checkpoint: 'parts' must list the trained parts ({shorten(parts)})")
+
+
+def apply_checkpoint(net: AnomalyModel, state: dict, path: str = "checkpoint") -> None:
+    """Load the checkpoint's parts (and its own teacher, if any) into `net`."""
+    layers = part_layers(net)
+    if set(layers) != set(state["parts"]):
+        raise CheckpointError(f"{path}: holds parts {', '.join(state['parts'])}, the {net.name} model trains "
+                              f"{', '.join(layers)}")
+    for part in [*state["parts"], "teacher"]:
         if part == "teacher" and part not in state:
             continue
-        layer = getattr(net, part)
+        layer = net.teacher if part == "teacher" else layers[part]
         own = layer.state_dict()
         given = state[part]
         if set(own) != set(given) or any(list(own[k].shape) != list(given[k].shape) for k in own):
@@ -120,7 +191,7 @@ def apply_checkpoint(net: paddle.nn.Layer, state: dict, path: str = "checkpoint"
 
 
 def load_trained(path: str, *, arch: str | None = None, image_size: int | None = None,
-                 teacher_weights: str | None = None, conv_backend: str = "auto") -> tuple[RD4AD, dict]:
+                 teacher_weights: str | None = None, conv_backend: str = "auto") -> tuple[AnomalyModel, dict]:
     """(eval-mode model, checkpoint contents). The checkpoint is read without running code
     and checked part by part; `arch` / `image_size`, when given, must match it. The
     teacher: the one the checkpoint carries (trained with a random teacher), else
@@ -137,7 +208,18 @@ def load_trained(path: str, *, arch: str | None = None, image_size: int | None =
         if source.lower() == "none":
             raise CheckpointError(f"{path}: trained with teacher weights {state['teacher_weights']!r}; "
                                   f"--teacher_weights none would pair it with a random teacher")
-    net = build_rd4ad(state["arch"], source, state["image_size"], conv_backend)
+    net = rebuild(state, source, conv_backend, path)
     apply_checkpoint(net, state, path)
     net.eval()
     return net, state
+
+
+def rebuild(state: dict, teacher_weights: str, conv_backend: str = "auto", path: str = "checkpoint") -> AnomalyModel:
+    """The architecture a checkpoint (or deploy.json) names: MODELS[model](**model_args),
+    its teacher's weights from `teacher_weights`. Untrained: apply_checkpoint fills it."""
+    try:
+        return build_model(state["model"], teacher_weights=teacher_weights, conv_backend=conv_backend,
+                           **state["model_args"])
+    except (TypeError, ValueError) as err:  # arguments the model's __init__ refuses
+        raise CheckpointError(f"{path}: --model {state['model']} cannot be rebuilt from {shorten(state['model_args'])} "
+                              f"({shorten(str(err))})") from None

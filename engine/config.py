@@ -7,13 +7,16 @@ class's checkpoint in eval and infer (engine/preflight.py checks a contradicting
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from model.arch import ARCH_NAMES
 from model.onednn import CONV_BACKENDS
+from model.registry import DEFAULT_MODEL, MODELS, all_options, model_class
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
                           settings_dict, settings_yaml)
 from utils.errors import UserError, shorten
@@ -23,17 +26,19 @@ from .paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
 DATA, RUNS = "own data and decisions", "long runs and reports"
+MODEL_OPTIONS = "options of one --model (model/registry.py)"
 # What --mode eval / infer take from the training run's saved config.yaml: the folders as
 # one group (choosing one of them takes none), and the classes.
 RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir")
-# What each class's checkpoint decides in --mode eval / infer.
-MODEL_KEYS = ("arch", "image_size")
+# What each class's checkpoint decides in --mode eval / infer (with the model's options).
+MODEL_KEYS = ("model", "arch", "image_size")
 
 
 @dataclass
-class Config:
+class BaseConfig:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
+    model: str = setting(DEFAULT_MODEL, "the method (eval/infer: the checkpoint's)", choices=tuple(MODELS))
     data_dir: str = setting("mvtec", "MVTec AD layout root DIR/CLASS/train/good, test, ground_truth "
                                      "(eval/infer: the run's)")
     cls: str = setting("all", "class name, comma list, or 'all' (eval/infer: the run's)")
@@ -41,12 +46,15 @@ class Config:
                         choices=ARCH_NAMES)
     image_size: int = setting(256, "input size, a multiple of 32, at least 64 (eval/infer: the checkpoint's)")
     epochs: int = setting(200, "training epochs")
+    class_epochs: str = setting("", "other epochs for some classes: CLASS=N,... (YAML: a mapping "
+                                    "{CLASS: N}); the others take --epochs")
     batch_size: int = setting(16, "training batch size (evaluation uses at most 8)")
     lr: float = setting(0.005, "Adam learning rate")
     beta1: float = setting(0.5, "Adam beta1")
     beta2: float = setting(0.999, "Adam beta2")
     eval_interval: int = setting(10, "evaluate every N epochs (0: only at the end)")
-    select_best_on_test: bool = setting(False, "also keep the epoch best on the TEST set (the paper reports the last)")
+    select_best_on_test: bool = setting(False, "report the epoch best on the TEST set (the reference RD++'s "
+                                               "choice; labelled so everywhere); default: the last epoch")
     output_dir: str = setting("output", "where checkpoints, results and reports go")
     teacher_weights: str = setting(
         "imagenet", "imagenet (official, cached); auto (imagenet when at hand, else random); a file; none")
@@ -126,6 +134,57 @@ class Config:
             if not getattr(self, name).strip():
                 raise ConfigError(f"--{name}: must not be empty")
         self.class_names()
+        self.epochs_per_class()
+        model_options(self)
+
+    def epochs_per_class(self) -> dict[str, int]:
+        """--class_epochs as {class: epochs}, checked."""
+        return parse_class_epochs(self.class_epochs, "--class_epochs")
+
+    def epochs_for(self, cls: str) -> int:
+        return self.epochs_per_class().get(cls, self.epochs)
+
+
+def parse_class_epochs(text: str, where: str) -> dict[str, int]:
+    """'carpet=10,leather=10' -> {'carpet': 10, 'leather': 10}; ConfigError (one line,
+    naming `where`) for anything else."""
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"{where}: {shorten(item)} is not CLASS=EPOCHS with EPOCHS a whole number >= 1")
+        if name in out:
+            raise ConfigError(f"{where}: class {shorten(name)} given twice")
+        out[check_class_name(name)] = int(value)
+    return out
+
+
+def model_options(cfg: "BaseConfig") -> dict[str, Any]:
+    """The options of cfg.model, as keyword arguments of its class. An option of another
+    method that the user set is refused (it would silently do nothing)."""
+    own = model_class(cfg.model).options
+    for key in all_options():
+        if key not in own and key in cfg.explicit:
+            raise ConfigError(f"--{key}: not an option of --model {cfg.model} "
+                              f"(it belongs to {', '.join(n for n, c in MODELS.items() if key in c.options)})")
+    return {key: getattr(cfg, key) for key in own}
+
+
+def _with_model_options(base: type) -> type:
+    """The settings class: every method's options become settings (flags, YAML keys)."""
+    taken = {f.name for f in dataclasses.fields(base)}
+    extra = []
+    for key, option in all_options().items():
+        if key in taken:
+            raise TypeError(f"model option {key!r} has the name of a setting")
+        owners = ", ".join(name for name, cls in MODELS.items() if key in cls.options)
+        extra.append((key, option.type, setting(option.default, f"{option.help} (--model {owners})",
+                                                 choices=option.choices, group=MODEL_OPTIONS)))
+    return dataclasses.make_dataclass("Config", extra, bases=(base,)) if extra else base
+
+
+Config = _with_model_options(BaseConfig)
 
 
 def build_config_parser():
@@ -134,7 +193,16 @@ def build_config_parser():
 
 def load_config_file(path: str) -> dict:
     """The settings of a --config YAML file, checked (ConfigError naming the file)."""
-    return checked_values(Config, read_yaml_mapping(path), path)
+    values = read_yaml_mapping(path)
+    if isinstance(values.get("class_epochs"), dict):  # the YAML spelling: {CLASS: N}
+        table = values["class_epochs"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in table.values()):
+            raise ConfigError(f"{path}: class_epochs: each value must be a whole number of epochs")
+        values = {**values, "class_epochs": ",".join(f"{k}={v}" for k, v in table.items())}
+    out = checked_values(Config, values, path)
+    if "class_epochs" in out:
+        parse_class_epochs(out["class_epochs"], f"{path}: class_epochs")
+    return out
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:

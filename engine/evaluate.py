@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from dataset import MVTecDataset, Sample, denormalize
 from deploy.predictor import StaticGraphRunner
-from model.rd4ad import RD4AD
+from model.base import AnomalyModel
 from utils import distributed
 from utils.errors import UserError, bounded_line, first_line, is_out_of_memory
 from utils.log import number, warn
@@ -73,7 +73,7 @@ def make_loader(dataset: MVTecDataset, cfg: Config, batch_size: int) -> DataLoad
                       num_workers=cfg.num_workers)
 
 
-def predict_samples(net: RD4AD, samples: list[Sample], cfg: Config, desc: str,
+def predict_samples(net: AnomalyModel, samples: list[Sample], cfg: Config, desc: str,
                     ctx: distributed.Context = distributed.Context(), progress: bool = True,
                     dataset: MVTecDataset | None = None) -> Predictions:
     """Maps and scores of `samples` (sharded over ranks and gathered when data-parallel)."""

@@ -1,14 +1,17 @@
 """Teacher-feature cache: the frozen teacher's features of each training image, once.
 
-Training has no augmentation and the teacher never changes, so its layer1..3 features of a
-training image are the same every epoch. Computing them once per class removes the
-teacher's forward from every step. Stored as float16 (about 3.6 MB per 256 px image with
+The teacher never changes and the engine feeds it the training images as decoded (a
+model's training-time transform may add inputs, e.g. RD++'s noisy copies, but may not
+change inputs["images"]: engine/train.py checks), so its features of a training image are
+the same every epoch. Computing them once per class removes the teacher's forward from
+every step; only model.teacher_features is cached (model/base.py). Stored as float16 (about 3.6 MB per 256 px image with
 wide_resnet50_2), in memory, or in a memory-mapped file when larger than a budget.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import paddle
@@ -45,12 +48,14 @@ class TeacherFeatureCache:
 
     @classmethod
     @paddle.no_grad()
-    def build(cls, teacher: paddle.nn.Layer, loader: DataLoader, num_samples: int,
+    def build(cls, teacher: Callable[[paddle.Tensor], list], loader: DataLoader, num_samples: int,
               budget_mb: float, spill_dir: str, desc: str = "teacher features",
               dtype: str = "float16") -> "TeacherFeatureCache":
-        """Run the teacher once over `loader` (unshuffled, yields images first)."""
+        """Run the teacher (a model's teacher_features, or the teacher Layer itself, put
+        in eval mode) once over `loader` (unshuffled, yields images first)."""
         dtype = np.dtype(dtype)
-        teacher.eval()
+        if isinstance(teacher, paddle.nn.Layer):
+            teacher.eval()
         scales: list[np.ndarray] = []
         files: list[str] = []
         i = 0

@@ -61,17 +61,18 @@ def check_before_work(cfg: Config, sources: list[DataSource]) -> dict[str, dict]
 
 
 def checkpoint_settings(cfg: Config, sources: list[DataSource]) -> dict[str, dict]:
-    """{class: {arch, image_size, teacher_weights}} from each checkpoint (read and checked
-    now); the teacher only where the user chose none. A setting the user chose that
+    """{class: {model, arch, image_size, the model's options, teacher_weights}} from each
+    checkpoint (read and checked now); the teacher only where the user chose none. A setting the user chose that
     contradicts a checkpoint is one error listing every difference."""
     settings, conflicts = {}, []
     for source in sources:
         path = cfg.paths.checkpoint(source.name, best=cfg.select_best_on_test)
         state = load_checkpoint(path)
-        settings[source.name] = {k: state[k] for k in MODEL_KEYS}
-        for key in MODEL_KEYS:
-            if key in cfg.explicit and getattr(cfg, key) != state[key]:
-                conflicts.append(f"{path}: trained with --{key} {state[key]}, not {getattr(cfg, key)}")
+        options = {k: v for k, v in state["model_args"].items() if k not in MODEL_KEYS}
+        settings[source.name] = {**{k: state[k] for k in MODEL_KEYS}, **options}
+        for key, value in settings[source.name].items():
+            if key in cfg.explicit and getattr(cfg, key) != value:
+                conflicts.append(f"{path}: trained with --{key} {value}, not {getattr(cfg, key)}")
         if "teacher_weights" not in cfg.explicit:
             settings[source.name]["teacher_weights"] = state["teacher_weights"]
         elif "teacher" in state and cfg.teacher_weights != state["teacher_weights"]:

@@ -11,7 +11,7 @@ import paddle
 from tqdm import tqdm
 
 from dataset import DataError, DataSource, MVTecDataset, Sample, index_test_dir, load_checked, resolve_sources
-from model.rd4ad import RD4AD
+from model.base import AnomalyModel
 from model.teacher import resolve_teacher_weights
 from report.html import write_class_report, write_summary_report
 from report.per_image import ImageItem, ImageWriter, colour_range
@@ -139,7 +139,7 @@ def write_results(cfg: Config, results: dict[str, dict]) -> str:
     return table
 
 
-def load_class_model(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None, dict]:
+def load_class_model(cfg: Config, cls: str) -> tuple[AnomalyModel, Calibration | None, dict]:
     """The class's trained model (eval mode), its thresholds (None for a checkpoint that has
     none) and its good-image score statistics."""
     path = cfg.paths.checkpoint(cls, best=cfg.select_best_on_test)

@@ -1,8 +1,12 @@
-"""Training of one class: batches, teacher features (cached once), the optimizer step,
-periodic checkpoints and training states, then calibration, the final evaluation and
-the class's files."""
+"""Training of one class: batches, the model's training inputs, teacher features (cached
+once), its named loss terms, one optimizer per optimizer group (with gradient
+accumulation), periodic checkpoints and training states, then calibration, the final
+evaluation and the class's files. Nothing here knows a loss formula or a part name: the
+model declares them (model/base.py)."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -11,20 +15,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import paddle
-from paddle.io import DataLoader
+from paddle.io import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked, split_validation
-from model.loss import cosine_distillation_loss
-from model.rd4ad import RD4AD, build_rd4ad
+from model.base import AnomalyModel
+from model.registry import build_model
 from report.html import write_class_report
 from utils import distributed
+from utils.config import ConfigError
 from utils.io import atomic_write_json
 from utils.log import log, warn
 from utils.tracking import ScalarLogger
 
-from .checkpoint import save_checkpoint
-from .config import Config
+from .checkpoint import part_layers, save_checkpoint
+from .config import Config, model_options
 from .decision import calibrate
 from .evaluate import (compute_metrics, good_score_statistics, image_reader, make_loader, metric_line,
                        no_metrics, predict_samples)
@@ -85,6 +90,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     """Train one class (or resume it, or skip it when finished); calibrate thresholds on
     validation-good images; evaluate on the test set; save checkpoint, metrics, report."""
     cls = source.name
+    cfg = dataclasses.replace(cfg, epochs=cfg.epochs_for(cls))  # --class_epochs
     if not cfg.force:
         done = finished_metrics(cfg, cls)
         if done is not None:
@@ -96,12 +102,13 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     data = TrainData(source, cfg, ctx)
     check_batch_size(cfg, source, len(data.train), "readable ")
     train_set = data.train_set  # decoded once (TrainData), read every epoch
-    net = build_rd4ad(cfg.arch, cfg.teacher_weights, cfg.image_size, cfg.conv_backend)
-    params = net.trainable_parameters()
-    optimizer = build_optimizer(params, cfg.lr, cfg.beta1, cfg.beta2)
-    branch = net.student_branch()  # bottleneck + student: what the optimizer trains
+    net = build_model(cfg.model, cfg.arch, cfg.image_size, cfg.teacher_weights, cfg.conv_backend,
+                      **model_options(cfg))
+    net.train()  # the teacher stays in eval mode (its features may be cached below)
+    optimizers = build_optimizers(net, cfg)
+    trainer = LossOf(net)  # the trained parts, computing the model's loss terms
     if ctx.parallel:
-        branch = paddle.DataParallel(branch)
+        trainer = paddle.DataParallel(trainer)
     scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 15) if cfg.amp else None
     # One seeded batch order for every path (cache or not, one rank or many, resumed or not).
     sampler = EpochBatchSampler(len(data.train), cfg.batch_size, cfg.seed)
@@ -112,7 +119,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         if state is None:
             log(f"[{cls}] --resume: no training state yet, starting at epoch 1")
         else:
-            epoch, loss_history, extra = restore_train_state(state, net, optimizer, params, sampler.rng)
+            epoch, loss_history, extra = restore_train_state(state, net, optimizers, cfg.lr, sampler.rng)
             if scaler is not None and extra.get("grad_scaler"):  # --amp: the loss scale it had reached
                 scaler.load_state_dict({**extra["grad_scaler"], "scale": np.array(extra["grad_scaler"]["scale"],
                                                                                   dtype=np.float32)})
@@ -123,28 +130,28 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         log(f"[{cls}] starting again at epoch 1 ({state_path(cfg, cls)} exists: --resume continues it)")
 
     log(f"[{cls}] {len(data.train)} train / {len(data.val)} validation / {len(data.test)} test images, "
-        f"arch {cfg.arch}, {cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-        f"convolutions on {net.conv_backend}" + (f", {ctx.world_size} ranks" if ctx.parallel else ""))
+        f"model {cfg.model}, arch {cfg.arch}, {cfg.image_size}px, {cfg.epochs} epochs, batch {cfg.batch_size}"
+        + (f" x {net.grad_accumulation} accumulated" if net.grad_accumulation > 1 else "")
+        + f", convolutions on {net.conv_backend}" + (f", {ctx.world_size} ranks" if ctx.parallel else ""))
     for note in (data.val_note, data.pixel_note):
         if note:
             log(f"[{cls}] note: {note}")
 
-    cache, batches = None, sampler
+    cache, batches = None, None
     if first_epoch <= cfg.epochs:
         if cfg.feature_cache:
             cache = TeacherFeatureCache.build(
-                net.teacher, make_loader(train_set, cfg, cfg.batch_size), len(data.train),
+                net.teacher_features, make_loader(train_set, cfg, cfg.batch_size), len(data.train),
                 # every rank on this machine caches every image: they share its memory budget
                 cfg.feature_cache_mb / distributed.local_world_size(), cfg.paths.class_dir(cls),
                 desc=f"teacher features {cls}",
                 dtype=cfg.feature_cache_dtype)
             log(f"[{cls}] teacher features cached: {cache.nbytes / 2**20:.0f} MB {cfg.feature_cache_dtype} "
                 f"({'memory-mapped file' if cache.on_disk else 'in memory'})")
-        else:
-            batches = DataLoader(train_set, batch_sampler=ShardedBatches(sampler, ctx),
-                                 num_workers=cfg.num_workers)
+        batches = training_batches(train_set, sampler, ctx, cfg.num_workers,
+                                   images=cache is None or net.needs_images_with_cache)
 
-    run = TrainingRun(cfg, cls, ctx, net, branch, optimizer, scaler,
+    run = TrainingRun(cfg, cls, ctx, net, trainer, optimizers, scaler,
                       ScalarLogger(cfg.paths.visualdl_dir(cls)
                                    if cfg.visualdl and ctx.is_main else None),
                       step=sum(len(e) for e in loss_history))
@@ -152,16 +159,16 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
                   initial=first_epoch - 1, total=cfg.epochs, disable=not ctx.is_main)
     try:
         for epoch in epochs:
-            losses = run.epoch(epoch, batches, cache)
-            epochs.set_postfix(loss=f"{np.mean(losses):.4f}")
-            loss_history.append(losses)
+            terms = run.epoch(epoch, batches, cache)
+            epochs.set_postfix({name: f"{np.mean(values):.4f}" for name, values in terms.items()})
+            loss_history.append(terms["loss"])
             last_epoch = epoch == cfg.epochs
             if cfg.eval_interval and epoch % cfg.eval_interval == 0 and not last_epoch:
                 best = run.evaluate(epoch, data, best)
             if epoch % cfg.save_interval == 0 or last_epoch:
                 check_finite_weights(net, cls)  # before saving: the last good state stays
             if (epoch % cfg.save_interval == 0 or last_epoch) and ctx.is_main:
-                save_train_state(cfg, cls, epoch=epoch, net=net, optimizer=optimizer, params=params,
+                save_train_state(cfg, cls, epoch=epoch, net=net, optimizers=optimizers,
                                  sampler_rng=sampler.rng, loss_history=loss_history,
                                  extra={"best": best, "grad_scaler": scaler_state(scaler)})
     finally:
@@ -171,34 +178,103 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     return finish_class(cfg, source, ctx, net, data, best, loss_history, run.tracker)
 
 
+def build_optimizers(net: AnomalyModel, cfg: Config) -> dict[str, paddle.optimizer.Optimizer]:
+    """One Adam per optimizer group of the model, by group name, at the group's learning
+    rate. --beta1 / --beta2, when given, replace every group's betas."""
+    out = {}
+    for group in net.optimizer_groups(cfg.lr):
+        if group.name in out or not group.parameters:
+            raise ValueError(f"model {net.name}: optimizer group {group.name!r} repeated or empty")
+        beta1 = cfg.beta1 if "beta1" in cfg.explicit else group.betas[0]
+        beta2 = cfg.beta2 if "beta2" in cfg.explicit else group.betas[1]
+        out[group.name] = build_optimizer(group.parameters, group.lr, beta1, beta2)
+    return out
+
+
+class LossOf(paddle.nn.Layer):
+    """The model's trained parts as one Layer whose forward is the model's loss_terms: what
+    paddle.DataParallel wraps (its gradient all-reduce covers exactly these parameters)."""
+
+    def __init__(self, net: AnomalyModel) -> None:
+        super().__init__()
+        self.parts = paddle.nn.LayerDict(part_layers(net))
+        self.__dict__["net"] = net  # not a sublayer: the frozen teacher is not synchronised
+
+    def forward(self, inputs: dict, teacher_feats: list[paddle.Tensor]) -> dict[str, paddle.Tensor]:
+        return self.net.loss_terms(inputs, teacher_feats)
+
+
+class _WithIndex(Dataset):
+    """(image, index) of a training set: the images and their feature-cache rows."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], np.int64(i)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def training_batches(train_set: Dataset, sampler: EpochBatchSampler, ctx: distributed.Context,
+                     num_workers: int, images: bool):
+    """This rank's batches as (images or None, indices): images only when something needs
+    them (no feature cache, or a model whose loss reads its inputs)."""
+    if not images:
+        return _IndicesOnly(ShardedBatches(sampler, ctx))
+    return DataLoader(_WithIndex(train_set), batch_sampler=ShardedBatches(sampler, ctx), num_workers=num_workers)
+
+
+class _IndicesOnly:
+    def __init__(self, batches: "ShardedBatches") -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for indices in self.batches:
+            yield None, indices
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 @dataclass
 class TrainingRun:
     """One class's training as it goes: the model, what updates it, and the step count."""
     cfg: Config
     cls: str
     ctx: distributed.Context
-    net: RD4AD
-    branch: paddle.nn.Layer      # bottleneck + student (DataParallel when data-parallel)
-    optimizer: paddle.optimizer.Optimizer
+    net: AnomalyModel
+    trainer: paddle.nn.Layer     # LossOf(net) (DataParallel when data-parallel)
+    optimizers: dict[str, paddle.optimizer.Optimizer]
     scaler: paddle.amp.GradScaler | None
     tracker: ScalarLogger
     step: int = 0
 
-    def epoch(self, epoch: int, batches, cache: TeacherFeatureCache | None) -> list[float]:
-        """One pass over the batches; the loss of each step."""
-        cfg, cls, ctx = self.cfg, self.cls, self.ctx
-        self.net.train()
-        losses, seen, reader_cost, t_start = [], 0, 0.0, time.perf_counter()
+    def epoch(self, epoch: int, batches, cache: TeacherFeatureCache | None) -> dict[str, list[float]]:
+        """One pass over the batches; each loss term of each step. Every
+        net.grad_accumulation backward passes (and at the epoch's end) the optimizers step."""
+        cfg, cls, ctx, net = self.cfg, self.cls, self.ctx, self.net
+        net.train()
+        terms: dict[str, list[float]] = {}
+        seen, reader_cost, t_start, pending = 0, 0.0, time.perf_counter(), 0
         t_read = time.perf_counter()
-        for batch in batches:
+        for images, indices in batches:
+            inputs = {} if images is None else net.train_inputs(images)
+            if cache is not None and images is not None and inputs["images"] is not images:
+                raise ConfigError(f"model {net.name}: train_inputs changed inputs['images'], whose teacher "
+                                 f"features are cached; train with --no_feature_cache")
             if cache is not None:
-                teacher_feats = cache.batch(ctx.shard_batch(batch))
+                teacher_feats = cache.batch(indices if images is None else indices.numpy().tolist())
                 reader_cost += time.perf_counter() - t_read
             else:
                 reader_cost += time.perf_counter() - t_read
-                teacher_feats = self.net.teacher_features(batch[0])
+                teacher_feats = net.teacher_features(inputs["images"])
+            pending += 1
             try:
-                loss = train_step(self.branch, self.optimizer, teacher_feats, self.scaler, ctx=ctx)
+                values = train_step(self.trainer, self.optimizers, inputs, teacher_feats, self.scaler, ctx=ctx,
+                                    update=pending == net.grad_accumulation)
             except TrainingDiverged as err:
                 saved = state_path(cfg, cls)
                 raise TrainingDiverged(
@@ -206,27 +282,32 @@ class TrainingRun:
                     + (f"last good training state kept: {saved}" if os.path.isfile(saved)
                        else "no training state was saved before it")
                     + " (try a lower --lr)") from None
-            losses.append(loss)
+            pending %= net.grad_accumulation
+            for name, value in values.items():
+                terms.setdefault(name, []).append(value)
+                self.tracker.add_scalar(f"train/{name}", value, self.step + 1)
             seen += teacher_feats[0].shape[0] * ctx.world_size
             self.step += 1
-            self.tracker.add_scalar("train/loss", loss, self.step)
             if cfg.log_interval and self.step % cfg.log_interval == 0 and ctx.is_main:
                 elapsed = time.perf_counter() - t_start
-                log(f"[{cls}] epoch {epoch} step {self.step} loss {loss:.5f} "
-                    f"ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(losses):.4f} s")
+                log(f"[{cls}] epoch {epoch} step {self.step} "
+                    + " ".join(f"{name} {value:.5f}" for name, value in values.items())
+                    + f" ips {seen / elapsed:.2f} img/s reader_cost {reader_cost / len(terms['loss']):.4f} s")
             t_read = time.perf_counter()
-        return losses
+        if pending:  # an unfinished accumulation: no gradient crosses an epoch (or a saved state)
+            apply_update(self.optimizers, self.scaler)
+        return terms
 
     def evaluate(self, epoch: int, data: TrainData, best: dict) -> dict:
         """An intermediate checkpoint and test metrics (to watch; the reported model is the
         last epoch's); returns the best-on-test record (kept only with --select_best_on_test)."""
         cfg, cls, ctx, net = self.cfg, self.cls, self.ctx, self.net
         if ctx.is_main:
-            save_checkpoint(cfg.paths.checkpoint(cls), net, arch=cfg.arch, image_size=cfg.image_size,
+            save_checkpoint(cfg.paths.checkpoint(cls), net, image_size=cfg.image_size,
                             epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights)
         if not data.test:
             return best
-        distributed.sync_buffers(ctx, net.student_branch())
+        distributed.sync_buffers(ctx, LossOf(net))
         pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=data.test_set)
         metrics = compute_metrics(pred, names=[s.image_path for s in data.test])
         log(f"[{cls}] epoch {epoch}: {metric_line(metrics)}")
@@ -273,39 +354,51 @@ def scaler_state(scaler: paddle.amp.GradScaler | None) -> dict:
 AMP_WHITE_LIST = ["conv2d_transpose"]
 
 
-def train_step(branch: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
-               teacher_feats: list[paddle.Tensor], scaler: paddle.amp.GradScaler | None,
-               ctx: distributed.Context = distributed.Context()) -> float:
-    """One optimizer step of bottleneck + student on a batch of teacher features. Every
+def train_step(trainer: paddle.nn.Layer, optimizers: dict[str, paddle.optimizer.Optimizer],
+               inputs: dict[str, paddle.Tensor], teacher_feats: list[paddle.Tensor],
+               scaler: paddle.amp.GradScaler | None, ctx: distributed.Context = distributed.Context(),
+               update: bool = True) -> dict[str, float]:
+    """One backward pass of the model's loss ("loss", not divided by the accumulation) and,
+    when `update`, one step of every optimizer. Returns every loss term's value. Every
     rank agrees that the loss is finite before any rank updates: a rank that stopped alone
     would leave the others waiting in the gradient all-reduce."""
-    if scaler is None:
-        loss = cosine_distillation_loss(teacher_feats, branch(teacher_feats))
-    else:  # float16 compute where Paddle's O1 lists allow it; the loss in float32
-        with paddle.amp.auto_cast(level="O1", dtype="float16", custom_white_list=AMP_WHITE_LIST):
-            student_feats = branch(teacher_feats)
-        loss = cosine_distillation_loss(teacher_feats, [f.astype("float32") for f in student_feats])
-    value = float(loss)
-    if not distributed.all_true(ctx, math.isfinite(value)):  # before the update: weights stay as they were
-        optimizer.clear_grad()
-        raise TrainingDiverged(f"loss became {value}")
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
+    # --amp: float16 compute where Paddle's O1 lists allow it; the model widens what its
+    # loss needs (model/rd4ad.py computes the cosine loss in float32)
+    cast = (paddle.amp.auto_cast(level="O1", dtype="float16", custom_white_list=AMP_WHITE_LIST)
+            if scaler is not None else contextlib.nullcontext())
+    with cast:
+        terms = trainer(inputs, teacher_feats)
+    loss = terms["loss"]
+    values = {name: float(value) for name, value in terms.items()}
+    if not distributed.all_true(ctx, math.isfinite(values["loss"])):  # before the update: weights stay
+        for optimizer in optimizers.values():
+            optimizer.clear_grad()
+        raise TrainingDiverged(f"loss became {values['loss']}")
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if update:
+        apply_update(optimizers, scaler)
+    return values
+
+
+def apply_update(optimizers: dict[str, paddle.optimizer.Optimizer], scaler: paddle.amp.GradScaler | None) -> None:
+    """Every optimizer steps on the gradients accumulated so far, then they are cleared."""
+    for optimizer in optimizers.values():
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+    if scaler is not None:
         scaler.update()
-    optimizer.clear_grad()
-    return value
+    for optimizer in optimizers.values():
+        optimizer.clear_grad()
 
 
-def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net: RD4AD,
+def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net: AnomalyModel,
                  data: TrainData, best: dict, loss_history: list,
                  tracker: ScalarLogger) -> dict:
     """Calibrate, save the final checkpoint, evaluate, write metrics and the report."""
     cls = source.name
-    distributed.sync_buffers(ctx, net.student_branch())
+    distributed.sync_buffers(ctx, LossOf(net))
     check_finite_weights(net, cls)
     # Thresholds and score statistics from validation-good images (training ones if none).
     calib_set = data.val_set if data.val else data.train_set
@@ -315,7 +408,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     stats = good_score_statistics(calib_pred)
     del calib_pred
     if ctx.is_main:
-        save_checkpoint(cfg.paths.checkpoint(cls), net, arch=cfg.arch, image_size=cfg.image_size,
+        save_checkpoint(cfg.paths.checkpoint(cls), net, image_size=cfg.image_size,
                         epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
                         extra={"score_stats": stats, "calibration": calibration.to_dict()})
     log(f"[{cls}] thresholds from {calibration.count} {calibration.source} image(s) at the "
@@ -350,21 +443,21 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     return metrics
 
 
-def check_finite_weights(net: RD4AD, cls: str) -> None:
+def check_finite_weights(net: AnomalyModel, cls: str) -> None:
     """A finite loss does not guarantee finite weights (an update can overflow): checked
     once after training, so a broken model is never calibrated, saved or scored."""
-    for name, value in net.student_branch().state_dict().items():
+    for name, value in LossOf(net).state_dict().items():
         if not np.isfinite(value.numpy()).all():
             raise TrainingDiverged(f"[{cls}] weights became non-finite ({name}): class stopped, not "
                                    f"calibrated nor marked finished (try a lower --lr)")
 
 
-def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, best: dict) -> dict:
+def _keep_best(cfg: Config, cls: str, net: AnomalyModel, epoch: int, metrics: dict, best: dict) -> dict:
     score = np.nanmean([metrics[n] for n in ("pixel_auroc", "sample_auroc", "aupro_per_image")])
     if score > best["score"]:
-        save_checkpoint(cfg.paths.checkpoint(cls, best=True), net, arch=cfg.arch,
+        save_checkpoint(cfg.paths.checkpoint(cls, best=True), net,
                         image_size=cfg.image_size, epoch=epoch, cls=cls,
-                        teacher_weights=cfg.teacher_weights)
+                        teacher_weights=cfg.teacher_weights, extra={"selection": "best_on_test"})
         return {"score": float(score), "epoch": epoch, "metrics": metrics}
     return best
 

@@ -152,8 +152,9 @@ def _make_training_state(trained, target):
     cfg = parse_config([*TINY, "--teacher_weights", "none", "--output_dir", str(run)])
     net = build_rd4ad("resnet18", "none")
     params = net.trainable_parameters()
-    save_train_state(cfg, "widget", epoch=1, net=net, optimizer=build_optimizer(params, 0.005, 0.5, 0.999),
-                     params=params, sampler_rng=np.random.default_rng(0), loss_history=[[0.5]])
+    save_train_state(cfg, "widget", epoch=1, net=net,
+                     optimizers={"distillation": build_optimizer(params, 0.005, 0.5, 0.999)},
+                     sampler_rng=np.random.default_rng(0), loss_history=[[0.5]])
     shutil.copy(run / "widget" / "train_state.pdparams", target)
 
 

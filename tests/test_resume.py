@@ -129,13 +129,14 @@ def test_training_state_round_trip_continues_identically(tmp_path):
     net, params, opt, sampler = setup()
     step(net, opt)
     list(sampler)  # one epoch drawn
-    save_train_state(cfg, "c", epoch=1, net=net, optimizer=opt, params=params,
+    save_train_state(cfg, "c", epoch=1, net=net, optimizers={"distillation": opt},
                      sampler_rng=sampler.rng, loss_history=[[1.0]])
     expected_loss, expected_order = step(net, opt), list(sampler)
 
     net2, params2, opt2, sampler2 = setup()
     assert params2[0].name != params[0].name  # the remapping is exercised
-    epoch, history, _ = restore_train_state(load_train_state(cfg, "c"), net2, opt2, params2, sampler2.rng)
+    epoch, history, _ = restore_train_state(load_train_state(cfg, "c"), net2, {"distillation": opt2}, cfg.lr,
+                                            sampler2.rng)
     assert (epoch, history) == (1, [[1.0]])
     assert step(net2, opt2) == expected_loss and list(sampler2) == expected_order
     for a, b in zip(params, params2):
