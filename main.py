@@ -19,7 +19,7 @@ from utils import runtime
 
 def main(argv: Sequence[str] | None = None) -> int:
     runtime.start()  # before Paddle loads: a quiet import, every CPU core
-    from engine.command import main as command
+    from app.command import main as command
 
     return command(argv)
 

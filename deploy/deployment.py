@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
-from engine.decision import Calibration, CalibrationError
+from core.decision import Calibration, CalibrationError
 from model.arch import ARCH_NAMES
 from utils.errors import UserError, bounded_line, shorten
 from utils.io import is_whole_number
@@ -56,6 +56,7 @@ class Deployment:
     files: dict[str, dict] | None     # None: an older export without the manifest
     precision_checks: tuple[dict, ...] = ()  # deploy/precision.py's judgement, when the export made one
     int8_score_bias: dict[str, float] = field(default_factory=dict)  # per runtime: mean int8 - fp32 score
+    model: str = "rd4ad"              # the method exported (exports before model/registry.py: RD4AD)
 
     @property
     def folder(self) -> str:
@@ -166,10 +167,15 @@ def check_deployment(meta: Any, path: str) -> Deployment:
         raise bad("score_stats", "null or a mapping of finite numbers")
     if meta.get("class") is not None and not isinstance(meta["class"], str):
         raise bad("class", "null or a string")
+    model = meta.get("model", "rd4ad")
+    if not (isinstance(model, str) and 0 < len(model) <= 64 and model.isidentifier()):
+        raise bad("model", "the name of the exported method")
+    if meta.get("model_args") is not None and not isinstance(meta["model_args"], dict):
+        raise bad("model_args", "null or a mapping")
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
                       _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path),
-                      _check_int8_score_bias(meta, path))
+                      _check_int8_score_bias(meta, path), model)
 
 
 PRECISION_CHECK_KEYS = ("backend", "precision", "images", "ms_per_image", "min_pearson", "swapped_pairs",
@@ -287,6 +293,9 @@ def deploy_meta(state: dict, onnx: bool, int8_calibration: list | None, files: d
     """deploy.json: what infer.py needs besides the graph, and the manifest of the files."""
     return {
         "format": DEPLOY_FORMAT,
+        # the method and the arguments that rebuild it (engine/checkpoint.py's load_trained)
+        "model": state["model"],
+        "model_args": state["model_args"],
         "arch": state["arch"],
         "image_size": state["image_size"],
         "class": state.get("class"),

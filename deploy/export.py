@@ -1,8 +1,10 @@
 """The export: a trained model as one static graph, image -> (anomaly map, score), with
 ONNX and int8 ONNX beside it and deploy.json describing them.
 
-The graph holds teacher (layer1..3), bottleneck, student and the anomaly-map head
-(per-scale 1 - cosine, bilinear upsampling, sum, Gaussian smoothing, max). Every file is
+The graph is the model's whole eval forward (model/base.py): for RD4AD teacher
+(layer1..3), bottleneck, student and the anomaly-map head (per-scale 1 - cosine, bilinear
+upsampling, sum, Gaussian smoothing, max); for any other method whatever it runs at test
+time. deploy.json names the model and the arguments that rebuild it. Every file is
 built in a staging folder and moved in one by one; deploy.json, written last, carries the
 size and sha256 of each (deploy/deployment.py), checked before any predictor loads them.
 """
@@ -17,7 +19,7 @@ import paddle
 
 from dataset import DataError, index_train_dir, load_image
 from engine.checkpoint import load_trained
-from model.rd4ad import RD4AD
+from model.base import AnomalyModel
 from utils.cli import output_error
 from utils.errors import UserError, bounded_line
 from utils.io import atomic_write_json
@@ -33,10 +35,11 @@ MIN_OPSET, MAX_OPSET = 7, 21
 MAX_CALIB_IMAGES = 10000
 
 
-def save_static(net: RD4AD, path_prefix: str) -> None:
+def save_static(net: AnomalyModel, path_prefix: str) -> None:
     """paddle.jit.save the whole pipeline, the model in eval mode (image -> (anomaly map,
     score)): input `image` [N, 3, S, S] float32, ImageNet-normalised, any N."""
-    if not net.image_size:
+    size = net.build_args()["image_size"]
+    if not size:
         raise ValueError("build the model with its image_size to export it")
     from paddle.jit.dy2static.program_translator import StaticFunction
 
@@ -44,7 +47,6 @@ def save_static(net: RD4AD, path_prefix: str) -> None:
     if not isinstance(net.forward, StaticFunction):
         # to_static converts net.forward in place; converting it again at every save (each
         # evaluation with a predictor) kept another program alive: about 8 MB per save
-        size = net.image_size
         spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
         paddle.jit.to_static(net, input_spec=spec, full_graph=True)
     paddle.jit.save(net, path_prefix)  # the current weights, whenever it is saved
@@ -181,7 +183,7 @@ def _make_folder(folder: str) -> str | None:
     return top
 
 
-def _write_model_files(model: RD4AD, save_dir: str, onnx: bool, opset: int,
+def _write_model_files(model: AnomalyModel, save_dir: str, onnx: bool, opset: int,
                        int8_calibration: list | None) -> dict[str, dict]:
     """Build everything in a temporary folder inside save_dir, then move file by file: a
     kill at any moment leaves each previous file whole (and the old deploy.json's

@@ -12,7 +12,7 @@ import paddle
 from dataset import DataError, index_test_dir, load_image
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config_file
-from engine.paths import RunPaths
+from core.paths import RunPaths
 from utils.cli import OneLineArgumentParser, run_main
 from utils.io import atomic_write_json
 from utils.names import check_class_name

@@ -12,8 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import IMAGE_EXTENSIONS, DataError, guess_mask, index_test, load_mask, load_rgb, mvtec_source, normalize
-from engine.decision import MAX_THRESHOLD, Calibration
-from engine.paths import RunPaths, default_infer_dir
+from core.decision import MAX_THRESHOLD, Calibration
+from core.paths import RunPaths, default_infer_dir
 from report.per_image import ImageItem, ImageWriter, colour_range
 from utils.cli import OneLineArgumentParser, output_error, parse_bool, run_main
 from utils.errors import PartialFailure, bounded_line

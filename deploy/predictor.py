@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import paddle
 
-from model.rd4ad import RD4AD
+from model.base import AnomalyModel
 from utils.errors import UserError, first_line, is_out_of_memory
 from utils.runtime import restore_eager_threads
 
@@ -413,10 +413,10 @@ class StaticGraphRunner(PaddleInferenceSession):
     `threads` threads, where evaluation runs about 5x faster than the dynamic graph on 2
     cores (tools/benchmark.py). Build it again after the weights change."""
 
-    def __init__(self, net: RD4AD, threads: int) -> None:
+    def __init__(self, net: AnomalyModel, threads: int) -> None:
         import paddle.inference as pi
 
-        self.image_size = net.image_size
+        self.image_size = net.build_args()["image_size"]
         self._dir = tempfile.TemporaryDirectory(prefix="rd4ad-static-")
         prefix = os.path.join(self._dir.name, "model")
         self.model_path = prefix + ".json"

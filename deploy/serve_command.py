@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from engine.paths import RunPaths
+from core.paths import RunPaths
 from utils.cli import OneLineArgumentParser, parse_bool, run_main
 from utils.names import check_class_name
 

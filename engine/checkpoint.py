@@ -21,7 +21,7 @@ from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
 from utils.safe_pickle import load_plain_pickle
 
-from .decision import Calibration, CalibrationError
+from core.decision import Calibration, CalibrationError
 
 FORMAT = "rd4ad-paddle/1"
 # Keys of a checkpoint that are not a part's weights: no model may name a part so.

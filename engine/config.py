@@ -22,7 +22,7 @@ from utils.config import (ConfigError, build_parser, checked_values, given_flags
 from utils.errors import UserError, shorten
 from utils.names import check_class_name
 
-from .paths import RunPaths
+from core.paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
 DATA, RUNS = "own data and decisions", "long runs and reports"

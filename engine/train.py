@@ -18,10 +18,11 @@ import paddle
 from paddle.io import DataLoader, Dataset
 from tqdm import tqdm
 
+from core.decision import calibrate
+from core.results import ClassEvaluation, compute_metrics, good_score_statistics, metric_line, no_metrics
 from dataset import DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked, split_validation
 from model.base import AnomalyModel
 from model.registry import build_model
-from report.html import write_class_report
 from utils import distributed
 from utils.config import ConfigError
 from utils.io import atomic_write_json
@@ -30,9 +31,7 @@ from utils.tracking import ScalarLogger
 
 from .checkpoint import part_layers, save_checkpoint
 from .config import Config, model_options
-from .decision import calibrate
-from .evaluate import (compute_metrics, good_score_statistics, image_reader, make_loader, metric_line,
-                       no_metrics, predict_samples)
+from .evaluate import RunnerFactory, image_reader, make_loader, predict_samples
 from .feature_cache import EpochBatchSampler, TeacherFeatureCache
 from .optim import build_optimizer
 from .preflight import check_batch_size
@@ -86,16 +85,19 @@ def pixel_note(samples: list[Sample], source: DataSource) -> str:
     return f"no ground-truth masks{where}: pixel metrics n/a, image metrics still computed"
 
 
-def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
+def train_class(cfg: Config, source: DataSource, ctx: distributed.Context,
+                make_runner: RunnerFactory | None = None) -> tuple[dict, ClassEvaluation | None]:
     """Train one class (or resume it, or skip it when finished); calibrate thresholds on
-    validation-good images; evaluate on the test set; save checkpoint, metrics, report."""
+    validation-good images; evaluate on the test set; save checkpoint and metrics. Returns
+    the metrics and, for the report (--report, rank 0, a test set), the final evaluation.
+    `make_runner`: the compiled predictor --eval_backend may ask for (engine/evaluate.py)."""
     cls = source.name
     cfg = dataclasses.replace(cfg, epochs=cfg.epochs_for(cls))  # --class_epochs
     if not cfg.force:
         done = finished_metrics(cfg, cls)
         if done is not None:
             log(f"[{cls}] already finished with these settings: skipped (--force retrains)")
-            return done
+            return done, None
     if ctx.is_main:
         remove_stale_temporaries(cfg.paths.class_dir(cls))
     seed_everything(cfg.seed)
@@ -154,7 +156,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
     run = TrainingRun(cfg, cls, ctx, net, trainer, optimizers, scaler,
                       ScalarLogger(cfg.paths.visualdl_dir(cls)
                                    if cfg.visualdl and ctx.is_main else None),
-                      step=sum(len(e) for e in loss_history))
+                      make_runner, step=sum(len(e) for e in loss_history))
     epochs = tqdm(range(first_epoch, cfg.epochs + 1), desc=f"train {cls}", dynamic_ncols=True,
                   initial=first_epoch - 1, total=cfg.epochs, disable=not ctx.is_main)
     try:
@@ -175,7 +177,7 @@ def train_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> di
         epochs.close()
         if cache is not None:
             cache.close()  # also on a diverged class: no spill files left behind
-    return finish_class(cfg, source, ctx, net, data, best, loss_history, run.tracker)
+    return finish_class(cfg, source, ctx, net, data, best, loss_history, run.tracker, make_runner)
 
 
 def build_optimizers(net: AnomalyModel, cfg: Config) -> dict[str, paddle.optimizer.Optimizer]:
@@ -250,6 +252,7 @@ class TrainingRun:
     optimizers: dict[str, paddle.optimizer.Optimizer]
     scaler: paddle.amp.GradScaler | None
     tracker: ScalarLogger
+    make_runner: RunnerFactory | None
     step: int = 0
 
     def epoch(self, epoch: int, batches, cache: TeacherFeatureCache | None) -> dict[str, list[float]]:
@@ -308,7 +311,8 @@ class TrainingRun:
         if not data.test:
             return best
         distributed.sync_buffers(ctx, LossOf(net))
-        pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=data.test_set)
+        pred = predict_samples(net, data.test, cfg, "eval", ctx, progress=False, dataset=data.test_set,
+                               make_runner=self.make_runner)
         metrics = compute_metrics(pred, names=[s.image_path for s in data.test])
         log(f"[{cls}] epoch {epoch}: {metric_line(metrics)}")
         for name, value in metrics.items():
@@ -394,15 +398,17 @@ def apply_update(optimizers: dict[str, paddle.optimizer.Optimizer], scaler: padd
 
 
 def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net: AnomalyModel,
-                 data: TrainData, best: dict, loss_history: list,
-                 tracker: ScalarLogger) -> dict:
-    """Calibrate, save the final checkpoint, evaluate, write metrics and the report."""
+                 data: TrainData, best: dict, loss_history: list, tracker: ScalarLogger,
+                 make_runner: RunnerFactory | None = None) -> tuple[dict, ClassEvaluation | None]:
+    """Calibrate, save the final checkpoint, evaluate, write the metrics; return them and
+    the evaluation a report draws."""
     cls = source.name
     distributed.sync_buffers(ctx, LossOf(net))
     check_finite_weights(net, cls)
     # Thresholds and score statistics from validation-good images (training ones if none).
     calib_set = data.val_set if data.val else data.train_set
-    calib_pred = predict_samples(net, calib_set.samples, cfg, f"calibrate {cls}", ctx, dataset=calib_set)
+    calib_pred = predict_samples(net, calib_set.samples, cfg, f"calibrate {cls}", ctx, dataset=calib_set,
+                                 make_runner=make_runner)
     calibration = calibrate(calib_pred.scores, calib_pred.maps, cfg.threshold_quantile,
                             "validation" if data.val else "training")
     stats = good_score_statistics(calib_pred)
@@ -414,15 +420,15 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     log(f"[{cls}] thresholds from {calibration.count} {calibration.source} image(s) at the "
         f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
         f"pixel {calibration.pixel_threshold:.5f}")
-    metrics = no_metrics()
+    metrics, evaluation = no_metrics(), None
     if data.test:
-        pred = predict_samples(net, data.test, cfg, f"eval {cls}", ctx, dataset=data.test_set)
+        pred = predict_samples(net, data.test, cfg, f"eval {cls}", ctx, dataset=data.test_set,
+                               make_runner=make_runner)
         metrics = compute_metrics(pred, calibration, names=[s.image_path for s in data.test], warn=warn)
         log(f"[{cls}] final (epoch {cfg.epochs}): {metric_line(metrics)}")
         if cfg.report and ctx.is_main:
-            report = write_class_report(cfg.paths.report_dir(cls), cls, pred, data.test,
-                                        image_reader(data.test_set), metrics, calibration, data.pixel_note)
-            log(f"[{cls}] report: {report}")
+            evaluation = ClassEvaluation(cls, pred, data.test, image_reader(data.test_set), metrics, calibration,
+                                         data.pixel_note)
         del pred
     else:
         log(f"[{cls}] no test images: training and calibration only, no metrics")
@@ -434,13 +440,17 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
             best = _keep_best(cfg, cls, net, cfg.epochs, metrics, best)
         log(f"[{cls}] best on test: epoch {best['epoch']}")
         metrics = dict(best["metrics"], selected_epoch=best["epoch"])
+        if evaluation is not None:  # the report draws the last epoch: say which one results.json holds
+            evaluation.note = "; ".join(filter(None, (
+                evaluation.note, f"this page shows the last epoch ({cfg.epochs}); results.json and the tables "
+                                 f"report epoch {best['epoch']}, selected ON THE TEST SET (--select_best_on_test)")))
     if ctx.is_main:
         atomic_write_json(cfg.paths.metrics(cls), metrics)
         atomic_write_json(cfg.paths.train_log(cls),
                           {"loss_per_step": loss_history, "feature_cache": cfg.feature_cache})
         mark_finished(cfg, cls, metrics)
     distributed.barrier(ctx)
-    return metrics
+    return metrics, evaluation
 
 
 def check_finite_weights(net: AnomalyModel, cls: str) -> None:

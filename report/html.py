@@ -14,10 +14,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from engine.decision import Calibration
-from engine.evaluate import Predictions
-from engine.metrics import pro_curve
-from engine.paths import RunPaths
+from core.decision import Calibration
+from core.results import Predictions
+from core.metrics import pro_curve
+from core.paths import RunPaths
 from utils.io import atomic_write, atomic_write_text
 from utils.log import number, percent
 
@@ -175,7 +175,9 @@ def write_summary_report(output_dir: str, results: dict[str, dict], config: dict
     for name, r in PUBLISHED.items():
         rows[f"<i>{html.escape(name)}</i>"] = r
     settings = ", ".join(f"{k} {html.escape(str(config.get(k)))}"
-                         for k in ("arch", "image_size", "epochs", "batch_size", "teacher_weights"))
+                         for k in ("model", "arch", "image_size", "epochs", "batch_size", "teacher_weights"))
+    if config.get("select_best_on_test"):
+        settings += "; checkpoints: the epoch best ON THE TEST SET (--select_best_on_test), not the last"
     body = (f"<h1>RD4AD results</h1><p>{settings}. Written "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Values in percent; the published "
             f"rows are 15-class MVTec AD means (AUPRO per image), comparable only to a full "

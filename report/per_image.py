@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from engine.decision import Calibration
+from core.decision import Calibration
 from utils.io import atomic_write, atomic_write_text
 from utils.names import is_within
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from engine.evaluate import TABLE_METRICS
+from core.results import TABLE_METRICS
 from utils.log import finite_value, percent
 
 TABLE_NAMES = tuple(m.name for m in TABLE_METRICS)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from engine.decision import MIN_SPREAD_IMAGES, Calibration, best_f1, calibrate, decision_metrics, normalize
-from engine.metrics import aupro, pro_curve
+from core.decision import MIN_SPREAD_IMAGES, Calibration, best_f1, calibrate, decision_metrics, normalize
+from core.metrics import aupro, pro_curve
 
 
 def test_calibration_is_a_quantile_of_good_scores():

@@ -8,11 +8,11 @@ import tracemalloc
 import numpy as np
 import paddle
 
-import engine.run
-import engine.train
+import app.run
 import main
+import model.rd4ad
 from conftest import ROOT
-from engine.evaluate import Predictions, compute_metrics
+from core.results import Predictions, compute_metrics
 from utils.safe_pickle import load_plain_pickle
 
 
@@ -28,7 +28,7 @@ TINY = ["--arch", "resnet18", "--image_size", "64", "--teacher_weights", "none",
 
 
 def test_nan_loss_stops_that_class_keeps_its_last_state_and_the_others_go_on(tmp_path, monkeypatch, capsys):
-    real_loss = engine.train.cosine_distillation_loss
+    real_loss = model.rd4ad.cosine_distillation_loss
     calls = {"aaa": 0}
 
     def loss_that_diverges_in_aaa(teacher_feats, student_feats):
@@ -40,14 +40,14 @@ def test_nan_loss_stops_that_class_keeps_its_last_state_and_the_others_go_on(tmp
         return loss
 
     current = {"cls": None}
-    real_train_class = engine.run.train_class
+    real_train_class = app.run.train_class
 
-    def tracking_train_class(cfg, source, ctx):
+    def tracking_train_class(cfg, source, ctx, **kwargs):
         current["cls"] = source.name
-        return real_train_class(cfg, source, ctx)
+        return real_train_class(cfg, source, ctx, **kwargs)
 
-    monkeypatch.setattr(engine.train, "cosine_distillation_loss", loss_that_diverges_in_aaa)
-    monkeypatch.setattr(engine.run, "train_class", tracking_train_class)
+    monkeypatch.setattr(model.rd4ad, "cosine_distillation_loss", loss_that_diverges_in_aaa)
+    monkeypatch.setattr(app.run, "train_class", tracking_train_class)
     out = str(tmp_path / "out")
     code = main.main(["--data_dir", two_classes(tmp_path), *TINY, "--output_dir", out])
     err = capsys.readouterr()

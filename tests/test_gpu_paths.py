@@ -228,7 +228,7 @@ def test_static_graph_runner_runs_on_paddles_device(monkeypatch, device, expecte
     monkeypatch.setattr(predictor_module, "save_static", lambda net, prefix: None)
     started = []
     monkeypatch.setattr(StaticGraphRunner, "_start", lambda self, config: started.append(config))
-    runner = StaticGraphRunner(SimpleNamespace(image_size=64), threads=3)
+    runner = StaticGraphRunner(SimpleNamespace(build_args=lambda: {"image_size": 64}), threads=3)
     try:
         assert RecordingConfig.calls == expected and len(started) == 1
     finally:

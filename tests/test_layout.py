@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT
 
 ENTRY_POINTS = ("main.py", "infer.py", "export_model.py")
-PACKAGES = ("engine", "deploy", "report", "model", "utils")
-LAYERS_ABOVE_UTILS = {"model", "dataset", "engine", "deploy", "report"}
+PACKAGES = ("app", "core", "engine", "deploy", "report", "model", "utils")
+LAYERS_ABOVE_UTILS = {"model", "dataset", "core", "engine", "deploy", "report", "app"}
 
 
 def source_files():
@@ -60,7 +60,7 @@ def test_utils_imports_no_project_layer():
 
 def test_import_checker_sees_every_spelling():
     """The checker above would catch each way of importing a layer (it is not vacuous)."""
-    code = ("import model\nimport engine.run\nfrom dataset import x\nfrom report.tables import y\n"
+    code = ("import model\nimport app.run\nimport core.results\nfrom dataset import x\nfrom report.tables import y\n"
             "from .. import deploy\nfrom ..engine import z\nfrom .cli import ok\nimport os\n")
     names = {name for _, name in imported_top_levels(ast.parse(code))}
     assert LAYERS_ABOVE_UTILS <= names and "cli" not in names
@@ -113,7 +113,7 @@ def test_cache_checker_allows_own_attribute_only():
 # ------------------------------------------------------------------ 3. one metric registry
 
 def synthetic_predictions():
-    from engine.evaluate import Predictions
+    from core.results import Predictions
 
     rng = np.random.default_rng(0)
     n, size = 6, 16
@@ -128,7 +128,7 @@ def synthetic_predictions():
 
 
 def test_table_headers_come_from_the_registry():
-    from engine.evaluate import METRICS, TABLE_METRICS
+    from core.results import METRICS, TABLE_METRICS
     from report.tables import HEADERS
 
     assert TABLE_METRICS and len(TABLE_METRICS) < len(METRICS)  # JSON-only metrics exist too
@@ -137,8 +137,8 @@ def test_table_headers_come_from_the_registry():
 
 
 def test_compute_metrics_returns_the_registry_in_order():
-    from engine.decision import calibrate
-    from engine.evaluate import METRICS, compute_metrics
+    from core.decision import calibrate
+    from core.results import METRICS, compute_metrics
 
     pred = synthetic_predictions()
     good = pred.labels == 0
@@ -153,8 +153,8 @@ def test_compute_metrics_returns_the_registry_in_order():
 
 
 def test_results_table_has_one_column_per_table_metric():
-    from engine.decision import calibrate
-    from engine.evaluate import TABLE_METRICS, compute_metrics
+    from core.decision import calibrate
+    from core.results import TABLE_METRICS, compute_metrics
     from report.tables import results_table
 
     pred = synthetic_predictions()

@@ -4,7 +4,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from skimage import measure
 
-from engine.metrics import aupro, pixel_auroc, sample_auroc
+from core.metrics import aupro, pixel_auroc, sample_auroc
 
 
 def brute_auroc(labels, scores):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from utils.io import atomic_write_json
-from engine.decision import Calibration
-from engine.evaluate import MetricsError, Predictions, compute_metrics
-from engine.metrics import aupro, pixel_auroc
+from core.decision import Calibration
+from core.results import MetricsError, Predictions, compute_metrics
+from core.metrics import aupro, pixel_auroc
 from report.tables import mean_row, results_table
 
 SIZE = 8

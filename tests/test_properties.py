@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dataset import index_test_dir
-from engine.metrics import aupro, pixel_auroc, sample_auroc
+from core.metrics import aupro, pixel_auroc, sample_auroc
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -237,9 +237,9 @@ def test_weights_that_become_non_finite_fail_the_class(tmp_path, data, capsys, m
     """A finite loss with weights that overflowed: the class fails, nothing calibrated."""
     real_step = engine.train.train_step
 
-    def overflowing_step(branch, optimizer, feats, scaler, **kwargs):
-        loss = real_step(branch, optimizer, feats, scaler, **kwargs)
-        param = branch.parameters()[0]
+    def overflowing_step(trainer, optimizers, inputs, feats, scaler, **kwargs):
+        loss = real_step(trainer, optimizers, inputs, feats, scaler, **kwargs)
+        param = trainer.parameters()[0]
         param.set_value(np.full(param.shape, np.inf, dtype=np.float32))
         return loss
 
@@ -358,7 +358,7 @@ def test_float_images_with_nan_pixels_are_unreadable_not_black(tmp_path):
 
 
 def test_huge_thresholds_are_refused(tmp_path, capsys):
-    from engine.decision import Calibration, CalibrationError
+    from core.decision import Calibration, CalibrationError
 
     good = {"image_threshold": 1.0, "pixel_threshold": 1.0, "image_low": 0.5, "pixel_low": 0.1,
             "quantile": 0.99, "count": 3, "source": "validation"}

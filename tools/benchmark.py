@@ -49,13 +49,13 @@ from deploy.deployment import read_deployment  # noqa: E402
 from deploy.export import export  # noqa: E402
 from deploy.predictor import PredictorOptions, StaticGraphRunner, build_predictor, cpu_has_bf16  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_trained, save_checkpoint  # noqa: E402
-from engine.evaluate import compute_metrics, predict  # noqa: E402
-from engine.metrics import aupro  # noqa: E402
+from core.results import compute_metrics  # noqa: E402
+from engine.evaluate import predict  # noqa: E402
+from core.metrics import aupro  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from model.arch import ARCH_NAMES as ARCHS  # noqa: E402
-from model.loss import cosine_distillation_loss  # noqa: E402
 from model.onednn import OneDNNLibrary, load_library, use_conv_backend  # noqa: E402
-from model.rd4ad import build_rd4ad  # noqa: E402
+from model.registry import MODELS, build_model  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError, shorten  # noqa: E402
 from utils.io import atomic_write_json  # noqa: E402
@@ -227,19 +227,20 @@ def bench_training(args, net) -> list[dict]:
     size, batch = args.image_size, args.train_batch
     inputs = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
     images = paddle.to_tensor(inputs)
-    with paddle.no_grad():
-        cached = net.teacher(images)  # what the cache hands over (float16 round trip below)
-    cached = [paddle.to_tensor(f.numpy().astype(np.float16).astype(np.float32)) for f in cached]
     net.train()
-    optimizer = build_optimizer(net.trainable_parameters())
+    cached = net.teacher_features(images)  # what the cache hands over (float16 round trip below)
+    cached = [paddle.to_tensor(f.numpy().astype(np.float16).astype(np.float32)) for f in cached]
+    # the model's own optimizer groups and loss (model/base.py), as engine/train.py steps them
+    optimizers = [build_optimizer(g.parameters, g.lr, *g.betas) for g in net.optimizer_groups(0.005)]
 
     def our_step(uses_cache: bool):
         def step():
-            feats = cached if uses_cache else net.teacher_features(images)
-            loss = cosine_distillation_loss(feats, net.student_features(feats))
-            loss.backward()
-            optimizer.step()
-            optimizer.clear_grad()
+            inputs = net.train_inputs(images)
+            feats = cached if uses_cache else net.teacher_features(inputs["images"])
+            net.loss_terms(inputs, feats)["loss"].backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.clear_grad()
         return step
     # Every backend this machine has for the convolutions (model/onednn.py), the default
     # first; each is switched on (outside the timing) before its steps.
@@ -357,6 +358,7 @@ STAGES = ("training", "evaluation", "inference", "aupro")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="rd4ad", choices=tuple(MODELS), help="the method (without --checkpoint)")
     p.add_argument("--arch", default="wide_resnet50_2", choices=ARCHS)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="the larger inference batch")
@@ -431,10 +433,9 @@ def benchmark(a: argparse.Namespace) -> int:
             info.update(arch=a.arch, image_size=a.image_size)
             ckpt = a.checkpoint
         else:
-            net = build_rd4ad(a.arch, teacher_weights="none", image_size=a.image_size)
+            net = build_model(a.model, a.arch, a.image_size, teacher_weights="none")
             ckpt = os.path.join(work, "model.pdparams")
-            save_checkpoint(ckpt, net, arch=a.arch, image_size=a.image_size, epoch=0, cls="bench",
-                            teacher_weights="none")
+            save_checkpoint(ckpt, net, epoch=0, cls="bench", teacher_weights="none")
         net.eval()
         model_dir = os.path.join(work, "inference")
         onnx = _has("paddle2onnx") and _has("onnxruntime")

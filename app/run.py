@@ -1,5 +1,9 @@
 """A run over classes: the settings checked, then each class trained, evaluated or drawn
-(one failing class does not stop the others), the results table, JSON and report."""
+(one failing class does not stop the others), the results table, JSON and report.
+
+The orchestrator (doc/pipeline.md, "Layers"): engine/ trains and evaluates and returns
+plain results (core/results.py); this module hands them to report/, and hands the engine
+the compiled predictor of deploy/ it may evaluate with."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +28,14 @@ from utils.lock import OutputLock
 from utils.log import log, warn
 from utils.names import output_names
 
-from .checkpoint import load_trained
-from .config import Config, config_yaml
-from .decision import Calibration, CalibrationError
-from .evaluate import MetricsError, compute_metrics, image_reader, metric_line, no_metrics, predict_samples
-from .preflight import check_before_work, check_config
-from .train import TrainingDiverged, pixel_note, train_class
+from core.decision import Calibration, CalibrationError
+from core.results import ClassEvaluation, MetricsError, compute_metrics, metric_line, no_metrics
+from deploy.predictor import StaticGraphRunner
+from engine.checkpoint import load_trained
+from engine.config import Config, config_yaml
+from engine.evaluate import image_reader, predict_samples
+from engine.preflight import check_before_work, check_config
+from engine.train import TrainingDiverged, pixel_note, train_class
 
 
 class ClassFailed(RuntimeError):
@@ -98,7 +104,10 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
         class_cfg = dataclasses.replace(cfg, **model_settings.get(source.name, {}))
         try:
             if cfg.mode == "train":
-                results[source.name] = dict(train_class(class_cfg, source, ctx))
+                metrics, evaluation = train_class(class_cfg, source, ctx, make_runner=StaticGraphRunner)
+                if evaluation is not None:
+                    write_evaluation_report(class_cfg, evaluation)
+                results[source.name] = dict(metrics)
             elif cfg.mode == "eval":
                 results[source.name] = dict(eval_class(class_cfg, source, ctx))
             else:
@@ -122,12 +131,23 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
     return results
 
 
+def write_evaluation_report(cfg: Config, evaluation: ClassEvaluation) -> None:
+    e = evaluation
+    log(f"[{e.cls}] report: " + write_class_report(cfg.paths.report_dir(e.cls), e.cls, e.pred, e.samples,
+                                                   e.read_image, e.metrics, e.calibration, e.note))
+
+
+def selection_note(cfg: Config) -> str:
+    return ("checkpoint: the epoch best ON THE TEST SET (--select_best_on_test), not the last"
+            if cfg.select_best_on_test else "")
+
+
 def write_results(cfg: Config, results: dict[str, dict]) -> str:
     selection = ("best test-set epoch (--select_best_on_test: selected ON THE TEST SET)"
                  if cfg.select_best_on_test else "last epoch")
     table = results_table(results)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    md = (f"# RD4AD results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
+    md = (f"# {cfg.model.upper()} results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
           f"Command: `{command}`\n\nCheckpoint: {selection}. AUPRO up to FPR 0.3 (per image: the "
           f"reference's and paper's protocol; set: MVTec AD's). Thresholds: the "
           f"{100 * cfg.threshold_quantile:g}% quantile of held-out good images' scores.\n\n{table}\n\n"
@@ -171,13 +191,14 @@ def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dic
     if not samples:
         raise DataError(f"{source.test_dir}: no readable test images")
     net, calibration, _ = load_class_model(cfg, source.name)
-    pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset)
+    pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset,
+                           make_runner=StaticGraphRunner)
     metrics = compute_metrics(pred, calibration, names=[s.image_path for s in samples], warn=warn)
     log(f"[{source.name}] {metric_line(metrics)}")
     if cfg.report and ctx.is_main:
         log(f"[{source.name}] report: " + write_class_report(
             cfg.paths.report_dir(source.name), source.name, pred, samples, image_reader(dataset), metrics,
-            calibration, pixel_note(samples, source)))
+            calibration, "; ".join(filter(None, (pixel_note(samples, source), selection_note(cfg))))))
     if failed:  # the metrics stand for the readable images only: say so in the exit status
         raise ClassFailed(f"[{source.name}] {len(failed)} unreadable test image(s) left out of the metrics "
                           f"(first: {failed[0][0].image_path})", metrics)
@@ -193,7 +214,8 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> No
     dataset, failed = _checked_test_set(cfg, source, ctx)
     samples = dataset.samples
     net, calibration, stats = load_class_model(cfg, cls)
-    pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset) if samples else None
+    pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset,
+                           make_runner=StaticGraphRunner) if samples else None
     if not ctx.is_main:
         return
     writer = ImageWriter(cfg.paths.infer_dir(cls), calibration, stats)

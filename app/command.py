@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataset import DataError
 from utils.cli import run_main
 
-from .config import Config, parse_config
+from engine.config import Config, parse_config
+
 from .run import run
 
 QUICK_START = "python main.py --config configs/sample_bottle.yaml (in the repository's folder)"
