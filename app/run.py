@@ -91,11 +91,12 @@ def set_device(cfg: Config, ctx: distributed.Context) -> str:
 
 def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: list[DataSource],
                 model_settings: dict[str, dict]) -> dict[str, dict]:
+    # The settings actually used (flags over --config over the run's over defaults; in
+    # eval and infer the checkpoints' model settings when the classes agree), readable by
+    # --config, and recorded in results.json and the summary report.
+    common = [dict(s) for s in model_settings.values()]
+    used = dataclasses.replace(cfg, **common[0]) if common and all(c == common[0] for c in common) else cfg
     if ctx.is_main:
-        # The settings actually used (flags over --config over the run's over defaults; in
-        # eval and infer the checkpoints' model settings when the classes agree), readable by --config.
-        common = [dict(s) for s in model_settings.values()]
-        used = dataclasses.replace(cfg, **common[0]) if common and all(c == common[0] for c in common) else cfg
         atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(used))
     log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     results, failed = {}, {}
@@ -120,10 +121,10 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
             metrics = getattr(err, "metrics", None) or no_metrics()
             results[source.name] = dict(metrics) | {"error": message}
         if cfg.mode != "infer" and ctx.is_main:
-            write_results(cfg, results)  # after every class: nothing finished is lost
+            write_results(used, results)  # after every class: nothing finished is lost
     if cfg.mode != "infer":
         if cfg.report and ctx.is_main:
-            log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict())}")
+            log(f"report: {write_summary_report(cfg.output_dir, results, used.to_dict())}")
         log("\n" + results_table(results) + "\n" + TABLE_NOTE)
     if failed:
         raise PartialFailure(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
