@@ -156,7 +156,10 @@ def parse_class_epochs(text: str, where: str) -> dict[str, int]:
             raise ConfigError(f"{where}: {shorten(item)} is not CLASS=EPOCHS with EPOCHS a whole number >= 1")
         if name in out:
             raise ConfigError(f"{where}: class {shorten(name)} given twice")
-        out[check_class_name(name)] = int(value)
+        try:
+            out[check_class_name(name, where)] = int(value)
+        except UserError as err:
+            raise ConfigError(str(err)) from None
     return out
 
 

@@ -70,3 +70,87 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         atomic_write(str(target), half_write)
     assert target.read_text() == "first version"
     assert os.listdir(tmp_path) == ["results.md"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------- files written before model/registry.py
+
+def old_checkpoint(path, net, arch, image_size, teacher_weights="none"):
+    """A checkpoint exactly as main's save_checkpoint wrote it before model/registry.py
+    (commit e8b5a60): no model name, RD4AD's parts at the top level."""
+    state = {"format": "rd4ad-paddle/1", "arch": arch, "image_size": int(image_size), "epoch": 3,
+             "class": "bottle", "bottleneck": net.bottleneck.state_dict(), "student": net.student.state_dict(),
+             "teacher_weights": teacher_weights}
+    if teacher_weights == "none":
+        state["teacher"] = net.teacher.state_dict()
+    paddle.save(state, path)
+
+
+def test_a_checkpoint_without_a_model_name_loads_as_rd4ad(tmp_path):
+    from engine.checkpoint import load_trained
+    from model.rd4ad import RD4AD
+
+    paddle.seed(11)
+    net = build_rd4ad("resnet18", teacher_weights="none", image_size=64)
+    path = str(tmp_path / "model.pdparams")
+    old_checkpoint(path, net, "resnet18", 64)
+    state = load_checkpoint(path)
+    assert (state["model"], state["parts"]) == ("rd4ad", ["bottleneck", "student"])
+    assert state["model_args"] == {"arch": "resnet18", "image_size": 64}
+    loaded, _ = load_trained(path, conv_backend="paddle")
+    assert type(loaded) is RD4AD and loaded.image_size == 64
+    for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+
+
+def test_a_training_state_without_a_model_name_resumes(tmp_path):
+    """A state as main wrote it (one "optimizer", "param_names" a list, a fingerprint
+    without the model) resumes: weights and Adam moments land on the right parameters."""
+    import json
+    import random
+
+    from engine.config import Config
+    from engine.optim import build_optimizer
+    from engine.train_state import load_train_state, restore_train_state
+    from model.loss import cosine_distillation_loss
+
+    cfg = Config(arch="resnet18", image_size=64, output_dir=str(tmp_path), teacher_weights="none")
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32))
+
+    def setup():
+        paddle.seed(1)
+        net = build_rd4ad("resnet18", "none", conv_backend="paddle")
+        return net, build_optimizer(net.trainable_parameters(), 0.005)
+
+    def step(net, optimizer):
+        net.train()
+        feats = net.teacher_features(x)
+        loss = cosine_distillation_loss(feats, net.student_features(feats))
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        return float(loss)
+
+    net, opt = setup()
+    step(net, opt)
+    fingerprint = {"arch": "resnet18", "image_size": 64, "epochs": 200, "batch_size": 16, "lr": 0.005,
+                   "beta1": 0.5, "beta2": 0.999, "seed": 111, "teacher_weights": "none", "val_ratio": 0.1,
+                   "feature_cache": True, "feature_cache_dtype": "float16", "amp": False}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    os.makedirs(tmp_path / "c")
+    paddle.save({  # main's save_train_state (commit e8b5a60), field by field
+        "format": "rd4ad-paddle-train-state/1", "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "epoch": 1, "bottleneck": net.bottleneck.state_dict(), "student": net.student.state_dict(),
+        "optimizer": opt.state_dict(), "param_names": [p.name for p in net.trainable_parameters()],
+        "sampler_rng": json.dumps(np.random.default_rng(3).bit_generator.state),
+        "python_rng": json.dumps(random.getstate()),
+        "numpy_rng": json.dumps([name, keys.tolist(), int(pos), int(has_gauss), float(cached)]),
+        "loss_history": json.dumps([[1.0]]), "extra": json.dumps({})}, str(tmp_path / "c" / "train_state.pdparams"))
+    expected = step(net, opt)
+
+    net2, opt2 = setup()
+    epoch, history, _ = restore_train_state(load_train_state(cfg, "c"), net2, {"distillation": opt2}, cfg.lr,
+                                            np.random.default_rng(0))
+    assert (epoch, history) == (1, [[1.0]])
+    assert step(net2, opt2) == expected
+    for a, b in zip(net.trainable_parameters(), net2.trainable_parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
