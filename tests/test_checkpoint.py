@@ -154,3 +154,23 @@ def test_a_training_state_without_a_model_name_resumes(tmp_path):
     assert step(net2, opt2) == expected
     for a, b in zip(net.trainable_parameters(), net2.trainable_parameters()):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_class_finished_before_the_registry_still_counts_as_finished(tmp_path):
+    """status.json's fingerprint without a model is RD4AD's: the class is skipped, not
+    refused as 'finished with other settings'."""
+    import json
+
+    from engine.config import Config
+    from engine.train_state import finished_metrics, fingerprint
+
+    cfg = Config(arch="resnet18", image_size=64, output_dir=str(tmp_path), teacher_weights="none")
+    old = fingerprint(cfg, "c")
+    assert "model" not in old  # RD4AD's fingerprint is the one main wrote
+    os.makedirs(tmp_path / "c")
+    (tmp_path / "c" / "model.pdparams").write_bytes(b"x")
+    (tmp_path / "c" / "status.json").write_text(json.dumps({"finished": True, "fingerprint": old,
+                                                            "metrics": {"pixel_auroc": 0.5}}))
+    assert finished_metrics(cfg, "c") == {"pixel_auroc": 0.5}
+    with pytest.raises(Exception, match=r"epochs=200 \(now 7\)"):
+        finished_metrics(Config(**{**cfg.to_dict(), "epochs": 7, "explicit": frozenset()}), "c")
