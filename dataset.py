@@ -28,9 +28,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                  "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 LAYOUTS = ("auto", "mvtec", "btad")
-# Each layout's folder of good images (train/GOOD, test/GOOD) and its name for messages.
+# Each layout's folder of good images (train/GOOD, test/GOOD).
 GOOD_FOLDER = {"mvtec": "good", "btad": "ok"}
-LAYOUT_TITLE = {"mvtec": "MVTec AD", "btad": "BTAD"}
 
 
 class DataError(UserError):
