@@ -17,8 +17,9 @@ GEMM, which is as fast.
   dilation 1, no bias, equal strides, an int padding (no output padding or output size
   for a transposed one). Anything else, and every static graph (to_static, export), runs
   Paddle's own kernel: exported models never contain this.
-- `--conv_backend auto` uses oneDNN where Paddle's wheel has it (x86-64 Linux CPU builds)
-  and the device is the CPU, else Paddle's kernels; `onednn` insists; `paddle` never uses it.
+- `--conv_backend auto` uses oneDNN where Paddle's wheel has a tested version of it (x86-64
+  Linux CPU builds) and the device is the CPU, else Paddle's kernels; `onednn` insists;
+  `paddle` never uses it.
 - Limits of Paddle 3.3.1's PyLayer, which training here never meets: a second
   `backward(retain_graph=True)` through any PyLayer crashes the process; hooks on a
   PyLayer's output are not called; `paddle.grad` for a strict subset of the leaves that
