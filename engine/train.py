@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from core.decision import calibrate
 from core.results import ClassEvaluation, compute_metrics, good_score_statistics, metric_line, no_metrics
-from dataset import DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked, split_validation
+from dataset import (GOOD_FOLDER, DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked,
+                     mask_naming, split_validation)
 from model.base import AnomalyModel
 from model.registry import build_model
 from utils import distributed
@@ -55,7 +56,7 @@ class TrainData:
 
     def __init__(self, source: DataSource, cfg: Config, ctx: distributed.Context) -> None:
         train, val = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)
-        test = index_test_dir(source.test_dir, source.gt_dir)
+        test = index_test_dir(source.test_dir, source.gt_dir, source.layout)
         self.train_set, bad_train, _ = load_checked(train, cfg.image_size, ctx.is_main, f"read {source.name} train")
         self.val_set, bad_val, _ = load_checked(val, cfg.image_size)
         self.test_set, bad_test, mask_warnings = load_checked(test, cfg.image_size, ctx.is_main,
@@ -79,9 +80,10 @@ def pixel_note(samples: list[Sample], source: DataSource) -> str:
     named only when it is the MVTec layout's own (plain folders never had one)."""
     if not any(s.label == 1 and s.mask_path is None for s in samples):
         return ""
-    where = (f" (MVTec layout: {source.gt_dir}/DEFECT/NAME_mask.png)"
-             if source.gt_dir and source.train_dir == os.path.join(os.path.dirname(source.gt_dir), "train", "good")
-             else "")
+    own_layout = source.gt_dir and source.train_dir == os.path.join(os.path.dirname(source.gt_dir), "train",
+                                                                    GOOD_FOLDER[source.layout])
+    where = (f" ({'MVTec' if source.layout == 'mvtec' else 'BTAD'} layout: {source.gt_dir}/"
+             f"{mask_naming(source.layout)})" if own_layout else "")
     return f"no ground-truth masks{where}: pixel metrics n/a, image metrics still computed"
 
 
