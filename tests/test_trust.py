@@ -376,15 +376,17 @@ def test_training_states_that_do_not_fit_the_model_are_one_line(tmp_path, data, 
     """A state that would fail half-way through restoring is refused before anything runs."""
     state = _unfinished_state(tmp_path, data, capsys)
     first = sorted(state["bottleneck"])[0]
-    moment = sorted(k for k in state["optimizer"] if k.endswith("_moment1_0"))[0]
+    optimizer = state["optimizers"]["distillation"]  # RD4AD's one optimizer group
+    moment = sorted(k for k in optimizer if k.endswith("_moment1_0"))[0]
     if damage in ("int64", "float64"):
         state["bottleneck"][first] = state["bottleneck"][first].astype(damage)
     elif damage == "optimizer_shape":
-        state["optimizer"][moment] = np.zeros(3, np.float32)
+        optimizer[moment] = np.zeros(3, np.float32)
     elif damage == "optimizer_nan":
-        state["optimizer"][moment] = state["optimizer"][moment] * np.nan
+        optimizer[moment] = optimizer[moment] * np.nan
     else:
-        state["param_names"] = state["param_names"][:-1] + ["zzz"]
+        names = state["param_names"]["distillation"]
+        state["param_names"]["distillation"] = names[:-1] + ["zzz"]
     work = tmp_path / "work"
     (work / "widget").mkdir(parents=True)
     import pickle
