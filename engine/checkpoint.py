@@ -15,8 +15,8 @@ import numpy as np
 import paddle
 
 from model.arch import ARCH_NAMES
-from model.base import AnomalyModel
-from model.registry import DEFAULT_MODEL, MODELS, build_model
+from model.base import AnomalyModel, prepared
+from model.registry import DEFAULT_MODEL, MODELS
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
 from utils.safe_pickle import load_plain_pickle
@@ -105,12 +105,12 @@ def check_checkpoint(state: dict, path: str) -> None:
         got = shorten(state[key]) if key in state else "missing"
         return CheckpointError(f"{path}: damaged checkpoint: {key!r} must be {need} ({got})")
 
-    normalise_model_fields(state, path)
     if state.get("arch") not in ARCH_NAMES:
         raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = state.get("image_size")
     if not is_whole_number(size) or size < 64 or size % 32:
         raise bad("image_size", "a multiple of 32, at least 64")
+    normalise_model_fields(state, path)  # after arch and image_size: its arguments repeat them
     if not is_whole_number(state.get("epoch")) or state["epoch"] < 0:
         raise bad("epoch", "a whole number >= 0")
     for key, longest in (("class", 255), ("teacher_weights", 4096)):
@@ -161,7 +161,8 @@ def normalise_model_fields(state: dict, path: str) -> None:
     options = MODELS[name].options
     unknown = sorted(set(args) - {"arch", "image_size"} - set(options))
     if unknown:
-        raise CheckpointError(f"{path}: damaged checkpoint: {shorten(unknown)} not options of --model {name}")
+        raise CheckpointError(f"{path}: damaged checkpoint: model_args {', '.join(repr(k[:40]) for k in unknown[:3])}: "
+                              f"not options of --model {name}")
     for key, option in options.items():
         value = args.get(key, option.default)
         if type(value) is not option.type or (option.choices and value not in option.choices):
@@ -218,8 +219,8 @@ def rebuild(state: dict, teacher_weights: str, conv_backend: str = "auto", path:
     """The architecture a checkpoint (or deploy.json) names: MODELS[model](**model_args),
     its teacher's weights from `teacher_weights`. Untrained: apply_checkpoint fills it."""
     try:
-        return build_model(state["model"], teacher_weights=teacher_weights, conv_backend=conv_backend,
-                           **state["model_args"])
+        net = MODELS[state["model"]](**state["model_args"])
     except (TypeError, ValueError) as err:  # arguments the model's __init__ refuses
         raise CheckpointError(f"{path}: --model {state['model']} cannot be rebuilt from {shorten(state['model_args'])} "
                               f"({shorten(str(err))})") from None
+    return prepared(net, teacher_weights, conv_backend)  # the teacher file's own errors name it

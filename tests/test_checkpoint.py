@@ -174,3 +174,26 @@ def test_a_class_finished_before_the_registry_still_counts_as_finished(tmp_path)
     assert finished_metrics(cfg, "c") == {"pixel_auroc": 0.5}
     with pytest.raises(Exception, match=r"epochs=200 \(now 7\)"):
         finished_metrics(Config(**{**cfg.to_dict(), "epochs": 7, "explicit": frozenset()}), "c")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "nope"}, "trained with --model 'nope', which this version does not know (known: rd4ad)"),
+    ({"model": ["rd4ad"]}, "which this version does not know"),
+    ({"parts": ["format"]}, "damaged checkpoint: 'parts' must list the trained parts"),
+    ({"parts": ["bottleneck"]}, "holds parts bottleneck, the rd4ad model trains bottleneck, student"),
+    ({"model_args": "resnet18"}, "damaged checkpoint: 'model_args' must be a dict naming its arch and image_size"),
+    ({"model_args": {"arch": "resnet34", "image_size": 64}}, "'model_args' must be a dict naming its arch"),
+    ({"model_args": {"arch": "resnet18", "image_size": 64, "evil": 1}},
+     "damaged checkpoint: model_args 'evil': not options of --model rd4ad"),
+])
+def test_damaged_model_fields_are_one_line(saved, tmp_path, change, message):
+    from engine.checkpoint import load_trained
+    from utils.safe_pickle import load_plain_pickle
+
+    _, path = saved
+    state = {**load_plain_pickle(path), **change}
+    bad = str(tmp_path / "bad.pdparams")
+    paddle.save(state, bad)
+    with pytest.raises(CheckpointError) as err:
+        load_trained(bad, conv_backend="paddle")
+    assert str(err.value).startswith(bad + ": ") and message in str(err.value) and "\n" not in str(err.value)
