@@ -19,6 +19,7 @@ from utils.config import (ConfigError, build_parser, checked_values, given_flags
 from utils.errors import UserError, shorten
 from utils.names import check_class_name
 
+from .decision import MAX_THRESHOLD
 from .paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
@@ -71,6 +72,9 @@ class Config:
     val_ratio: float = setting(0.1, "share of good images held out to calibrate thresholds (0: train images)",
                                group=DATA)
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
+    # as infer.py --threshold; nan (not given): each checkpoint's calibrated thresholds
+    threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
+                                         "the calibrated one (nan: calibrated)", group=DATA)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
     resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
@@ -122,6 +126,13 @@ class Config:
             raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
+        if not math.isnan(self.threshold):
+            if self.mode != "infer":
+                raise ConfigError(f"--threshold {self.threshold}: only for --mode infer (eval reports the "
+                                  f"calibrated thresholds' metrics)")
+            if not (math.isfinite(self.threshold) and abs(self.threshold) <= MAX_THRESHOLD):
+                raise ConfigError(f"--threshold {self.threshold}: must be a finite number within "
+                                  f"+-{MAX_THRESHOLD:g} (scores lie in [0, 6])")
         for name in ("output_dir", "data_dir", "teacher_weights"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"--{name}: must not be empty")
