@@ -231,10 +231,12 @@ def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, v
         y_text = min(max(y - text_h // 2, top + text_h), top + h - 2 * text_h)
         draw.text((x_label, y_text), "thr", fill=_BLACK, font=font)
 
-    # The caption: up to CAPTION_LINES lines (split at newlines), each cut to fit.
+    # The caption: up to CAPTION_LINES lines (split at newlines); a line too long for a
+    # narrow picture first loses its closing "(...)" aside, then is cut.
     for k, line in enumerate(caption.split("\n")[:CAPTION_LINES]):
-        draw.text((4, top + h + 3 + k * (text_h + 2)), _fit(draw, [line], width - 8, font), fill=_BLACK,
-                  font=font)
+        shorter = line[:line.rindex(" (")] if line.endswith(")") and " (" in line else line
+        draw.text((4, top + h + 3 + k * (text_h + 2)), _fit(draw, [line, shorter], width - 8, font),
+                  fill=_BLACK, font=font)
     return canvas
 
 
