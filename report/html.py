@@ -19,7 +19,7 @@ from engine.evaluate import Predictions
 from engine.metrics import pro_curve
 from engine.paths import RunPaths
 from utils.io import atomic_write, atomic_write_text
-from utils.log import number, percent
+from utils.log import finite_value, number, percent
 
 from .per_image import ImageItem, caption, colour_range
 from .pictures import DISPLAY_WIDTH, side_by_side, stack_vertically
@@ -242,9 +242,14 @@ def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,
     parts = [f"<h1>RD4AD report: {html.escape(cls)}</h1>"]
     if model:
         parts.append(f"<p><b>{html.escape(model_line(model))}</b></p>")
-    parts += [(f"<p>{len(samples)} test images ({good} good, {bad} defective, "
-               f"{int((~labelled).sum())} unlabelled). Values in percent.</p>"),
-              _metrics_table({html.escape(cls): metrics})]
+    parts.append(f"<p>{len(samples)} test images ({good} good, {bad} defective, "
+                 f"{int((~labelled).sum())} unlabelled). Values in percent.</p>")
+    if any(finite_value(metrics.get(m)) is not None for m in TABLE_NAMES):
+        parts.append(_metrics_table({html.escape(cls): metrics}))
+    else:  # a table of n/a says nothing: say why, and what there is instead
+        parts.append("<p>No metrics: they need labelled test images (good/ and DEFECT/ subfolders of the "
+                     "test folder) and, for pixel metrics, ground-truth masks. Below: each image's score"
+                     + (" and verdict." if calibration is not None else ".") + "</p>")
     if note:
         parts.append(f'<p class="note">Note: {html.escape(note)}</p>')
     if calibration is not None:
@@ -253,10 +258,7 @@ def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,
             f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
             f"pixel {calibration.pixel_threshold:.5f}. An image scoring above the image threshold is "
             f"DEFECT, else OK. Normalised score 0.5 = threshold."
-            + (f" F1-optimal on this test set (for comparison): image {percent(metrics.get('best_image_f1'))}% "
-               f"at {_threshold(metrics.get('best_image_threshold'))}, pixel "
-               f"{percent(metrics.get('best_pixel_f1'))}% at {_threshold(metrics.get('best_pixel_threshold'))}."
-               if "best_image_threshold" in metrics else "") + "</p>")
+            + _best_thresholds(metrics) + "</p>")
     else:
         parts.append("<p>No calibrated thresholds in this checkpoint: scores only, no verdicts.</p>")
     for name, title in figures:
@@ -268,6 +270,13 @@ def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,
     index = os.path.join(folder, "index.html")
     atomic_write_text(index, _page(f"RD4AD {cls}", "\n".join(parts)))
     return index
+
+
+def _best_thresholds(metrics: dict) -> str:
+    """The F1-optimal thresholds on the test labels, where the labels define them."""
+    found = [f"{what} {percent(metrics.get(f'best_{what}_f1'))}% at {_threshold(metrics.get(f'best_{what}_threshold'))}"
+             for what in ("image", "pixel") if finite_value(metrics.get(f"best_{what}_threshold")) is not None]
+    return f" F1-optimal on this test set (for comparison): {', '.join(found)}." if found else ""
 
 
 def _models_table(models: dict[str, dict | None]) -> str:

@@ -270,6 +270,8 @@ def test_own_unlabelled_images_without_masks_get_scores_verdicts_and_pictures(tm
     rows = layout(64, 64, predicted=True)[1][1]
     assert Image.open(os.path.join(folder, "unlabelled_highest.png")).size[1] == 4 * rows
     assert "<details open>" in page  # the scores table is the result: shown open
+    assert "<td>n/a</td>" not in page and "No metrics: they need labelled test images" in page
+    assert "F1-optimal" not in page  # no labels, no F1-optimal thresholds (not "n/a% at n/a")
     table = re.findall(r"<tr><td>line/(\d+)\.png</td><td>unlabelled</td><td>([\d.]+)</td><td>[\d.]+</td>"
                        r"<td>(\w+)</td></tr>", page)
     assert [(int(i), float(s), v) for i, s, v in table] == [
