@@ -183,4 +183,5 @@ def run_data_settings(saved: str, chosen: dict, mode: str) -> dict:
 
 def config_yaml(cfg: Config) -> str:
     """The config actually used, as YAML that --config reads back."""
-    return settings_yaml(cfg, leave_out=("config",))
+    # no --threshold (nan) is left out: the file reads back to the default, and nan != nan
+    return settings_yaml(cfg, leave_out=("config",) + (("threshold",) if math.isnan(cfg.threshold) else ()))
