@@ -7,6 +7,7 @@ the compiled predictor of deploy/ it may evaluate with."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -19,7 +20,7 @@ from model.base import AnomalyModel
 from model.teacher import resolve_teacher_weights
 from report.html import write_class_report, write_summary_report
 from report.per_image import ImageItem, ImageWriter, colour_range
-from report.tables import TABLE_NOTE, mean_row, results_table
+from report.tables import TABLE_NOTE, mean_row, models_table, results_table
 from utils import distributed
 from utils.config import ConfigError
 from utils.errors import PartialFailure
@@ -34,6 +35,7 @@ from deploy.predictor import StaticGraphRunner
 from engine.checkpoint import load_trained
 from engine.config import Config, config_yaml
 from engine.evaluate import image_reader, predict_samples
+from engine.model_info import SETTING_FIELDS, class_model, common_settings, described_settings
 from engine.preflight import check_before_work, check_config
 from engine.train import TrainingDiverged, pixel_note, train_class
 
@@ -91,12 +93,17 @@ def set_device(cfg: Config, ctx: distributed.Context) -> str:
 
 def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: list[DataSource],
                 model_settings: dict[str, dict]) -> dict[str, dict]:
-    # The settings actually used (flags over --config over the run's over defaults; in
-    # eval and infer the checkpoints' model settings when the classes agree), readable by
-    # --config, and recorded in results.json and the summary report.
-    common = [dict(s) for s in model_settings.values()]
-    used = dataclasses.replace(cfg, **common[0]) if common and all(c == common[0] for c in common) else cfg
+    # What each class's results come from, read from its checkpoint: in eval / infer before
+    # the classes run, in training after each class has saved its own.
+    models = {s.name: class_model(cfg, s.name) for s in sources} if cfg.mode != "train" else {}
     if ctx.is_main:
+        # The settings actually used (flags over --config over the run's over defaults; in
+        # eval and infer the checkpoints' model settings when the classes agree), readable by --config.
+        common = [dict(s) for s in model_settings.values()]
+        used = dataclasses.replace(cfg, **common[0]) if common and all(c == common[0] for c in common) else cfg
+        shared = common_settings(models)
+        used = dataclasses.replace(used, **{k: shared[f] for k, f in SETTING_FIELDS.items()
+                                           if k in ("epochs", "batch_size") and shared.get(f) is not None})
         atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(used))
     log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     results, failed = {}, {}
@@ -110,7 +117,7 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
                     write_evaluation_report(class_cfg, evaluation)
                 results[source.name] = dict(metrics)
             elif cfg.mode == "eval":
-                results[source.name] = dict(eval_class(class_cfg, source, ctx))
+                results[source.name] = dict(eval_class(class_cfg, source, ctx, models.get(source.name)))
             else:
                 infer_class(class_cfg, source, ctx)
                 results[source.name] = {}
@@ -120,11 +127,13 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
             failed[source.name] = message
             metrics = getattr(err, "metrics", None) or no_metrics()
             results[source.name] = dict(metrics) | {"error": message}
+        if cfg.mode == "train" and ctx.is_main:
+            models[source.name] = class_model(cfg, source.name)
         if cfg.mode != "infer" and ctx.is_main:
-            write_results(used, results)  # after every class: nothing finished is lost
+            write_results(cfg, results, models)  # after every class: nothing finished is lost
     if cfg.mode != "infer":
         if cfg.report and ctx.is_main:
-            log(f"report: {write_summary_report(cfg.output_dir, results, used.to_dict())}")
+            log(f"report: {write_summary_report(cfg.output_dir, results, models)}")
         log("\n" + results_table(results) + "\n" + TABLE_NOTE)
     if failed:
         raise PartialFailure(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
@@ -135,7 +144,7 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
 def write_evaluation_report(cfg: Config, evaluation: ClassEvaluation) -> None:
     e = evaluation
     log(f"[{e.cls}] report: " + write_class_report(cfg.paths.report_dir(e.cls), e.cls, e.pred, e.samples,
-                                                   e.read_image, e.metrics, e.calibration, e.note))
+                                                   e.read_image, e.metrics, e.calibration, e.note, e.model))
 
 
 def selection_note(cfg: Config) -> str:
@@ -143,20 +152,26 @@ def selection_note(cfg: Config) -> str:
             if cfg.select_best_on_test else "")
 
 
-def write_results(cfg: Config, results: dict[str, dict]) -> str:
+def write_results(cfg: Config, results: dict[str, dict], models: dict[str, dict | None]) -> str:
+    """results.md and results.json: the metrics, and per class the model they come from."""
     selection = ("best test-set epoch (--select_best_on_test: selected ON THE TEST SET)"
                  if cfg.select_best_on_test else "last epoch")
     table = results_table(results)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    md = (f"# {cfg.model.upper()} results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
+    shared = common_settings({c: models.get(c) for c in results})
+    title = ", ".join(p for p in (shared.get("arch"), f"{shared['image_size']}px" if "image_size" in shared else None)
+                      if p)
+    method = str(shared.get("model", cfg.model)).upper()
+    md = (f"# {method} results ({title + ', ' if title else ''}{cfg.mode})\n\n"
           f"Command: `{command}`\n\nCheckpoint: {selection}. AUPRO up to FPR 0.3 (per image: the "
           f"reference's and paper's protocol; set: MVTec AD's). Thresholds: the "
           f"{100 * cfg.threshold_quantile:g}% quantile of held-out good images' scores.\n\n{table}\n\n"
-          f"{TABLE_NOTE}\n")
+          f"{TABLE_NOTE}\n\n## Models\n\n{models_table({c: models.get(c) for c in results})}\n")
     atomic_write_text(cfg.paths.file("results.md"), md)
     atomic_write_json(cfg.paths.file("results.json"), {
-        "config": cfg.to_dict(), "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
-        "classes": results, "mean": mean_row(results)})
+        "config": described_settings(cfg, {c: models.get(c) for c in results}),
+        "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
+        "classes": results, "models": {c: models.get(c) for c in results}, "mean": mean_row(results)})
     return table
 
 
@@ -184,7 +199,7 @@ def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
     return dataset, failed
 
 
-def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
+def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, model: dict | None = None) -> dict:
     dataset, failed = _checked_test_set(cfg, source, ctx)
     for _, reason in failed:
         warn(f"{reason}: skipped (not in the metrics)")
@@ -199,7 +214,7 @@ def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dic
     if cfg.report and ctx.is_main:
         log(f"[{source.name}] report: " + write_class_report(
             cfg.paths.report_dir(source.name), source.name, pred, samples, image_reader(dataset), metrics,
-            calibration, "; ".join(filter(None, (pixel_note(samples, source), selection_note(cfg))))))
+            calibration, "; ".join(filter(None, (pixel_note(samples, source), selection_note(cfg)))), model))
     if failed:  # the metrics stand for the readable images only: say so in the exit status
         raise ClassFailed(f"[{source.name}] {len(failed)} unreadable test image(s) left out of the metrics "
                           f"(first: {failed[0][0].image_path})", metrics)
@@ -215,6 +230,12 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> No
     dataset, failed = _checked_test_set(cfg, source, ctx)
     samples = dataset.samples
     net, calibration, stats = load_class_model(cfg, cls)
+    if not math.isnan(cfg.threshold):  # --threshold: both thresholds replaced, as infer.py does
+        if calibration is None:
+            raise CalibrationError(f"--threshold needs calibrated thresholds; {cfg.paths.checkpoint(cls)} has none "
+                                   f"(trained by an older version): retrain the class")
+        calibration = calibration.with_threshold(cfg.threshold)
+        log(f"[{cls}] --threshold {cfg.threshold:g}: verdicts and masks at this raw score, not the calibrated one")
     pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset,
                            make_runner=StaticGraphRunner) if samples else None
     if not ctx.is_main:

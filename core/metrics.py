@@ -4,7 +4,7 @@ All take numpy arrays and return a Python float. AUPRO's exact mode sorts the pi
 and reads the whole curve off cumulative sums; `num_thresholds=200` reproduces the
 reference's `compute_pro` (hq-deng/RD4AD test.py) from the same sorted arrays. Scores or
 maps that are not finite (NaN, inf) raise ValueError: sorting would place them silently
-and give a number (engine/evaluate.py names the images first).
+and give a number (core/results.py names the images first).
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def _decision(key: str) -> Callable[[MetricInputs], float]:
 
 
 nan = math.nan
-# The one list of metrics: to add one, add its formula (engine/metrics.py) and a line here.
+# The one list of metrics: to add one, add its formula (core/metrics.py) and a line here.
 METRICS: tuple[Metric, ...] = (
     Metric("pixel_auroc", "Pixel AUROC", "pixel AUROC",
            lambda x: pixel_auroc(x.masks, x.maps) if x.both_pixels else nan),
@@ -249,3 +249,4 @@ class ClassEvaluation:
     metrics: dict[str, float]
     calibration: Calibration | None
     note: str                                  # why some metric is n/a, which epoch is shown...
+    model: dict | None = None                  # what the results were computed with (engine/model_info.py)

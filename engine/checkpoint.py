@@ -19,6 +19,7 @@ from model.base import AnomalyModel, prepared
 from model.registry import DEFAULT_MODEL, MODELS
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
+from utils.names import NameError_, check_class_name
 from utils.safe_pickle import load_plain_pickle
 
 from core.decision import Calibration, CalibrationError
@@ -27,7 +28,7 @@ FORMAT = "rd4ad-paddle/1"
 # Keys of a checkpoint that are not a part's weights: no model may name a part so.
 RESERVED_KEYS = frozenset({"format", "model", "model_args", "parts", "arch", "image_size", "epoch", "class",
                            "teacher", "teacher_weights", "score_stats", "calibration", "selection",
-                           "converted_from"})
+                           "converted_from", "planned_epochs", "batch_size"})
 MAX_ARGS = 32
 
 
@@ -80,7 +81,7 @@ def save_checkpoint(path: str, net: AnomalyModel, *, epoch: int, cls: str, image
 def load_checkpoint(path: str, arch: str | None = None, image_size: int | None = None) -> dict:
     """Read (never running code: utils/safe_pickle.py) and check a checkpoint; raise
     CheckpointError with one line naming the file."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):  # anything else there: load_plain_pickle says what it is
         raise CheckpointError(f"{path}: checkpoint not found (train this class first)")
     try:
         state = load_plain_pickle(path, "checkpoint")
@@ -116,6 +117,10 @@ def check_checkpoint(state: dict, path: str) -> None:
     for key, longest in (("class", 255), ("teacher_weights", 4096)):
         if not isinstance(state.get(key), str) or len(state[key]) > longest:
             raise bad(key, f"a string of at most {longest} characters")
+    try:  # it names the export's folder (export_model.py without --save_dir): never a path
+        check_class_name(state["class"], "class")
+    except NameError_ as err:
+        raise CheckpointError(f"{path}: damaged checkpoint: {err}") from None
     for part in [*state["parts"], "teacher"]:
         if part == "teacher" and part not in state:
             continue

@@ -23,6 +23,7 @@ from utils.config import (ConfigError, build_parser, checked_values, given_flags
 from utils.errors import UserError, shorten
 from utils.names import check_class_name
 
+from core.decision import MAX_THRESHOLD
 from core.paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
@@ -83,6 +84,9 @@ class BaseConfig:
     val_ratio: float = setting(0.1, "share of good images held out to calibrate thresholds (0: train images)",
                                group=DATA)
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
+    # as infer.py --threshold; nan (not given): each checkpoint's calibrated thresholds
+    threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
+                                         "the calibrated one (nan: calibrated)", group=DATA)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
     resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
@@ -134,6 +138,13 @@ class BaseConfig:
             raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
+        if not math.isnan(self.threshold):
+            if self.mode != "infer":
+                raise ConfigError(f"--threshold {self.threshold}: only for --mode infer (eval reports the "
+                                  f"calibrated thresholds' metrics)")
+            if not (math.isfinite(self.threshold) and abs(self.threshold) <= MAX_THRESHOLD):
+                raise ConfigError(f"--threshold {self.threshold}: must be a finite number within "
+                                  f"+-{MAX_THRESHOLD:g} (scores lie in [0, 6])")
         for name in ("output_dir", "data_dir", "teacher_weights"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"--{name}: must not be empty")
@@ -199,17 +210,24 @@ def build_config_parser():
 
 
 def load_config_file(path: str) -> dict:
-    """The settings of a --config YAML file, checked (ConfigError naming the file)."""
+    """The settings of a --config YAML file (or a run's saved config.yaml), checked
+    (ConfigError naming the file). Its class names are checked as --cls is: a name read
+    from a file is never a path."""
     values = read_yaml_mapping(path)
     if isinstance(values.get("class_epochs"), dict):  # the YAML spelling: {CLASS: N}
         table = values["class_epochs"]
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in table.values()):
             raise ConfigError(f"{path}: class_epochs: each value must be a whole number of epochs")
         values = {**values, "class_epochs": ",".join(f"{k}={v}" for k, v in table.items())}
-    out = checked_values(Config, values, path)
-    if "class_epochs" in out:
-        parse_class_epochs(out["class_epochs"], f"{path}: class_epochs")
-    return out
+    values = checked_values(Config, values, path)
+    if "cls" in values:
+        try:
+            Config(cls=values["cls"]).class_names()
+        except UserError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if "class_epochs" in values:
+        parse_class_epochs(values["class_epochs"], f"{path}: class_epochs")
+    return values
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
@@ -247,4 +265,5 @@ def run_data_settings(saved: str, chosen: dict, mode: str) -> dict:
 
 def config_yaml(cfg: Config) -> str:
     """The config actually used, as YAML that --config reads back."""
-    return settings_yaml(cfg, leave_out=("config",))
+    # no --threshold (nan) is left out: the file reads back to the default, and nan != nan
+    return settings_yaml(cfg, leave_out=("config",) + (("threshold",) if math.isnan(cfg.threshold) else ()))

@@ -33,6 +33,7 @@ from utils.tracking import ScalarLogger
 from .checkpoint import part_layers, save_checkpoint
 from .config import Config, model_options
 from .evaluate import RunnerFactory, image_reader, make_loader, predict_samples
+from .model_info import trained_model, training_record
 from .feature_cache import EpochBatchSampler, TeacherFeatureCache
 from .optim import build_optimizer
 from .preflight import check_batch_size
@@ -309,7 +310,7 @@ class TrainingRun:
         cfg, cls, ctx, net = self.cfg, self.cls, self.ctx, self.net
         if ctx.is_main:
             save_checkpoint(cfg.paths.checkpoint(cls), net, image_size=cfg.image_size,
-                            epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights)
+                            epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights, extra=training_record(cfg))
         if not data.test:
             return best
         distributed.sync_buffers(ctx, LossOf(net))
@@ -418,7 +419,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     if ctx.is_main:
         save_checkpoint(cfg.paths.checkpoint(cls), net, image_size=cfg.image_size,
                         epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
-                        extra={"score_stats": stats, "calibration": calibration.to_dict()})
+                        extra={"score_stats": stats, "calibration": calibration.to_dict(), **training_record(cfg)})
     log(f"[{cls}] thresholds from {calibration.count} {calibration.source} image(s) at the "
         f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
         f"pixel {calibration.pixel_threshold:.5f}")
@@ -430,7 +431,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
         log(f"[{cls}] final (epoch {cfg.epochs}): {metric_line(metrics)}")
         if cfg.report and ctx.is_main:
             evaluation = ClassEvaluation(cls, pred, data.test, image_reader(data.test_set), metrics, calibration,
-                                         data.pixel_note)
+                                         data.pixel_note, trained_model(cfg, cfg.epochs))
         del pred
     else:
         log(f"[{cls}] no test images: training and calibration only, no metrics")
@@ -469,7 +470,7 @@ def _keep_best(cfg: Config, cls: str, net: AnomalyModel, epoch: int, metrics: di
     if score > best["score"]:
         save_checkpoint(cfg.paths.checkpoint(cls, best=True), net,
                         image_size=cfg.image_size, epoch=epoch, cls=cls,
-                        teacher_weights=cfg.teacher_weights, extra={"selection": "best_on_test"})
+                        teacher_weights=cfg.teacher_weights, extra={"selection": "best_on_test", **training_record(cfg)})
         return {"score": float(score), "epoch": epoch, "metrics": metrics}
     return best
 
