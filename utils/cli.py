@@ -13,6 +13,7 @@ import sys
 from typing import Callable, NoReturn
 
 from .errors import OutputError, PartialFailure, UserError, bounded_line, shorten
+from .numbers import INT32_MAX, fits_float32, fits_int32
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -26,6 +27,48 @@ def parse_bool(value: str | bool) -> bool:
     if value.lower() in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {shorten(value)}")
+
+
+def number_problem(value: int | float, *, unsigned_32: bool = False) -> str | None:
+    """Why a flag's (or a config key's) number cannot be used, or None. Whole numbers are
+    used as 32-bit C ints (sizes, counts, threads, ports; a seed as an unsigned one), the
+    others as float32 (learning rate, betas, thresholds): a value that overflows or
+    underflows there is a usage error, not an internal error later or a silent 0."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if unsigned_32:
+            return None if 0 <= value < 2 ** 32 else "must lie in 0..2**32-1 (an unsigned 32-bit seed)"
+        return None if fits_int32(value) else f"overflows a 32-bit integer (at most {INT32_MAX})"
+    if not fits_float32(value):
+        return "must be a finite number within float32's range (overflows, or underflows to 0)"
+    return None
+
+
+def int_flag(text: str) -> int:
+    """type=int of every flag of this project's commands (OneLineArgumentParser)."""
+    value = int(text)
+    problem = number_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{shorten(text)} {problem}")
+    return value
+
+
+def uint32_flag(text: str) -> int:
+    value = int(text)
+    problem = number_problem(value, unsigned_32=True)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{shorten(text)} {problem}")
+    return value
+
+
+def float_flag(text: str) -> float:
+    """type=float of every flag of this project's commands (OneLineArgumentParser)."""
+    value = float(text)
+    problem = number_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{shorten(text)} {problem}")
+    return value
 
 
 class OneLineHelp(argparse.HelpFormatter):
@@ -42,6 +85,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", OneLineHelp)
         super().__init__(*args, **kwargs)
+        # every type=int / type=float flag is checked in the type it is used in
+        self.register("type", int, int_flag)
+        self.register("type", float, float_flag)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {bounded_line(message)} (see {self.prog} --help)", file=sys.stderr)
