@@ -38,7 +38,7 @@ def number_problem(value: int | float, *, unsigned_32: bool = False) -> str | No
         return None
     if isinstance(value, int):
         if unsigned_32:
-            return None if 0 <= value < 2 ** 32 else "must lie in 0..2**32-1 (an unsigned 32-bit seed)"
+            return None if 0 <= value < 2 ** 32 else "must lie in 0..4294967295 (an unsigned 32-bit seed)"
         return None if fits_int32(value) else f"overflows a 32-bit integer (at most {INT32_MAX})"
     if not fits_float32(value):
         return "must be a finite number within float32's range (overflows, or underflows to 0)"
@@ -50,7 +50,7 @@ def int_flag(text: str) -> int:
     value = int(text)
     problem = number_problem(value)
     if problem:
-        raise argparse.ArgumentTypeError(f"{shorten(text)} {problem}")
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -58,7 +58,7 @@ def uint32_flag(text: str) -> int:
     value = int(text)
     problem = number_problem(value, unsigned_32=True)
     if problem:
-        raise argparse.ArgumentTypeError(f"{shorten(text)} {problem}")
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -67,7 +67,7 @@ def float_flag(text: str) -> float:
     value = float(text)
     problem = number_problem(value)
     if problem:
-        raise argparse.ArgumentTypeError(f"{shorten(text)} {problem}")
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -88,6 +88,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         # every type=int / type=float flag is checked in the type it is used in
         self.register("type", int, int_flag)
         self.register("type", float, float_flag)
+
+    def _get_value(self, action: argparse.Action, arg_string: str):
+        """A number's problem as the project says it elsewhere: '--lr 1e-320: must be ...'."""
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as err:
+            if action.option_strings and action.type in (int, float, uint32_flag) and "invalid" not in str(err.message):
+                given = arg_string if len(arg_string) <= 40 else arg_string[:40] + "..."
+                raise argparse.ArgumentError(None, f"{action.option_strings[0]} {given}: {err.message}") from None
+            raise
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {bounded_line(message)} (see {self.prog} --help)", file=sys.stderr)
