@@ -7,6 +7,7 @@ the memo (2**79 steps to hash from 662 bytes), a list copied again and again by
 tuple(...), BUILD on an allowed global or on numpy's own dtype. A property test builds
 random pickles from the reader's opcodes and checks the counted work against the size.
 """
+import os
 import struct
 import subprocess
 import sys
@@ -261,3 +262,40 @@ def test_reading_any_pickle_of_the_readers_opcodes_costs_work_proportional_to_it
     assert len(works) == 1 and works[0].limit == bound
     assert works[0].spent <= bound + 2 * len(data)  # the last spend that crossed the bound included
     assert _tree_size(result, 2 * bound) <= bound
+
+
+# ------------------------------------------------------------------ the commands that read such files
+
+TINY = ["--arch", "resnet18", "--image_size", "64", "--batch_size", "1", "--epochs", "1", "--eval_interval", "0",
+        "--log_interval", "0", "--no_report"]
+
+
+def run_main(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *TINY, *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("role", ["checkpoint in --mode eval", "--teacher_weights in training"])
+def test_the_issues_hash_bomb_is_one_line_from_main(tmp_path, role):
+    """The 662-byte file hung `--mode eval` (as a checkpoint) and training (as
+    --teacher_weights) for ever; now each ends with one line, exit status 2."""
+    import shutil
+
+    bomb = reduce_dict_from_pairs(("collections", "OrderedDict"), 79)
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(ROOT, "sample_data", "bottle"), data / "widget")
+    out = tmp_path / "out"
+    if role.startswith("checkpoint"):
+        (out / "widget").mkdir(parents=True)
+        target = out / "widget" / "model.pdparams"
+        target.write_bytes(bomb)
+        done = run_main("--teacher_weights", "none", "--mode", "eval", "--data_dir", str(data),
+                        "--output_dir", str(out), "--cls", "widget")
+    else:
+        target = tmp_path / "teacher.pdparams"
+        target.write_bytes(bomb)
+        done = run_main("--teacher_weights", str(target), "--data_dir", str(data), "--output_dir", str(out))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert lines[-1].startswith("error: ") and str(target) in lines[-1] and lines[-1].endswith(REFUSED), lines[-3:]
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in done.stderr
