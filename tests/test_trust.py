@@ -112,7 +112,7 @@ def test_colliding_images_get_their_own_pictures_in_main_infer(tmp_path, data, c
 # ------------------------------------------------------------------ numbers
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "nan", "--lr nan: must be a finite number")  # refused as it is parsed (utils/cli.py),
+    ("--lr", "nan", "--lr nan: must be a finite number"),  # refused as it is parsed (utils/cli.py)
     ("--lr", "inf", "--lr inf: must be a finite number"),
     ("--lr", "0", "--lr 0.0: must be a finite number above 0"),
     ("--seed", "-1", "--seed -1: must lie in 0..4294967295"),

@@ -8,11 +8,17 @@ and dtypes. A file asking for anything else (os.system, eval, a class) is refuse
 that object is built, with one line: `FILE: not a plain weights file (refusing to
 unpickle code)`. This is the policy of `torch.load(weights_only=True)`.
 
-Nor can a file make reading it cost more than its size: numpy arrays are built only the
-way numpy pickles them (their bytes are in the file; `numpy.ndarray(...)` itself, which
-could describe a huge zero-stride array, is not callable), sets and non-scalar dict keys
-(whose hashing walks shared structure) are refused, and shared references (a "billion
-laughs" pickle) are checked once each, not once per path to them.
+Nor can a file make reading it cost more than its size. Containers are built only by
+the pickle's own opcodes (dict(...) and OrderedDict(...) take no arguments; SETITEMS fills
+them), dict keys are flat (str, bytes, small ints: no tuple whose hash walks all it
+shares), sets and calls by NEWOBJ/OBJ/INST are refused, and each allowed call has its
+arguments checked. numpy arrays are built only the way numpy pickles them (their bytes
+are in the file; `numpy.ndarray(...)` itself, which could describe a huge zero-stride
+array, is not callable). BUILD sets the state only of an array or dtype the reader has
+just made (dtypes are made as copies), so a file cannot change the reader's own objects
+or numpy's for the rest of the process. The work done (elements and bytes copied, values
+of the result visited, once per path: a "billion laughs" pickle is refused) is counted
+against WORK_PER_BYTE per byte of the file, and nesting is bounded by MAX_DEPTH.
 
 The result is what `paddle.load(path, return_numpy=True)` gives for the same file: Paddle
 writes each tensor as the pair (name, ndarray) and may add 'StructuredToParameterName@@'
