@@ -200,7 +200,7 @@ def _check_precision_checks(meta: dict, path: str) -> tuple[dict, ...]:
                      or is_whole_number(c["verdict_changes"]) and 0 <= c["verdict_changes"] <= n)
                 and (c["recheck_band"] is None and c["rechecked"] is None
                      or c["precision"] == "int8" and _numbers([c["recheck_band"]], 1)
-                     and 0 < c["recheck_band"] <= MAX_RECHECK_BAND
+                     and 0 < c["recheck_band"] <= MAX_RECHECK_BAND and fits_float32(c["recheck_band"])
                      and is_whole_number(c["rechecked"]) and 0 <= c["rechecked"] <= n))
     if not isinstance(checks, list) or not all(valid(c) for c in checks):
         raise ModelError(f"{path}: 'precision_checks' must be a list of {{{', '.join(PRECISION_CHECK_KEYS)}}}, "
@@ -218,6 +218,7 @@ def _check_int8_score_bias(meta: dict, path: str) -> dict[str, float]:
         return {}
     if not (isinstance(bias, dict) and len(bias) <= 16 and all(
             isinstance(k, str) and len(k) <= 32 and _numbers([v], 1) and abs(v) <= MAX_SCORE_BIAS
+            and fits_float32(v)  # subtracted from float32 scores
             for k, v in bias.items())):
         raise ModelError(f"{path}: 'onnx_int8' 'score_bias' must map runtime names to finite numbers within "
                          f"+-{MAX_SCORE_BIAS:g} (got {shorten(bias)}); export the model again")

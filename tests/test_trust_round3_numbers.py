@@ -135,12 +135,23 @@ DEPLOY_NUMBERS = [
     ("score_stats 1e300", "score_stats", lambda m: {**m, "score_stats": {"mean": 1e300}}),
     ("threshold 1e-320: 0 in float32", "calibration", lambda m: {**m, "calibration": {
         **m["calibration"], "image_threshold": 1e-320}}),
+    ("int8 score bias 1e-320", "onnx_int8", lambda m: {**m, "onnx_int8": {
+        "calibration_images": 8, "score_bias": {"onnxruntime": 1e-320}}}),
+    ("recheck band 1e-320", "precision_checks", lambda m: {**m, "precision_checks": [{
+        "backend": "onnxruntime", "precision": "int8", "images": 10, "ms_per_image": 5.0, "min_pearson": 0.99,
+        "swapped_pairs": 0, "verdict_changes": 0, "recheck_band": 1e-320, "rechecked": 0}]}),
 ]
 
 
 def test_the_exports_own_deploy_json_passes():
     deployment = check_deployment(good_meta(), "deploy.json")
     assert deployment.mean == pytest.approx((0.485, 0.456, 0.406))
+    judged = {**good_meta(), "onnx_int8": {"calibration_images": 8, "score_bias": {"onnxruntime": -0.002}},
+              "precision_checks": [{"backend": "onnxruntime", "precision": "int8", "images": 10, "ms_per_image": 5.0,
+                                    "min_pearson": 0.99, "swapped_pairs": 0, "verdict_changes": 0,
+                                    "recheck_band": 0.05, "rechecked": 1}]}
+    deployment = check_deployment(judged, "deploy.json")  # the same fields with values in range
+    assert deployment.int8_score_bias == {"onnxruntime": -0.002} and deployment.precision_checks[0]["recheck_band"] == 0.05
 
 
 @pytest.mark.parametrize("case, field, change", DEPLOY_NUMBERS, ids=[c[0] for c in DEPLOY_NUMBERS])
