@@ -117,7 +117,7 @@ class Config:
                               f"a 32-bit integer: at most 26752)")
         # the optimizer holds lr and the betas in float32: checked as float32 holds them
         if not (fits_float32(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr {self.lr}: must be a number above 0 within float32's range")
+            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0, within float32's range")
         for name in ("beta1", "beta2"):
             if not 0.0 <= as_float32(getattr(self, name)) < 1.0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must lie in [0, 1) in float32 "
