@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dataset import LAYOUTS
 from model.arch import ARCH_NAMES
 from model.onednn import CONV_BACKENDS
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
@@ -20,13 +21,14 @@ from utils.errors import UserError, shorten
 from utils.names import check_class_name
 from utils.numbers import as_float32, fits_float32, image_size_fits
 
+from .decision import MAX_THRESHOLD
 from .paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
 DATA, RUNS = "own data and decisions", "long runs and reports"
 # What --mode eval / infer take from the training run's saved config.yaml: the folders as
 # one group (choosing one of them takes none), and the classes.
-RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir")
+RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir", "layout")
 # What each class's checkpoint decides in --mode eval / infer.
 MODEL_KEYS = ("arch", "image_size")
 
@@ -35,8 +37,11 @@ MODEL_KEYS = ("arch", "image_size")
 class Config:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
-    data_dir: str = setting("mvtec", "MVTec AD layout root DIR/CLASS/train/good, test, ground_truth "
+    data_dir: str = setting("mvtec", "MVTec AD (or BTAD) root DIR/CLASS/train/good (ok), test, ground_truth "
                                      "(eval/infer: the run's)")
+    # auto: each class folder by its train/good (MVTec AD) or train/ok (BTAD); with
+    # --train_dir, btad takes test/ok as good and BTAD's mask names
+    layout: str = setting("auto", "folder layout: by train/good or train/ok, or chosen", choices=LAYOUTS)
     cls: str = setting("all", "class name, comma list, or 'all' (eval/infer: the run's)")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)
@@ -72,6 +77,9 @@ class Config:
     val_ratio: float = setting(0.1, "share of good images held out to calibrate thresholds (0: train images)",
                                group=DATA)
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
+    # as infer.py --threshold; nan (not given): each checkpoint's calibrated thresholds
+    threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
+                                         "the calibrated one (nan: calibrated)", group=DATA)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
     resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
@@ -128,6 +136,13 @@ class Config:
             raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
+        if not math.isnan(self.threshold):
+            if self.mode != "infer":
+                raise ConfigError(f"--threshold {self.threshold}: only for --mode infer (eval reports the "
+                                  f"calibrated thresholds' metrics)")
+            if not (math.isfinite(self.threshold) and abs(self.threshold) <= MAX_THRESHOLD):
+                raise ConfigError(f"--threshold {self.threshold}: must be a finite number within "
+                                  f"+-{MAX_THRESHOLD:g} (scores lie in [0, 6])")
         for name in ("output_dir", "data_dir", "teacher_weights"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"--{name}: must not be empty")
@@ -178,4 +193,5 @@ def run_data_settings(saved: str, chosen: dict, mode: str) -> dict:
 
 def config_yaml(cfg: Config) -> str:
     """The config actually used, as YAML that --config reads back."""
-    return settings_yaml(cfg, leave_out=("config",))
+    # no --threshold (nan) is left out: the file reads back to the default, and nan != nan
+    return settings_yaml(cfg, leave_out=("config",) + (("threshold",) if math.isnan(cfg.threshold) else ()))
