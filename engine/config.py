@@ -79,7 +79,7 @@ class Config:
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
     # as infer.py --threshold; nan (not given): each checkpoint's calibrated thresholds
     threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
-                                         "the calibrated one (nan: calibrated)", group=DATA)
+                                         "the calibrated one (nan: calibrated)", group=DATA, nan_means_unset=True)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
     resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)

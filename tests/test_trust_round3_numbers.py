@@ -32,7 +32,7 @@ from conftest import ROOT
 from deploy.deployment import ModelError, check_deployment, deploy_meta
 from deploy.predictor import Predictor, Rechecked
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from engine.config import Config, load_config_file, parse_config
+from engine.config import load_config_file, parse_config
 from engine.decision import Calibration
 from engine.train_state import load_train_state, restore_train_state, save_train_state
 from model import build_rd4ad
@@ -238,27 +238,30 @@ def parsers():
     return found
 
 
+BAD = {"int": ["1099511627776", "-1099511627776"], "uint32_flag": ["4294967296", "-1"],
+       "float": ["1e-320", "1e39", "-1e39", "nan", "inf"],
+       "nan_or_float_flag": ["1e-320", "1e39", "-1e39", "inf"]}  # nan: not given (main.py --threshold)
+
+
 def numeric_flags():
     out = []
     for command, parser in parsers().items():
         for action in parser._actions:
             kind = getattr(action.type, "__name__", "")
-            if action.option_strings and kind in ("int", "float", "uint32_flag"):
+            if action.option_strings and kind in BAD:
                 out.append((command, action.option_strings[0], kind))
     return out
 
 
 NUMERIC_FLAGS = numeric_flags()
 ENTRY = {"main": main.main, "export": export_model.main, "infer": infer.main, "serve": serve.main}
-BAD = {"int": ["1099511627776", "-1099511627776"], "uint32_flag": ["4294967296", "-1"],
-       "float": ["1e-320", "1e39", "-1e39", "nan", "inf"]}
 
 
 def test_every_command_has_its_numeric_flags_found():
     flags = {(c, f) for c, f, _ in NUMERIC_FLAGS}
-    assert {("main", "--lr"), ("main", "--image_size"), ("main", "--seed"), ("export", "--opset"),
+    assert {("main", "--lr"), ("main", "--image_size"), ("main", "--seed"), ("main", "--threshold"), ("export", "--opset"),
             ("infer", "--threshold"), ("infer", "--recheck_band"), ("serve", "--timeout"), ("serve", "--port")} <= flags
-    assert len(flags) >= 25
+    assert len(flags) >= 35
 
 
 @pytest.mark.parametrize("command, flag, kind", NUMERIC_FLAGS, ids=[f"{c}{f}" for c, f, _ in NUMERIC_FLAGS])
@@ -272,7 +275,8 @@ def test_every_numeric_flag_refuses_values_that_overflow_or_underflow(capsys, co
 @pytest.mark.parametrize("key, value", [("lr", "1.0e-320"), ("lr", "1.0e+39"), ("beta1", ".nan"),
                                         ("image_size", "1099511627776"), ("epochs", "-4294967296"),
                                         ("seed", "4294967296"), ("feature_cache_mb", ".inf"),
-                                        ("val_ratio", "1.0e-320")])
+                                        ("val_ratio", "1.0e-320"), ("threshold", "1.0e-320"),
+                                        ("threshold", ".inf")])
 def test_config_keys_are_checked_as_their_flags(tmp_path, key, value):
     path = tmp_path / "c.yaml"
     path.write_text(f"{key}: {value}\n")
@@ -288,9 +292,9 @@ def test_config_keys_are_checked_as_their_flags(tmp_path, key, value):
 def test_settings_are_checked_as_float32_and_int32_hold_them(flags, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         parse_config(flags).check()
-    cfg = parse_config(["--seed", "4294967295", "--lr", "1e-40"])  # still valid: uint32, a float32 subnormal
-    cfg.check()
-    assert isinstance(cfg, Config)
+    cfg = parse_config(["--seed", "4294967295", "--lr", "1e-40", "--threshold", "nan"])  # still valid: uint32,
+    cfg.check()                                                                          # a float32 subnormal, unset
+    assert cfg.seed == 4294967295 and cfg.lr == 1e-40 and cfg.threshold != cfg.threshold
 
 
 # ------------------------------------------------------------------ 3. numpy scalars in recorded fields

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 from typing import Callable, NoReturn
@@ -62,6 +63,12 @@ def uint32_flag(text: str) -> int:
     return value
 
 
+def nan_or_float_flag(text: str) -> float:
+    """A float flag whose nan means 'not given' (main.py --threshold)."""
+    value = float(text)
+    return value if math.isnan(value) else float_flag(text)
+
+
 def float_flag(text: str) -> float:
     """type=float of every flag of this project's commands (OneLineArgumentParser)."""
     value = float(text)
@@ -94,7 +101,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         try:
             return super()._get_value(action, arg_string)
         except argparse.ArgumentError as err:
-            if action.option_strings and action.type in (int, float, uint32_flag) and "invalid" not in str(err.message):
+            if (action.option_strings and action.type in (int, float, uint32_flag, nan_or_float_flag)
+                    and "invalid" not in str(err.message)):
                 given = arg_string if len(arg_string) <= 40 else arg_string[:40] + "..."
                 raise argparse.ArgumentError(None, f"{action.option_strings[0]} {given}: {err.message}") from None
             raise
