@@ -216,6 +216,48 @@ FRAGMENT = st.one_of(
 )
 
 
+def _array_pickle(dtype: str, n: int) -> bytes:
+    """numpy's own pickle of an array (protocol 2: no frames), without PROTO and STOP."""
+    import pickle
+    return pickle.dumps((np.arange(n) % 2).astype(dtype), protocol=2)[2:-1]
+
+
+LEAF = st.one_of(
+    st.sampled_from([b"N", b"\x88", b"\x89", b")", b"]", b"}", text("w"), text("latin1"), text("f4")]),
+    st.integers(0, 255).map(lambda n: b"K" + bytes([n])),
+    st.binary(max_size=8).map(lambda b: b"C" + bytes([len(b)]) + b),
+    st.integers(1, 200).map(lambda n: b"\x8a" + bytes([n]) + b"\x7f" * n),  # LONG1: an int of n bytes
+    st.tuples(st.sampled_from(["f4", "f8", "i8", "u1", "?", "f2", "c8"]), st.integers(0, 6)).map(
+        lambda a: _array_pickle(*a)),
+    st.integers(0, 12).map(lambda i: b"h" + bytes([i])),  # a memoised value (may not exist: unreadable)
+)
+KEY = st.one_of(st.sampled_from([text("a"), text("b"), b"K\x01", b"N"]),
+                st.integers(1, 70).map(lambda n: text("x") + b"\x85" + b"2\x86" * n))  # a shared tuple key
+
+
+def _structures(children):
+    values = st.lists(children, max_size=4).map(b"".join)
+    return st.one_of(
+        values.map(lambda v: b"(" + v + b"t"),                               # tuple
+        values.map(lambda v: b"](" + v + b"e"),                              # list, APPENDS
+        st.lists(st.tuples(KEY, children), max_size=3).map(                  # dict, SETITEMS
+            lambda kv: b"}(" + b"".join(k + v for k, v in kv) + b"u"),
+        st.tuples(children, st.integers(1, 70)).map(lambda a: a[0] + b"2\x86" * a[1]),  # shared nesting
+        st.tuples(st.sampled_from(ALLOWED_GLOBALS), children).map(            # a call of one argument
+            lambda a: glob(*a[0]) + a[1] + b"\x85R"),
+        st.tuples(st.sampled_from(ALLOWED_GLOBALS), children, children).map(  # a call of two (scalar, encode)
+            lambda a: glob(*a[0]) + a[1] + a[2] + b"\x86R"),
+        st.sampled_from(ALLOWED_GLOBALS).map(lambda g: glob(*g) + b")R"),    # a call of none
+        st.tuples(children, children).map(lambda a: a[0] + a[1] + b"b"),     # BUILD
+        st.tuples(children, st.integers(1, 30)).map(                         # memoised, then used n times
+            lambda a: a[0] + b"\x94" + b"0" + b"(" + b"h\x00" * a[1] + b"l"),
+        children.map(lambda v: v + b"\x94"),
+    )
+
+
+STRUCTURED = st.recursive(LEAF, _structures, max_leaves=40)
+
+
 def _tree_size(obj, cap):
     """Nodes of `obj` walked as a tree (each path), stopping at `cap`."""
     count, stack = 0, [obj]
@@ -230,11 +272,13 @@ def _tree_size(obj, cap):
     return count
 
 
-@settings(max_examples=400, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(FRAGMENT, max_size=60))
+@settings(max_examples=500, deadline=20000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(STRUCTURED.map(lambda v: [v]), st.lists(FRAGMENT, max_size=60)))
 def test_reading_any_pickle_of_the_readers_opcodes_costs_work_proportional_to_its_size(tmp_path_factory, fragments):
     """Random pickles of the opcodes the reader accepts (and of the calls it allows, some
-    repeated through the memo, some on shared nested tuples): each is read or refused with
+    repeated through the memo, some on shared nested tuples), either well-formed values
+    built from a grammar (containers, keys, calls, BUILD, memo) or a soup of opcodes:
+    each is read or refused with
     a UserError, never another exception; the work the reader counted (elements copied,
     bytes copied into arrays, values visited) is within the bound for the file's size; and
     what it returns can itself be walked as a tree within that bound. The deadline is the
