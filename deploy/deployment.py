@@ -16,6 +16,8 @@ from dataset import IMAGENET_MEAN, IMAGENET_STD
 from engine.decision import MAX_THRESHOLD, Calibration, CalibrationError
 from model.arch import ARCH_NAMES
 from utils.errors import UserError, bounded_line, shorten
+from utils.files import NotARegularFile, check_regular, open_regular
+from utils.names import check_class_name
 from utils.io import is_whole_number
 from utils.numbers import fits_float32, image_size_fits
 
@@ -73,8 +75,12 @@ class Deployment:
             if record is None:
                 raise ModelError(f"{path}: not part of this export (deploy.json lists "
                                  f"{', '.join(sorted(self.files)) or 'no files'}); {hint}")
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise ModelError(f"{path}: not found; {hint}")
+        try:
+            check_regular(path)  # a FIFO would block the runtime's loader
+        except (NotARegularFile, OSError) as err:
+            raise ModelError(f"{path}: {getattr(err, 'reason', None) or err.strerror}; {hint}") from None
         size = os.path.getsize(path)
         if size == 0:
             raise ModelError(f"{path}: empty file; {hint}")
@@ -90,7 +96,7 @@ class Deployment:
 def file_record(path: str) -> dict:
     """{"bytes": size, "sha256": hex} of a file, read in chunks (weights are hundreds of MB)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
@@ -102,16 +108,21 @@ def file_manifest(folder: str, names: list[str]) -> dict[str, dict]:
 
 def read_json_file(path: str, limit: int, what: str) -> Any:
     """Parse a JSON file of at most `limit` bytes; ModelError naming it otherwise."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ModelError(f"{path}: not found: export a model first (python export_model.py)")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ModelError(f"{path}: empty file; export the model again")
-    if size > limit:
-        raise ModelError(f"{path}: {size} bytes, too large to be {what}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open_regular(path) as f:  # a FIFO or device: refused, never blocks
+            raw = f.read(limit + 1)
+    except NotARegularFile as err:
+        raise ModelError(f"{path}: cannot read {what} ({err.reason})") from None
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read {what} ({err.strerror})") from None
+    if not raw:
+        raise ModelError(f"{path}: empty file; export the model again")
+    if len(raw) > limit:
+        raise ModelError(f"{path}: {os.path.getsize(path)} bytes, too large to be {what}")
+    try:
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # bad JSON, not UTF-8, nested too deep
         raise ModelError(f"{path}: not {what} (not valid JSON: {bounded_line(str(err), 120)}); "
                          f"export the model again") from None
@@ -168,6 +179,11 @@ def check_deployment(meta: Any, path: str) -> Deployment:
         raise bad("score_stats", f"null or a mapping of finite numbers within +-{MAX_THRESHOLD:g}")
     if meta.get("class") is not None and not isinstance(meta["class"], str):
         raise bad("class", "null or a string")
+    if meta.get("class") is not None:  # a name read from a file is never a path (utils/names.py)
+        try:
+            check_class_name(meta["class"], "'class'")
+        except UserError as err:
+            raise ModelError(f"{path}: {err}; export the model again") from None
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
                       _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path),

@@ -130,12 +130,14 @@ def _own_folders(args: argparse.Namespace) -> set[str]:
 
 
 def _image_files(folder: str, skip: set[str]) -> list[str]:
-    """Image files under `folder`, sorted; hidden files and this run's output folders
-    (compared by real path) are left out, so a run never scores its own pictures."""
+    """Entries named like images under `folder`, sorted; hidden files and this run's output
+    folders (compared by real path) are left out, so a run never scores its own pictures.
+    A FIFO, socket, device, link loop or folder named like an image is listed too: reading
+    it gives its row the reason, without blocking (a folder is still searched)."""
     found = []
     for d, dirs, names in os.walk(folder):
         dirs[:] = sorted(n for n in dirs if os.path.realpath(os.path.join(d, n)) not in skip)
-        found += [os.path.join(d, n) for n in names
+        found += [os.path.join(d, n) for n in names + dirs
                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
@@ -150,7 +152,7 @@ def _item_of_file(path: str, name: str) -> ImageItem:
 
 def collect_inputs(args: argparse.Namespace) -> list[ImageItem]:
     if args.image:
-        if os.path.isfile(args.image):
+        if not os.path.isdir(args.image):  # a file, or a FIFO or device: its row says which
             root, paths = os.path.dirname(args.image), [args.image]
         else:
             root, paths = args.image, _image_files(args.image, _own_folders(args))

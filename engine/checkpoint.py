@@ -13,6 +13,7 @@ from model.arch import ARCH_NAMES
 from model.rd4ad import RD4AD, build_rd4ad
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
+from utils.names import NameError_, check_class_name
 from utils.numbers import finite_in_float32, image_size_fits
 from utils.safe_pickle import load_plain_pickle
 
@@ -47,7 +48,7 @@ def save_checkpoint(path: str, net: paddle.nn.Layer, *, arch: str, image_size: i
 def load_checkpoint(path: str, arch: str | None = None, image_size: int | None = None) -> dict:
     """Read (never running code: utils/safe_pickle.py) and check a checkpoint; raise
     CheckpointError with one line naming the file."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):  # anything else there: load_plain_pickle says what it is
         raise CheckpointError(f"{path}: checkpoint not found (train this class first)")
     try:
         state = load_plain_pickle(path, "checkpoint")
@@ -82,6 +83,10 @@ def check_checkpoint(state: dict, path: str) -> None:
     for key, longest in (("class", 255), ("teacher_weights", 4096)):
         if not isinstance(state.get(key), str) or len(state[key]) > longest:
             raise bad(key, f"a string of at most {longest} characters")
+    try:  # it names the export's folder (export_model.py without --save_dir): never a path
+        check_class_name(state["class"], "class")
+    except NameError_ as err:
+        raise CheckpointError(f"{path}: damaged checkpoint: {err}") from None
     for part in ("bottleneck", "student", "teacher"):
         if part == "teacher" and part not in state:
             continue

@@ -154,8 +154,16 @@ def build_config_parser():
 
 
 def load_config_file(path: str) -> dict:
-    """The settings of a --config YAML file, checked (ConfigError naming the file)."""
-    return checked_values(Config, read_yaml_mapping(path), path)
+    """The settings of a --config YAML file (or a run's saved config.yaml), checked
+    (ConfigError naming the file). Its class names are checked as --cls is: a name read
+    from a file is never a path."""
+    values = checked_values(Config, read_yaml_mapping(path), path)
+    if "cls" in values:
+        try:
+            Config(cls=values["cls"]).class_names()
+        except UserError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return values
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:

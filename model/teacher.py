@@ -144,7 +144,7 @@ def load_teacher_weights(teacher: Teacher, weights: str) -> None:
 
 def read_teacher_weights(path: str) -> dict:
     """A weights file as a dict of arrays, read without running code (utils/safe_pickle)."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):  # anything else there: load_plain_pickle says what it is
         raise TeacherWeightsError(f"{path}: teacher weights file not found")
     try:
         state = load_plain_pickle(path, "teacher weights file")

@@ -14,6 +14,7 @@ from typing import Any
 
 from .cli import OneLineArgumentParser, nan_or_float_flag, number_problem, parse_bool, uint32_flag
 from .errors import UserError, shorten
+from .files import NotARegularFile, open_regular
 
 MAX_CONFIG_BYTES = 1 << 20   # a config of flag values is a few hundred bytes
 MAX_YAML_ALIASES = 20        # bounds what an alias bomb can expand to
@@ -89,8 +90,10 @@ def read_yaml_mapping(path: str, what: str = "config file") -> dict:
     import yaml
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or device: refused, never blocks
             raw = f.read(MAX_CONFIG_BYTES + 1)
+    except NotARegularFile as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.reason})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
     if len(raw) > MAX_CONFIG_BYTES:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .files import NotARegularFile, open_regular
 
 # numpy moved its pickling helpers from numpy.core to numpy._core in 2.0; files from
 # either version name one or the other. Resolved to the running numpy's objects without
@@ -283,10 +284,10 @@ def load_plain_pickle(path: str, what: str = "weights file") -> Any:
     WeightsFileError (missing, empty, truncated, not a pickle), each one line naming
     the file.
     """
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise WeightsFileError(f"{path}: {what} not found")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or device: refused, never blocks
             head = f.read(2)
             if not head:
                 raise WeightsFileError(f"{path}: empty {what}")
@@ -300,6 +301,10 @@ def load_plain_pickle(path: str, what: str = "weights file") -> Any:
         raise UnsafeWeightsError(refusal(path)) from None
     except WeightsFileError:
         raise
+    except NotARegularFile as err:
+        raise WeightsFileError(f"{path}: not a {what} ({err.reason})") from None
+    except FileNotFoundError:  # a dangling link
+        raise WeightsFileError(f"{path}: {what} not found") from None
     except PermissionError:
         raise WeightsFileError(f"{path}: cannot read {what} (permission denied)") from None
     except MemoryError:
