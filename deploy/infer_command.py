@@ -82,12 +82,17 @@ def predictor_options(args: argparse.Namespace) -> PredictorOptions:
                             recheck_band=args.recheck_band, recheck_threshold=args.threshold)
 
 
+MAX_CPU_THREADS = 1024
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every setting and input path, before any model is loaded or anything written."""
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--cpu_threads", args.cpu_threads, 1),
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
+    if args.cpu_threads > MAX_CPU_THREADS:  # as serve.py: Paddle and OpenMP take a C int, and spawn them
+        raise UsageError(f"--cpu_threads {args.cpu_threads}: must lie in 1..{MAX_CPU_THREADS}")
     if args.precision == "auto":
         if args.device != "cpu":
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")

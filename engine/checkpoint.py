@@ -20,9 +20,10 @@ from model.registry import DEFAULT_MODEL, MODELS
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
 from utils.names import NameError_, check_class_name
+from utils.numbers import finite_in_float32, image_size_fits
 from utils.safe_pickle import load_plain_pickle
 
-from core.decision import Calibration, CalibrationError
+from core.decision import MAX_THRESHOLD, Calibration, CalibrationError
 
 FORMAT = "rd4ad-paddle/1"
 # Keys of a checkpoint that are not a part's weights: no model may name a part so.
@@ -109,8 +110,8 @@ def check_checkpoint(state: dict, path: str) -> None:
     if state.get("arch") not in ARCH_NAMES:
         raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = state.get("image_size")
-    if not is_whole_number(size) or size < 64 or size % 32:
-        raise bad("image_size", "a multiple of 32, at least 64")
+    if not is_whole_number(size) or size < 64 or size % 32 or not image_size_fits(size):
+        raise bad("image_size", "a multiple of 32, at least 64, whose 3 x size x size fits int32")
     normalise_model_fields(state, path)  # after arch and image_size: its arguments repeat them
     if not is_whole_number(state.get("epoch")) or state["epoch"] < 0:
         raise bad("epoch", "a whole number >= 0")
@@ -131,8 +132,8 @@ def check_checkpoint(state: dict, path: str) -> None:
             if not isinstance(name, str) or not isinstance(value, np.ndarray) or value.dtype.kind != "f":
                 raise CheckpointError(f"{path}: damaged checkpoint: {part} weight {shorten(name)} "
                                       f"is not a float array")
-            if not np.isfinite(value).all():
-                raise CheckpointError(f"{path}: {part} weight {shorten(name)} is not finite (NaN or "
+            if not finite_in_float32(value):  # as the model holds it: float64 1e300 is inf there
+                raise CheckpointError(f"{path}: {part} weight {shorten(name)} is not finite in float32 (NaN or "
                                       f"inf): the training diverged; retrain this class")
     if "calibration" in state:
         try:
@@ -142,8 +143,8 @@ def check_checkpoint(state: dict, path: str) -> None:
     stats = state.get("score_stats")
     if stats is not None and (not isinstance(stats, dict) or len(stats) > 32 or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in stats.values())):
-        raise bad("score_stats", "a dict of finite numbers")
+            and abs(v) <= MAX_THRESHOLD for v in stats.values())):  # scores lie in [0, 6]
+        raise bad("score_stats", f"a dict of finite numbers within +-{MAX_THRESHOLD:g}")
 
 
 LEGACY_PARTS = ("bottleneck", "student")  # RD4AD's, in checkpoints without a model name

@@ -11,6 +11,7 @@ import paddle.nn as nn
 from paddle.vision.models import resnet as paddle_resnet
 
 from utils.errors import UserError, shorten
+from utils.numbers import finite_in_float32
 from utils.safe_pickle import load_plain_pickle
 
 from .arch import get_arch
@@ -136,8 +137,8 @@ def load_teacher_weights(teacher: Teacher, weights: str) -> None:
         if shape != list(target.shape):
             raise TeacherWeightsError(
                 f"{path}: {key} has shape {shape}, {teacher.arch} needs {list(target.shape)}")
-        if not np.isfinite(value).all():
-            raise TeacherWeightsError(f"{path}: {key} is not finite (NaN or inf)")
+        if not finite_in_float32(value):  # as the model holds it: float64 1e300 is inf there
+            raise TeacherWeightsError(f"{path}: {key} is not finite in float32 (NaN or inf)")
     teacher.set_state_dict({k: state[k].astype(np.float32, copy=False) for k in own})
 
 
