@@ -323,8 +323,8 @@ def deploy_meta(state: dict, onnx: bool, int8_calibration: list | None, files: d
     return {
         "format": DEPLOY_FORMAT,
         # the method and the arguments that rebuild it (engine/checkpoint.py's load_trained)
-        "model": state["model"],
-        "model_args": state["model_args"],
+        "model": state.get("model", "rd4ad"),  # load_checkpoint fills both in for older checkpoints
+        "model_args": state.get("model_args", {"arch": state["arch"], "image_size": state["image_size"]}),
         "arch": state["arch"],
         "image_size": state["image_size"],
         "class": state.get("class"),
