@@ -1,8 +1,9 @@
 """The one config object of a run: every setting, its flag, its check; passed down.
 
-Where a setting comes from, lowest first: its default; for --mode eval and infer, the
-data settings of the training run saved in OUTPUT_DIR/config.yaml; a --config YAML file;
-the command line. The model's own settings (arch, image size, teacher) come from each
+Where a setting comes from, lowest first: its default; for --resume and --mode eval and
+infer, the settings of the training run saved in OUTPUT_DIR/config.yaml (so
+`main.py --resume --output_dir RUN` continues RUN as it was started); a --config YAML
+file; the command line. The model's own settings (arch, image size, teacher) come from each
 class's checkpoint in eval and infer (engine/preflight.py checks a contradicting flag).
 """
 from __future__ import annotations
@@ -12,8 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from model.arch import ARCH_NAMES
-from model.onednn import CONV_BACKENDS
+from model.choices import ARCH_NAMES, CONV_BACKENDS  # plain names: no Paddle before work starts
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
                           settings_dict, settings_yaml)
 from utils.errors import UserError, shorten
@@ -22,9 +22,13 @@ from utils.names import check_class_name
 from .paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
+EXAMPLES = """examples:
+  python main.py --config configs/sample_bottle.yaml          # a first run on the bundled sample (about 30 s)
+  python main.py --resume --output_dir output                 # continue an interrupted run as it was started"""
 DATA, RUNS = "own data and decisions", "long runs and reports"
-# What --mode eval / infer take from the training run's saved config.yaml: the folders as
-# one group (choosing one of them takes none), and the classes.
+# --resume, --mode eval / infer take every setting of the training run's saved config.yaml
+# but these (the command's own); the folders as one group (choosing one of them takes none).
+RUN_OWN_KEYS = ("mode", "resume", "force", "output_dir", "config")
 RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir")
 # What each class's checkpoint decides in --mode eval / infer.
 MODEL_KEYS = ("arch", "image_size")
@@ -35,8 +39,8 @@ class Config:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
     data_dir: str = setting("mvtec", "MVTec AD layout root DIR/CLASS/train/good, test, ground_truth "
-                                     "(eval/infer: the run's)")
-    cls: str = setting("all", "class name, comma list, or 'all' (eval/infer: the run's)")
+                                     "(--resume, eval/infer: the run's)")
+    cls: str = setting("all", "class name, comma list, or 'all' (--resume, eval/infer: the run's)")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)
     image_size: int = setting(256, "input size, a multiple of 32, at least 64 (eval/infer: the checkpoint's)")
@@ -72,7 +76,8 @@ class Config:
                                group=DATA)
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
-    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
+    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams, with the "
+                                  "settings the run was started with (flags given override them)", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
     save_interval: int = setting(5, "save the training state for --resume every N epochs", group=RUNS)
     report: bool = setting(True, "skip the HTML report after evaluation", group=RUNS, off_flag="--no_report")
@@ -129,7 +134,7 @@ class Config:
 
 
 def build_config_parser():
-    return build_parser(Config, DESCRIPTION)
+    return build_parser(Config, DESCRIPTION, epilog=EXAMPLES)
 
 
 def load_config_file(path: str) -> dict:
@@ -138,36 +143,38 @@ def load_config_file(path: str) -> dict:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Defaults < the training run's data settings (eval, infer) < --config < flags."""
+    """Defaults < the training run's saved settings (--resume, eval, infer) < --config < flags."""
     parser = build_config_parser()
     flags = given_flags(Config, argv)
     from_file = load_config_file(flags["config"]) if flags.get("config") else {}
     chosen = {**from_file, **flags}
     mode = chosen.get("mode", Config.mode)
     saved = RunPaths(chosen.get("output_dir", Config.output_dir)).config_yaml("train")
-    from_run = run_data_settings(saved, chosen, mode) if mode != "train" else {}
+    continues = mode != "train" or bool(chosen.get("resume"))
+    from_run = run_settings(saved, chosen, "--resume" if mode == "train" else f"--mode {mode}") if continues else {}
     parser.set_defaults(**{**from_run, **from_file})
     args = vars(parser.parse_args(argv))
     return Config(**args, explicit=frozenset(chosen), inherited=saved if from_run else "")
 
 
-def run_data_settings(saved: str, chosen: dict, mode: str) -> dict:
-    """The data settings of the training run (its saved config.yaml) that the user did not
-    choose: the folders as one group, and the classes."""
-    wanted = [] if "cls" in chosen else ["cls"]
-    if not any(k in chosen for k in RUN_FOLDER_KEYS):
-        wanted += RUN_FOLDER_KEYS
-    if not wanted or not os.path.isfile(saved):
+def run_settings(saved: str, chosen: dict, what: str) -> dict:
+    """The settings of the training run (its saved config.yaml) that the user did not
+    choose: all but the command's own (RUN_OWN_KEYS), the data folders as one group. The
+    file is checked as a --config file is (keys, types, choices; a class name that is a
+    path is refused), and the whole config again before any work (Config.check)."""
+    if not os.path.isfile(saved):
         return {}
     try:
         values = load_config_file(saved)
-        if "cls" in wanted and isinstance(values.get("cls"), str):
+        if isinstance(values.get("cls"), str):
             Config(cls=values["cls"]).class_names()
     except UserError as err:  # a damaged file, or a class name that is a path
         named = str(err) if str(err).startswith(saved) else f"{saved}: {err}"
-        raise ConfigError(f"{named} (the training run's saved settings, which --mode {mode} reads for "
-                          f"{', '.join('--' + k for k in wanted)}: fix or delete it, or give them)") from None
-    return {k: values[k] for k in wanted if k in values}
+        raise ConfigError(f"{named} (the training run's saved settings, which {what} reads: "
+                          f"fix or delete it)") from None
+    folders_chosen = any(k in chosen for k in RUN_FOLDER_KEYS)
+    return {k: v for k, v in values.items()
+            if k not in chosen and k not in RUN_OWN_KEYS and not (folders_chosen and k in RUN_FOLDER_KEYS)}
 
 
 def config_yaml(cfg: Config) -> str:

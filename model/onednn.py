@@ -52,7 +52,8 @@ except ImportError:  # a Paddle without SOT
 from utils.errors import UserError
 from utils.runtime import eager_threads
 
-CONV_BACKENDS = ("auto", "onednn", "paddle")
+from .choices import CONV_BACKENDS  # plain names, read by the settings
+
 LIBRARY_NAME = "libdnnl.so.3"
 
 # oneDNN 3.x C API values (dnnl_types.h / dnnl_common_types.h).
