@@ -5,13 +5,12 @@ flag answer at once; Paddle loads (utils/runtime.start) only when work starts.""
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Sequence
 
 from utils import runtime
 from utils.cli import run_main
 
-from .config import Config, parse_config
+from .config import Config, parse_config, resume_command
 
 QUICK_START = "python main.py --config configs/sample_bottle.yaml (in the repository's folder)"
 
@@ -36,9 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def resume_hint(cfg: Config) -> str:
     """What an interrupted training says: what is kept and the one command that continues."""
-    out = "" if cfg.output_dir == Config.output_dir else f" --output_dir {shlex.quote(cfg.output_dir)}"
     return (f"interrupted; the training state saved every {cfg.save_interval} epoch(s) is kept: "
-            f"continue with python main.py --resume{out}")
+            f"continue with {resume_command(cfg)}")
 
 
 def check_data_folder(cfg: Config) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -160,14 +161,13 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 def run_settings(saved: str, chosen: dict, what: str) -> dict:
     """The settings of the training run (its saved config.yaml) that the user did not
     choose: all but the command's own (RUN_OWN_KEYS), the data folders as one group. The
-    file is checked as a --config file is (keys, types, choices; a class name that is a
-    path is refused), and the whole config again before any work (Config.check)."""
+    file is untrusted: checked as a --config file is (keys, types, choices) and as the
+    command line's values are (Config.check: ranges, a class name that is a path)."""
     if not os.path.isfile(saved):
         return {}
     try:
         values = load_config_file(saved)
-        if isinstance(values.get("cls"), str):
-            Config(cls=values["cls"]).class_names()
+        Config(**values).check()  # every value as the command line's would be checked
     except UserError as err:  # a damaged file, or a class name that is a path
         named = str(err) if str(err).startswith(saved) else f"{saved}: {err}"
         raise ConfigError(f"{named} (the training run's saved settings, which {what} reads: "
@@ -175,6 +175,12 @@ def run_settings(saved: str, chosen: dict, what: str) -> dict:
     folders_chosen = any(k in chosen for k in RUN_FOLDER_KEYS)
     return {k: v for k, v in values.items()
             if k not in chosen and k not in RUN_OWN_KEYS and not (folders_chosen and k in RUN_FOLDER_KEYS)}
+
+
+def resume_command(cfg: Config) -> str:
+    """The command that continues this run's training with the settings it was started with."""
+    out = "" if cfg.output_dir == Config.output_dir else f" --output_dir {shlex.quote(cfg.output_dir)}"
+    return f"python main.py --resume{out}"
 
 
 def config_yaml(cfg: Config) -> str:

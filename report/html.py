@@ -162,9 +162,9 @@ def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,
     return index
 
 
-def write_summary_report(output_dir: str, results: dict[str, dict], config: dict) -> str:
+def write_summary_report(output_dir: str, results: dict[str, dict], config: dict, unfinished: str = "") -> str:
     """report.html: every class's metrics and a link to its page, the mean, and the
-    published means beside ours."""
+    published means beside ours; `unfinished`: a line saying the training has not finished."""
     rows = {}
     for cls, r in results.items():
         page = os.path.join(os.path.relpath(RunPaths(output_dir).report_dir(cls), output_dir), "index.html")
@@ -179,7 +179,9 @@ def write_summary_report(output_dir: str, results: dict[str, dict], config: dict
     body = (f"<h1>RD4AD results</h1><p>{settings}. Written "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Values in percent; the published "
             f"rows are 15-class MVTec AD means (AUPRO per image), comparable only to a full "
-            f"15-class run with ImageNet weights.</p>" + _metrics_table(rows))
+            f"15-class run with ImageNet weights.</p>"
+            + (f'<p class="unfinished"><b>{html.escape(unfinished)}</b></p>' if unfinished else "")
+            + _metrics_table(rows))
     path = RunPaths(output_dir).file("report.html")
     atomic_write_text(path, _page("RD4AD results", body))
     return path
