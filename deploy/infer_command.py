@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from dataset import IMAGE_EXTENSIONS, DataError, guess_mask, index_test, load_mask, load_rgb, mvtec_source, normalize
 from engine.decision import MAX_THRESHOLD, Calibration
-from engine.paths import RunPaths, default_infer_dir
+from engine.paths import RunPaths, default_infer_dir, no_model_for_class
 from report.per_image import ImageItem, ImageWriter, colour_range
 from utils.cli import OneLineArgumentParser, output_error, parse_bool, run_main
 from utils.errors import PartialFailure, bounded_line
@@ -70,7 +70,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.auto_choice = None
     if args.use_gpu is not None:
         args.device = "gpu" if args.use_gpu else "cpu"
-    args.model_dir = args.model_dir or RunPaths(DEFAULT_OUTPUT).export_dir(args.cls or DEFAULT_CLASS)
+    args.model_given = bool(args.model_dir)
+    args.model_dir = args.model_dir or RunPaths(DEFAULT_OUTPUT).export_dir(check_class_name(args.cls or DEFAULT_CLASS))
     args.output_dir = args.output_dir or default_infer_dir(args.model_dir)
     return args
 
@@ -183,6 +184,9 @@ def run(args: argparse.Namespace) -> dict:
     """Check everything, then score every image into --output_dir (locked). Raises
     PartialFailure after writing everything when any image failed."""
     check_args(args)
+    missing = None if args.model_given else no_model_for_class(DEFAULT_OUTPUT, args.cls or DEFAULT_CLASS)
+    if missing:
+        raise UsageError(missing)
     deployment = read_deployment(args.model_dir)
     if args.precision == "auto":
         choose_precision(args, deployment)

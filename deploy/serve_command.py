@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from engine.paths import RunPaths
+from engine.paths import RunPaths, no_model_for_class
 from utils.cli import OneLineArgumentParser, parse_bool, run_main
 from utils.names import check_class_name
 
@@ -62,6 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.backend_given = a.backend is not None
     a.backend = a.backend or o.backend
+    a.model_given = bool(a.model_dir)
     if not a.model_dir:
         a.model_dir = RunPaths("output").export_dir(check_class_name(a.cls))
     return a
@@ -138,6 +139,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run(a: argparse.Namespace) -> int:
     options, service = check_args(a)
+    missing = None if a.model_given else no_model_for_class("output", a.cls)
+    if missing:
+        raise UsageError(missing)
     try:
         from .service import Inspector  # FastAPI and uvicorn
     except ImportError as err:

@@ -158,3 +158,50 @@ def test_every_argument_parser_of_the_repo_refuses_prefixes():
                            for k in node.keywords):
                     offenders.append(os.path.relpath(path, ROOT))
     assert seen >= 3 and not offenders, offenders
+
+
+def test_the_own_data_walkthrough_runs_on_five_images(tmp_path):
+    """doc/own_data.md's two commands, as written, on photos/train (5 good images) and
+    photos/line (2 new images, unlabelled); only the teacher is pinned (no network in tests)."""
+    import shutil
+
+    bottle = os.path.join(SAMPLE, "bottle")
+    train, line = tmp_path / "photos" / "train", tmp_path / "photos" / "line"
+    train.mkdir(parents=True)
+    line.mkdir()
+    goods = sorted(glob.glob(os.path.join(bottle, "train", "good", "*.png")))
+    goods.append(os.path.join(bottle, "test", "good", "000.png"))
+    for i, path in enumerate(goods):
+        shutil.copy(path, train / f"{i}.png")
+    shutil.copy(os.path.join(bottle, "test", "good", "001.png"), line / "a.png")
+    shutil.copy(os.path.join(bottle, "test", "crack", "000.png"), line / "b.png")
+    assert len(os.listdir(train)) == 5
+    offline = ["--teacher_weights", "none"]
+    walkthrough = [["main.py", "--config", os.path.join(ROOT, "configs", "own_data_small.yaml"),
+                    "--train_dir", "photos/train", "--test_dir", "photos/line", "--output_dir", "output/photos",
+                    *offline],
+                   ["main.py", "--mode", "infer", "--output_dir", "output/photos"]]
+    for args in walkthrough:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
+                              env=child_environment(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = (tmp_path / "output" / "photos" / "photos" / "infer" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(("OK" in r or "DEFECT" in r) for r in rows[1:])  # the class named photos
+
+
+def test_infer_and_serve_name_a_class_that_does_not_exist_and_list_those_that_do(tmp_path, monkeypatch, capsys):
+    import infer
+    import serve
+
+    (tmp_path / "output" / "inference" / "bottle").mkdir(parents=True)
+    (tmp_path / "output" / "inference" / "bottle" / "deploy.json").write_text("{}")
+    (tmp_path / "output" / "carpet").mkdir()
+    (tmp_path / "output" / "carpet" / "model.pdparams").write_bytes(b"")
+    image = os.path.join(SAMPLE, "bottle", "test", "good", "000.png")
+    monkeypatch.chdir(tmp_path)
+    for command in (lambda cls: infer.main(["--cls", cls, "--image", image]), lambda cls: serve.main(["--cls", cls])):
+        error = one_error_line(command("nosuch"), *capsys.readouterr())
+        assert "--cls nosuch: no such class" in error and "exported: bottle" in error and "trained: carpet" in error
+        error = one_error_line(command("carpet"), *capsys.readouterr())
+        assert "trained but not exported" in error and "python export_model.py --output_dir output --cls carpet" in error
+    assert not (tmp_path / "output" / "inference" / "nosuch").exists()
