@@ -24,13 +24,12 @@ from utils.io import atomic_write_json
 from utils.runtime import quiet_output
 
 from .deployment import OUTPUT_NAMES, ModelError, check_deployment, deploy_meta, file_manifest
+from .options import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET  # noqa: F401
 
 MODEL_FILES = ("model.json", "model.pdiparams")
 ALL_MODEL_FILES = MODEL_FILES + ("model.onnx", "model_int8.onnx")
 # paddle2onnx 2.1 exports opsets 7..21 (below 13 it upgrades to 13); at 22 and above it
 # aborts the whole process (SIGABRT), which no error handling can turn into one line.
-MIN_OPSET, MAX_OPSET = 7, 21
-MAX_CALIB_IMAGES = 10000
 
 
 def save_static(net: RD4AD, path_prefix: str) -> None:

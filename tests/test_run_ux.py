@@ -128,11 +128,25 @@ def imported_modules(script, *args):
     return proc.stdout, names
 
 
-def test_help_of_main_loads_no_paddle_and_shows_examples():
-    text, names = imported_modules("main.py", "--help")
-    assert names and not [n for n in names if n.split(".")[0] == "paddle"]
-    examples = text.split("examples:")[1]
-    assert "configs/sample_bottle.yaml" in examples and "--resume" in examples
+@pytest.mark.parametrize("script, example", [("main.py", "configs/sample_bottle.yaml"),
+                                             ("export_model.py", "--onnx"), ("infer.py", "--image"),
+                                             ("serve.py", "--model_dir")])
+def test_help_loads_no_paddle_and_ends_with_examples(script, example):
+    text, names = imported_modules(script, "--help")
+    assert "engine.paths" in names  # the trace is real: the command's own light modules are in it
+    assert not [n for n in names if n.split(".")[0] in ("paddle", "numpy", "cv2")]
+    examples = text.split("examples:")[1].strip().splitlines()
+    assert len(examples) == 2 and all(line.strip().startswith(f"python {script}") for line in examples)
+    assert example in text.split("examples:")[1]
+
+
+def test_the_plain_choices_match_the_modules_that_give_them_meaning():
+    from deploy.options import BACKEND_NAMES
+    from deploy.predictor import BACKENDS
+    from model.arch import ARCHS
+    from model.choices import ARCH_NAMES
+
+    assert BACKEND_NAMES == tuple(BACKENDS) and ARCH_NAMES == tuple(ARCHS)
 
 
 def test_a_flag_is_never_matched_by_its_prefix(capsys):
