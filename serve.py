@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int | None:
         args = parse_serve_args(argv)
+        print("starting: importing Paddle and the web service ...", flush=True)  # a few seconds, then each stage
         runtime.start()  # only now: Paddle, quietly, on every core
         from deploy.serve_command import run
 

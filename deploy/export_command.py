@@ -21,7 +21,7 @@ from .command_lines import parse_export_args
 from .deployment import MAX_DEPLOY_BYTES, check_deployment, read_deployment, read_json_file
 
 from .precision import Judgement, judge_precisions
-from .export import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET, ExportError, calibration_images, export
+from .export import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET, ExportError, calibration_images, export, stage_line
 
 
 
@@ -89,6 +89,7 @@ def run(a: argparse.Namespace) -> dict:
     if calibration and a.check_dir is None:
         print("note: judged on the calibration images, which also set the int8 bias and recheck band: give "
               "--check_dir (e.g. the class's test folder) for an independent judgement")
+    stage_line(f"judging every runtime and precision against Paddle fp32 on {len(images)} images ...")
     judgement = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1,
                                  np.concatenate(calibration) if calibration else None)
     meta = record_judgement(a.save_dir, judgement)

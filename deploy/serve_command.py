@@ -112,7 +112,7 @@ def run(a: argparse.Namespace) -> int:
             recheck = f" + fp32 recheck within {options.recheck_band:.4g}" if options.recheck_band else ""
             say(f"loading {a.model_dir} ({options.backend} {options.precision}{recheck}, {service.workers} "
                 f"worker(s))")
-            inspector = Inspector(deployment, options, service)
+            inspector = Inspector(deployment, options, service, progress=say)
             return _serve(a, sock, inspector)
     except StopRequested as stop:
         say(f"stopped ({stop}) before serving")
@@ -135,7 +135,9 @@ def _serve(a: argparse.Namespace, sock: socket.socket, inspector) -> int:
     from .service import GuardedH11Protocol, InspectionServer, create_app
     options, service = inspector.options, inspector.service
     GuardedH11Protocol.header_timeout_s = service.upload_timeout_s
-    config = uvicorn.Config(create_app(inspector), log_level="warning", access_log=False, http=GuardedH11Protocol,
+    # our access log (one line per request, with the verdict) instead of uvicorn's
+    config = uvicorn.Config(create_app(inspector, access_log=say), log_level="warning", access_log=False,
+                            http=GuardedH11Protocol,
                             ws="none",  # no WebSocket endpoint: an upgrade request is a plain HTTP one
                             timeout_graceful_shutdown=max(service.timeout_s, 1.0), lifespan="off")
     host, port = sock.getsockname()[:2]
