@@ -219,3 +219,19 @@ def test_infer_and_serve_name_a_class_that_does_not_exist_and_list_those_that_do
         error = one_error_line(command("carpet"), *capsys.readouterr())
         assert "trained but not exported" in error and "python export_model.py --output_dir output --cls carpet" in error
     assert not (tmp_path / "output" / "inference" / "nosuch").exists()
+
+
+def test_export_announces_each_stage_before_it_runs(tmp_path):
+    """The silent minute of a first --onnx export, now one line per stage on stderr, in order,
+    and the converters' own logging still kept out."""
+    out = str(tmp_path / "run")
+    trained = subprocess.run([sys.executable, "main.py", *TINY, "--epochs", "1", "--output_dir", out], cwd=ROOT,
+                             env=child_environment(), capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "export_model.py", "--output_dir", out, "--onnx"], cwd=ROOT,
+                          env=child_environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert said_lines(proc.stderr) == [
+        "saving the static graph (paddle.jit.save) ...",
+        "converting to ONNX (paddle2onnx; the first conversion of a process takes longest) ..."]
+    assert proc.stdout.startswith("exported resnet18") and "model.onnx" in proc.stdout
