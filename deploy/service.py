@@ -367,7 +367,7 @@ class Inspector:
                pictures: bool, timing: dict) -> dict:
         d = self.deployment
         item = ImageItem(name, name)
-        scored = score_image(item, rgb, amap, score, d.calibration, d.score_stats,
+        scored = score_image(item, rgb, amap, score, d.calibration,
                              colour_range(d.calibration, d.score_stats, amap), picture=pictures)
         row = scored.row
         if row["error"]:  # a score that is not finite is never a verdict
@@ -378,7 +378,6 @@ class Inspector:
             "score": float(row["score"]),
             "normalized_score": float(row["normalized_score"]) if row["normalized_score"] else None,
             "verdict": row["verdict"] or None,
-            "z_score": float(row["z_score"]) if row["z_score"] else None,
             "thresholds": None if c is None else {"image": c.image_threshold, "pixel": c.pixel_threshold},
             # the mask is the model's S x S grid (the image resized to it): counted there
             "mask_size": [d.image_size, d.image_size],

@@ -18,8 +18,10 @@ from model.choices import ARCH_NAMES, CONV_BACKENDS  # plain names: no Paddle be
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
                           settings_dict, settings_yaml)
 from utils.errors import UserError, shorten
+from utils.layouts import LAYOUTS
 from utils.names import check_class_name
 
+from .decision import MAX_THRESHOLD
 from .paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
@@ -28,9 +30,10 @@ EXAMPLES = """examples:
   python main.py --resume --output_dir output                 # continue an interrupted run as it was started"""
 DATA, RUNS = "own data and decisions", "long runs and reports"
 # --resume, --mode eval / infer take every setting of the training run's saved config.yaml
-# but these (the command's own); the folders as one group (choosing one of them takes none).
+# but these (the command's own); the folders (and their layout) as one group: choosing one
+# of them takes none.
 RUN_OWN_KEYS = ("mode", "resume", "force", "output_dir", "config")
-RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir")
+RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir", "layout")
 # What each class's checkpoint decides in --mode eval / infer.
 MODEL_KEYS = ("arch", "image_size")
 
@@ -39,8 +42,11 @@ MODEL_KEYS = ("arch", "image_size")
 class Config:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
-    data_dir: str = setting("mvtec", "MVTec AD layout root DIR/CLASS/train/good, test, ground_truth "
+    data_dir: str = setting("mvtec", "MVTec AD (or BTAD) root DIR/CLASS/train/good (ok), test, ground_truth "
                                      "(--resume, eval/infer: the run's)")
+    # auto: each class folder by its train/good (MVTec AD) or train/ok (BTAD); with
+    # --train_dir, btad takes test/ok as good and BTAD's mask names
+    layout: str = setting("auto", "folder layout: by train/good or train/ok, or chosen", choices=LAYOUTS)
     cls: str = setting("all", "class name, comma list, or 'all' (--resume, eval/infer: the run's)")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)
@@ -76,6 +82,9 @@ class Config:
     val_ratio: float = setting(0.1, "share of good images held out to calibrate thresholds (0: train images)",
                                group=DATA)
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
+    # as infer.py --threshold; nan (not given): each checkpoint's calibrated thresholds
+    threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
+                                         "the calibrated one (nan: calibrated)", group=DATA)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
     resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams, with the "
                                   "settings the run was started with (flags given override them)", group=RUNS)
@@ -128,6 +137,13 @@ class Config:
             raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
+        if not math.isnan(self.threshold):
+            if self.mode != "infer":
+                raise ConfigError(f"--threshold {self.threshold}: only for --mode infer (eval reports the "
+                                  f"calibrated thresholds' metrics)")
+            if not (math.isfinite(self.threshold) and abs(self.threshold) <= MAX_THRESHOLD):
+                raise ConfigError(f"--threshold {self.threshold}: must be a finite number within "
+                                  f"+-{MAX_THRESHOLD:g} (scores lie in [0, 6])")
         for name in ("output_dir", "data_dir", "teacher_weights"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"--{name}: must not be empty")
@@ -185,4 +201,5 @@ def resume_command(cfg: Config) -> str:
 
 def config_yaml(cfg: Config) -> str:
     """The config actually used, as YAML that --config reads back."""
-    return settings_yaml(cfg, leave_out=("config",))
+    # no --threshold (nan) is left out: the file reads back to the default, and nan != nan
+    return settings_yaml(cfg, leave_out=("config",) + (("threshold",) if math.isnan(cfg.threshold) else ()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -15,7 +16,7 @@ from model.rd4ad import RD4AD
 from model.teacher import resolve_teacher_weights
 from report.html import write_class_report, write_summary_report
 from report.per_image import ImageItem, ImageWriter, colour_range
-from report.tables import TABLE_NOTE, mean_row, results_table
+from report.tables import TABLE_NOTE, mean_row, models_table, results_table
 from utils import distributed
 from utils.config import ConfigError
 from utils.errors import PartialFailure
@@ -28,6 +29,7 @@ from .checkpoint import load_trained
 from .config import Config, config_yaml, resume_command
 from .decision import Calibration, CalibrationError
 from .evaluate import MetricsError, compute_metrics, image_reader, metric_line, no_metrics, predict_samples
+from .model_info import SETTING_FIELDS, class_model, common_settings, described_settings
 from .preflight import check_before_work, check_config
 from .train import TrainingDiverged, pixel_note, train_class
 
@@ -48,7 +50,7 @@ def run(cfg: Config) -> dict[str, dict]:
     ctx = distributed.init(cpu=cfg.device == "cpu")
     device = set_device(cfg, ctx)
     try:
-        sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+        sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir, cfg.layout)
     except DataError as err:
         if not cfg.inherited:
             raise
@@ -85,11 +87,17 @@ def set_device(cfg: Config, ctx: distributed.Context) -> str:
 
 def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: list[DataSource],
                 model_settings: dict[str, dict]) -> dict[str, dict]:
+    # What each class's results come from, read from its checkpoint: in eval / infer before
+    # the classes run, in training after each class has saved its own.
+    models = {s.name: class_model(cfg, s.name) for s in sources} if cfg.mode != "train" else {}
     if ctx.is_main:
         # The settings actually used (flags over --config over the run's over defaults; in
         # eval and infer the checkpoints' model settings when the classes agree), readable by --config.
         common = [dict(s) for s in model_settings.values()]
         used = dataclasses.replace(cfg, **common[0]) if common and all(c == common[0] for c in common) else cfg
+        shared = common_settings(models)
+        used = dataclasses.replace(used, **{k: shared[f] for k, f in SETTING_FIELDS.items()
+                                           if k in ("epochs", "batch_size") and shared.get(f) is not None})
         atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(used))
     log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     results, failed = {}, {}
@@ -101,7 +109,7 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
             if cfg.mode == "train":
                 results[source.name] = dict(train_class(class_cfg, source, ctx))
             elif cfg.mode == "eval":
-                results[source.name] = dict(eval_class(class_cfg, source, ctx, unfinished))
+                results[source.name] = dict(eval_class(class_cfg, source, ctx, unfinished, models.get(source.name)))
             else:
                 infer_class(class_cfg, source, ctx, unfinished)
                 results[source.name] = {}
@@ -111,11 +119,13 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
             failed[source.name] = message
             metrics = getattr(err, "metrics", None) or no_metrics()
             results[source.name] = dict(metrics) | {"error": message}
+        if cfg.mode == "train" and ctx.is_main:
+            models[source.name] = class_model(cfg, source.name)
         if cfg.mode != "infer" and ctx.is_main:
-            write_results(cfg, results, unfinished)  # after every class: nothing finished is lost
+            write_results(cfg, results, models, unfinished)  # after every class: nothing finished is lost
     if cfg.mode != "infer":
         if cfg.report and ctx.is_main:
-            log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict(), unfinished_line(cfg, unfinished))}")
+            log(f"report: {write_summary_report(cfg.output_dir, results, models, unfinished_line(cfg, unfinished))}")
         log("\n" + results_table(results) + "\n" + TABLE_NOTE)
     if unfinished:
         log(f"note: {unfinished_line(cfg, unfinished)}")
@@ -134,22 +144,29 @@ def unfinished_line(cfg: Config, unfinished: dict[str, str]) -> str:
             f"the finished one; continue with {resume_command(cfg)}")
 
 
-def write_results(cfg: Config, results: dict[str, dict], unfinished: dict[str, str] | None = None) -> str:
+def write_results(cfg: Config, results: dict[str, dict], models: dict[str, dict | None],
+                  unfinished: dict[str, str] | None = None) -> str:
+    """results.md and results.json: the metrics, per class the model they come from, and
+    the classes whose training has not finished (`unfinished`)."""
     selection = ("best test-set epoch (--select_best_on_test: selected ON THE TEST SET)"
                  if cfg.select_best_on_test else "last epoch")
     table = results_table(results)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    md = (f"# RD4AD results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
+    shared = common_settings({c: models.get(c) for c in results})
+    title = ", ".join(p for p in (shared.get("arch"), f"{shared['image_size']}px" if "image_size" in shared else None)
+                      if p)
+    md = (f"# RD4AD results ({title + ', ' if title else ''}{cfg.mode})\n\n"
           f"Command: `{command}`\n\nCheckpoint: {selection}. AUPRO up to FPR 0.3 (per image: the "
           f"reference's and paper's protocol; set: MVTec AD's). Thresholds: the "
           f"{100 * cfg.threshold_quantile:g}% quantile of held-out good images' scores.\n\n{table}\n\n"
-          f"{TABLE_NOTE}\n")
+          f"{TABLE_NOTE}\n\n## Models\n\n{models_table({c: models.get(c) for c in results})}\n")
     note = unfinished_line(cfg, unfinished or {})
     md += f"\n**{note}**\n" if note else ""
     atomic_write_text(cfg.paths.file("results.md"), md)
     atomic_write_json(cfg.paths.file("results.json"), {
-        "config": cfg.to_dict(), "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
-        "classes": results, "mean": mean_row(results),
+        "config": described_settings(cfg, {c: models.get(c) for c in results}),
+        "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
+        "classes": results, "models": {c: models.get(c) for c in results}, "mean": mean_row(results),
         # {class: "epoch N of M"} for a training that has not finished; {} when every class has
         "unfinished": dict(unfinished or {})})
     return table
@@ -175,7 +192,7 @@ def load_class_model(cfg: Config, cls: str, unfinished: dict[str, str]) -> tuple
 
 def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
                       ) -> tuple[MVTecDataset, list[tuple[Sample, str]]]:
-    samples = index_test_dir(source.test_dir, source.gt_dir)
+    samples = index_test_dir(source.test_dir, source.gt_dir, source.layout)
     if not samples:
         raise DataError(f"{source.test_dir or '--test_dir'}: no test images to evaluate")
     dataset, failed, mask_warnings = load_checked(samples, cfg.image_size, ctx.is_main, f"read {source.name} test")
@@ -184,7 +201,8 @@ def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
     return dataset, failed
 
 
-def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfinished: dict[str, str]) -> dict:
+def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfinished: dict[str, str],
+               model: dict | None = None) -> dict:
     dataset, failed = _checked_test_set(cfg, source, ctx)
     for _, reason in failed:
         warn(f"{reason}: skipped (not in the metrics)")
@@ -198,7 +216,7 @@ def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfini
     if cfg.report and ctx.is_main:
         log(f"[{source.name}] report: " + write_class_report(
             cfg.paths.report_dir(source.name), source.name, pred, samples, image_reader(dataset), metrics,
-            calibration, pixel_note(samples, source)))
+            calibration, pixel_note(samples, source), model))
     if failed:  # the metrics stand for the readable images only: say so in the exit status
         raise ClassFailed(f"[{source.name}] {len(failed)} unreadable test image(s) left out of the metrics "
                           f"(first: {failed[0][0].image_path})", metrics)
@@ -214,6 +232,12 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfin
     dataset, failed = _checked_test_set(cfg, source, ctx)
     samples = dataset.samples
     net, calibration, stats = load_class_model(cfg, cls, unfinished)
+    if not math.isnan(cfg.threshold):  # --threshold: both thresholds replaced, as infer.py does
+        if calibration is None:
+            raise CalibrationError(f"--threshold needs calibrated thresholds; {cfg.paths.checkpoint(cls)} has none "
+                                   f"(trained by an older version): retrain the class")
+        calibration = calibration.with_threshold(cfg.threshold)
+        log(f"[{cls}] --threshold {cfg.threshold:g}: verdicts and masks at this raw score, not the calibrated one")
     pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset) if samples else None
     if not ctx.is_main:
         return

@@ -14,7 +14,8 @@ import paddle
 from paddle.io import DataLoader
 from tqdm import tqdm
 
-from dataset import DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked, split_validation
+from dataset import (GOOD_FOLDER, DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked,
+                     mask_naming, split_validation)
 from model.loss import cosine_distillation_loss
 from model.rd4ad import RD4AD, build_rd4ad
 from report.html import write_class_report
@@ -28,6 +29,7 @@ from .config import Config
 from .decision import calibrate
 from .evaluate import (compute_metrics, good_score_statistics, image_reader, make_loader, metric_line,
                        no_metrics, predict_samples)
+from .model_info import trained_model, training_record
 from .feature_cache import EpochBatchSampler, TeacherFeatureCache
 from .optim import build_optimizer
 from .preflight import check_batch_size
@@ -51,7 +53,7 @@ class TrainData:
 
     def __init__(self, source: DataSource, cfg: Config, ctx: distributed.Context) -> None:
         train, val = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)
-        test = index_test_dir(source.test_dir, source.gt_dir)
+        test = index_test_dir(source.test_dir, source.gt_dir, source.layout)
         self.train_set, bad_train, _ = load_checked(train, cfg.image_size, ctx.is_main, f"read {source.name} train")
         self.val_set, bad_val, _ = load_checked(val, cfg.image_size)
         self.test_set, bad_test, mask_warnings = load_checked(test, cfg.image_size, ctx.is_main,
@@ -75,9 +77,10 @@ def pixel_note(samples: list[Sample], source: DataSource) -> str:
     named only when it is the MVTec layout's own (plain folders never had one)."""
     if not any(s.label == 1 and s.mask_path is None for s in samples):
         return ""
-    where = (f" (MVTec layout: {source.gt_dir}/DEFECT/NAME_mask.png)"
-             if source.gt_dir and source.train_dir == os.path.join(os.path.dirname(source.gt_dir), "train", "good")
-             else "")
+    own_layout = source.gt_dir and source.train_dir == os.path.join(os.path.dirname(source.gt_dir), "train",
+                                                                    GOOD_FOLDER[source.layout])
+    where = (f" ({'MVTec' if source.layout == 'mvtec' else 'BTAD'} layout: {source.gt_dir}/"
+             f"{mask_naming(source.layout)})" if own_layout else "")
     return f"no ground-truth masks{where}: pixel metrics n/a, image metrics still computed"
 
 
@@ -223,7 +226,7 @@ class TrainingRun:
         cfg, cls, ctx, net = self.cfg, self.cls, self.ctx, self.net
         if ctx.is_main:
             save_checkpoint(cfg.paths.checkpoint(cls), net, arch=cfg.arch, image_size=cfg.image_size,
-                            epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights)
+                            epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights, extra=training_record(cfg))
         if not data.test:
             return best
         distributed.sync_buffers(ctx, net.student_branch())
@@ -317,7 +320,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     if ctx.is_main:
         save_checkpoint(cfg.paths.checkpoint(cls), net, arch=cfg.arch, image_size=cfg.image_size,
                         epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
-                        extra={"score_stats": stats, "calibration": calibration.to_dict()})
+                        extra={"score_stats": stats, "calibration": calibration.to_dict(), **training_record(cfg)})
     log(f"[{cls}] thresholds from {calibration.count} {calibration.source} image(s) at the "
         f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
         f"pixel {calibration.pixel_threshold:.5f}")
@@ -328,7 +331,8 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
         log(f"[{cls}] final (epoch {cfg.epochs}): {metric_line(metrics)}")
         if cfg.report and ctx.is_main:
             report = write_class_report(cfg.paths.report_dir(cls), cls, pred, data.test,
-                                        image_reader(data.test_set), metrics, calibration, data.pixel_note)
+                                        image_reader(data.test_set), metrics, calibration, data.pixel_note,
+                                        trained_model(cfg, cfg.epochs))
             log(f"[{cls}] report: {report}")
         del pred
     else:
@@ -364,7 +368,7 @@ def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, bes
     if score > best["score"]:
         save_checkpoint(cfg.paths.checkpoint(cls, best=True), net, arch=cfg.arch,
                         image_size=cfg.image_size, epoch=epoch, cls=cls,
-                        teacher_weights=cfg.teacher_weights)
+                        teacher_weights=cfg.teacher_weights, extra=training_record(cfg))
         return {"score": float(score), "epoch": epoch, "metrics": metrics}
     return best
 
