@@ -195,8 +195,7 @@ def _write_model_files(model: RD4AD, save_dir: str, onnx: bool, opset: int,
     stage announced before it."""
     staging = tempfile.mkdtemp(prefix=".export-", dir=save_dir)
     try:
-        progress("saving the static graph (paddle.jit.save) ...")
-        with quiet_output():
+        with quiet_output():  # seconds: a plain export stays one line
             save_static(model, os.path.join(staging, "model"))
         files = list(MODEL_FILES)
         if onnx:
