@@ -38,7 +38,7 @@ def class_of_run(output_dir: str) -> str:
     trained = sorted(n for n in os.listdir(output_dir) if os.path.isfile(paths.checkpoint(n))) \
         if os.path.isdir(output_dir) else []
     if len(trained) == 1:
-        return trained[0]
+        return check_class_name(trained[0], "class")
     raise ExportError("--cls: which class? " + (f"{output_dir} holds checkpoints of: {', '.join(trained)}"
                                                if trained else f"{output_dir} holds no trained class"))
 
@@ -65,6 +65,7 @@ def check_args(a: argparse.Namespace) -> None:
     elif a.cls is not None:
         check_class_name(a.cls)
     if a.save_dir is None:
+        # the checkpoint's class names the folder: load_checkpoint checked it is one name
         a.save_dir = RunPaths(a.output_dir).export_dir(a.cls or load_checkpoint(a.checkpoint)["class"])
     if os.path.exists(a.save_dir) and not os.path.isdir(a.save_dir):
         raise ExportError(f"{a.save_dir}: --save_dir is a file, not a folder")

@@ -37,12 +37,17 @@ def predictor_options(args: argparse.Namespace) -> PredictorOptions:
                             recheck_band=args.recheck_band, recheck_threshold=args.threshold)
 
 
+MAX_CPU_THREADS = 1024
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every setting and input path, before any model is loaded or anything written."""
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--cpu_threads", args.cpu_threads, 1),
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
+    if args.cpu_threads > MAX_CPU_THREADS:  # as serve.py: Paddle and OpenMP take a C int, and spawn them
+        raise UsageError(f"--cpu_threads {args.cpu_threads}: must lie in 1..{MAX_CPU_THREADS}")
     if args.precision == "auto":
         if args.device != "cpu":
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")
@@ -80,12 +85,14 @@ def _own_folders(args: argparse.Namespace) -> set[str]:
 
 
 def _image_files(folder: str, skip: set[str]) -> list[str]:
-    """Image files under `folder`, sorted; hidden files and this run's output folders
-    (compared by real path) are left out, so a run never scores its own pictures."""
+    """Entries named like images under `folder`, sorted; hidden files and this run's output
+    folders (compared by real path) are left out, so a run never scores its own pictures.
+    A FIFO, socket, device, link loop or folder named like an image is listed too: reading
+    it gives its row the reason, without blocking (a folder is still searched)."""
     found = []
     for d, dirs, names in os.walk(folder):
         dirs[:] = sorted(n for n in dirs if os.path.realpath(os.path.join(d, n)) not in skip)
-        found += [os.path.join(d, n) for n in names
+        found += [os.path.join(d, n) for n in names + dirs
                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
@@ -100,7 +107,7 @@ def _item_of_file(path: str, name: str) -> ImageItem:
 
 def collect_inputs(args: argparse.Namespace) -> list[ImageItem]:
     if args.image:
-        if os.path.isfile(args.image):
+        if not os.path.isdir(args.image):  # a file, or a FIFO or device: its row says which
             root, paths = os.path.dirname(args.image), [args.image]
         else:
             root, paths = args.image, _image_files(args.image, _own_folders(args))

@@ -110,7 +110,7 @@ class Predictor:
         check_outputs(maps, scores, len(array), self.image_size or array.shape[-1], self.model_path)
         if self.score_bias:  # one shift of maps and scores alike, so a score stays its map's maximum
             maps, scores = maps - np.float32(self.score_bias), scores - np.float32(self.score_bias)
-        return maps, scores
+        return maps, without_verdict_where_not_finite(array, maps, scores)
 
     def remove_bias(self, bias: float) -> None:
         """Subtract `bias` from every later map and score (int8's bias, measured at export)."""
@@ -120,6 +120,21 @@ class Predictor:
 
     def close(self) -> None:
         """Release what the predictor holds beyond memory (temporary files)."""
+
+
+def without_verdict_where_not_finite(images: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The scores, NaN for every image whose input or map is not finite: a network given
+    -inf pixels (a deploy.json normalisation that overflows) can still answer a finite,
+    confident score, and a score that is not finite is never a verdict (infer.py reports
+    the image as failed, the service answers 500)."""
+    count = len(scores)
+    finite = (np.isfinite(images.reshape(count, -1)).all(axis=1)
+              & np.isfinite(np.asarray(maps).reshape(count, -1)).all(axis=1))
+    if finite.all():
+        return scores
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    scores[~finite] = np.nan
+    return scores
 
 
 class PaddleInferenceSession(Predictor):

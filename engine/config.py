@@ -20,6 +20,7 @@ from utils.config import (ConfigError, build_parser, checked_values, given_flags
 from utils.errors import UserError, shorten
 from utils.layouts import LAYOUTS
 from utils.names import check_class_name
+from utils.numbers import as_float32, fits_float32, image_size_fits
 
 from .decision import MAX_THRESHOLD
 from .paths import RunPaths
@@ -62,7 +63,7 @@ class Config:
     teacher_weights: str = setting(
         "imagenet", "imagenet (official, cached); auto (imagenet when at hand, else random); a file; none")
     device: str = setting("auto", "auto: a GPU when Paddle has one", choices=("auto", "cpu", "gpu"))
-    seed: int = setting(111, "random seed (batches, initialisation)")
+    seed: int = setting(111, "random seed (batches, initialisation)", unsigned_32=True)
     num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)")
     log_interval: int = setting(10, "a loss / ips / reader_cost line every N steps (0: never)")
     feature_cache: bool = setting(True, "run the teacher every step instead of caching its features once",
@@ -84,7 +85,7 @@ class Config:
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
     # as infer.py --threshold; nan (not given): each checkpoint's calibrated thresholds
     threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
-                                         "the calibrated one (nan: calibrated)", group=DATA)
+                                         "the calibrated one (nan: calibrated)", group=DATA, nan_means_unset=True)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
     resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams, with the "
                                   "settings the run was started with (flags given override them)", group=RUNS)
@@ -126,11 +127,16 @@ class Config:
             raise ConfigError(f"--seed {self.seed}: must be below 2**32")
         if self.image_size < 64 or self.image_size % 32:
             raise ConfigError(f"--image_size {self.image_size}: must be a multiple of 32, at least 64")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0")
+        if not image_size_fits(self.image_size):
+            raise ConfigError(f"--image_size {self.image_size}: too large (3 x size x size values must fit "
+                              f"a 32-bit integer: at most 26752)")
+        # the optimizer holds lr and the betas in float32: checked as float32 holds them
+        if not (fits_float32(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0, within float32's range")
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} {getattr(self, name)}: must lie in [0, 1)")
+            if not 0.0 <= as_float32(getattr(self, name)) < 1.0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must lie in [0, 1) in float32 "
+                                  f"({getattr(self, name)!r} is {as_float32(getattr(self, name))!r} there)")
         if not (math.isfinite(self.feature_cache_mb) and self.feature_cache_mb >= 0):
             raise ConfigError(f"--feature_cache_mb {self.feature_cache_mb}: must be a finite number >= 0")
         if not 0.0 <= self.val_ratio < 1.0:
@@ -155,8 +161,16 @@ def build_config_parser():
 
 
 def load_config_file(path: str) -> dict:
-    """The settings of a --config YAML file, checked (ConfigError naming the file)."""
-    return checked_values(Config, read_yaml_mapping(path), path)
+    """The settings of a --config YAML file (or a run's saved config.yaml), checked
+    (ConfigError naming the file). Its class names are checked as --cls is: a name read
+    from a file is never a path."""
+    values = checked_values(Config, read_yaml_mapping(path), path)
+    if "cls" in values:
+        try:
+            Config(cls=values["cls"]).class_names()
+        except UserError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return values
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:

@@ -13,9 +13,13 @@ import argparse
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.images import open_image  # noqa: E402
 
 DEFECTS = ("scratch", "crack", "missing", "stain")
 
@@ -84,7 +88,7 @@ def paint_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tup
 
 
 def _load(path: str, size: int) -> Image.Image:
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return img.convert("RGB").resize((size, size), Image.BILINEAR)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import signal
 import sys
 from typing import Callable, NoReturn
 
 from .errors import OutputError, PartialFailure, UserError, bounded_line, shorten
+from .numbers import INT32_MAX, fits_float32, fits_int32
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
@@ -48,6 +50,54 @@ def parse_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {shorten(value)}")
 
 
+def number_problem(value: int | float, *, unsigned_32: bool = False) -> str | None:
+    """Why a flag's (or a config key's) number cannot be used, or None. Whole numbers are
+    used as 32-bit C ints (sizes, counts, threads, ports; a seed as an unsigned one), the
+    others as float32 (learning rate, betas, thresholds): a value that overflows or
+    underflows there is a usage error, not an internal error later or a silent 0."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if unsigned_32:
+            return None if 0 <= value < 2 ** 32 else "must lie in 0..4294967295 (an unsigned 32-bit seed)"
+        return None if fits_int32(value) else f"overflows a 32-bit integer (at most {INT32_MAX})"
+    if not fits_float32(value):
+        return "must be a finite number within float32's range (overflows, or underflows to 0)"
+    return None
+
+
+def int_flag(text: str) -> int:
+    """type=int of every flag of this project's commands (OneLineArgumentParser)."""
+    value = int(text)
+    problem = number_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def uint32_flag(text: str) -> int:
+    value = int(text)
+    problem = number_problem(value, unsigned_32=True)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def nan_or_float_flag(text: str) -> float:
+    """A float flag whose nan means 'not given' (main.py --threshold)."""
+    value = float(text)
+    return value if math.isnan(value) else float_flag(text)
+
+
+def float_flag(text: str) -> float:
+    """type=float of every flag of this project's commands (OneLineArgumentParser)."""
+    value = float(text)
+    problem = number_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 class OneLineHelp(argparse.RawDescriptionHelpFormatter):
     """--help with each flag, its help and its default on one line; the description and
     the examples after the flags as written."""
@@ -65,6 +115,20 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", OneLineHelp)
         kwargs.setdefault("allow_abbrev", False)  # --epoch is a mistake, not --epochs
         super().__init__(*args, **kwargs)
+        # every type=int / type=float flag is checked in the type it is used in
+        self.register("type", int, int_flag)
+        self.register("type", float, float_flag)
+
+    def _get_value(self, action: argparse.Action, arg_string: str):
+        """A number's problem as the project says it elsewhere: '--lr 1e-320: must be ...'."""
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as err:
+            if (action.option_strings and action.type in (int, float, uint32_flag, nan_or_float_flag)
+                    and "invalid" not in str(err.message)):
+                given = arg_string if len(arg_string) <= 40 else arg_string[:40] + "..."
+                raise argparse.ArgumentError(None, f"{action.option_strings[0]} {given}: {err.message}") from None
+            raise
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {bounded_line(message)} (see {self.prog} --help)", file=sys.stderr)
