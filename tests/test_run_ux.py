@@ -78,7 +78,7 @@ def test_resume_and_eval_take_the_runs_saved_settings(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("image_size: 65", "--image_size 65: must be a multiple of 32"),
     ("epochs: 0", "--epochs 0: must be at least 1"),
-    ("lr: .nan", "--lr nan: must be a finite number above 0"),
+    ("lr: .nan", "lr nan must be a finite number"),
     ("arch: evil", "arch must be one of"),
 ])
 def test_a_hostile_saved_value_is_refused_as_the_command_line_would(tmp_path, capsys, line, message):
