@@ -23,12 +23,12 @@ from PIL import Image, ImageOps
 from utils.errors import UserError, bounded_line
 from utils.files import NotARegularFile
 from utils.images import IMAGE_EXTENSIONS, IMAGE_FORMATS, open_image
+from utils.layouts import LAYOUTS  # noqa: F401  (the settings read it without Paddle)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                  "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
-LAYOUTS = ("auto", "mvtec", "btad")
 # Each layout's folder of good images (train/GOOD, test/GOOD).
 GOOD_FOLDER = {"mvtec": "good", "btad": "ok"}
 

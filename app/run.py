@@ -33,7 +33,7 @@ from core.decision import Calibration, CalibrationError
 from core.results import ClassEvaluation, MetricsError, compute_metrics, metric_line, no_metrics
 from deploy.predictor import StaticGraphRunner
 from engine.checkpoint import load_trained
-from engine.config import Config, config_yaml
+from engine.config import Config, config_yaml, resume_command
 from engine.evaluate import image_reader, predict_samples
 from engine.model_info import SETTING_FIELDS, class_model, common_settings, described_settings
 from engine.preflight import check_before_work, check_config
@@ -107,6 +107,7 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
         atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(used))
     log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     results, failed = {}, {}
+    unfinished: dict[str, str] = {}  # eval / infer of an interrupted training: {class: "epoch N of M"}
     for source in sources:
         # eval / infer: the model's settings are the checkpoint's (preflight checked the flags)
         class_cfg = dataclasses.replace(cfg, **model_settings.get(source.name, {}))
@@ -117,9 +118,9 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
                     write_evaluation_report(class_cfg, evaluation)
                 results[source.name] = dict(metrics)
             elif cfg.mode == "eval":
-                results[source.name] = dict(eval_class(class_cfg, source, ctx, models.get(source.name)))
+                results[source.name] = dict(eval_class(class_cfg, source, ctx, unfinished, models.get(source.name)))
             else:
-                infer_class(class_cfg, source, ctx)
+                infer_class(class_cfg, source, ctx, unfinished)
                 results[source.name] = {}
         except (TrainingDiverged, ClassFailed, CalibrationError, MetricsError) as err:
             message = str(err) if str(err).startswith("[") else f"[{source.name}] {err}"
@@ -130,11 +131,13 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
         if cfg.mode == "train" and ctx.is_main:
             models[source.name] = class_model(cfg, source.name)
         if cfg.mode != "infer" and ctx.is_main:
-            write_results(cfg, results, models)  # after every class: nothing finished is lost
+            write_results(cfg, results, models, unfinished)  # after every class: nothing finished is lost
     if cfg.mode != "infer":
         if cfg.report and ctx.is_main:
-            log(f"report: {write_summary_report(cfg.output_dir, results, models)}")
+            log(f"report: {write_summary_report(cfg.output_dir, results, models, unfinished_line(cfg, unfinished))}")
         log("\n" + results_table(results) + "\n" + TABLE_NOTE)
+    if unfinished:
+        log(f"note: {unfinished_line(cfg, unfinished)}")
     if failed:
         raise PartialFailure(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
                              f"(see the error lines above; the others finished)")
@@ -152,8 +155,19 @@ def selection_note(cfg: Config) -> str:
             if cfg.select_best_on_test else "")
 
 
-def write_results(cfg: Config, results: dict[str, dict], models: dict[str, dict | None]) -> str:
-    """results.md and results.json: the metrics, and per class the model they come from."""
+def unfinished_line(cfg: Config, unfinished: dict[str, str]) -> str:
+    """One line saying which classes' training has not finished and how to continue ('' if none)."""
+    if not unfinished:
+        return ""
+    classes = ", ".join(f"{cls} at {where}" for cls, where in unfinished.items())
+    return (f"UNFINISHED training run ({classes}): these results are of the last saved model, not "
+            f"the finished one; continue with {resume_command(cfg)}")
+
+
+def write_results(cfg: Config, results: dict[str, dict], models: dict[str, dict | None],
+                  unfinished: dict[str, str] | None = None) -> str:
+    """results.md and results.json: the metrics, per class the model they come from, and
+    the classes whose training has not finished (`unfinished`)."""
     selection = ("best test-set epoch (--select_best_on_test: selected ON THE TEST SET)"
                  if cfg.select_best_on_test else "last epoch")
     table = results_table(results)
@@ -167,22 +181,31 @@ def write_results(cfg: Config, results: dict[str, dict], models: dict[str, dict 
           f"reference's and paper's protocol; set: MVTec AD's). Thresholds: the "
           f"{100 * cfg.threshold_quantile:g}% quantile of held-out good images' scores.\n\n{table}\n\n"
           f"{TABLE_NOTE}\n\n## Models\n\n{models_table({c: models.get(c) for c in results})}\n")
+    note = unfinished_line(cfg, unfinished or {})
+    md += f"\n**{note}**\n" if note else ""
     atomic_write_text(cfg.paths.file("results.md"), md)
     atomic_write_json(cfg.paths.file("results.json"), {
         "config": described_settings(cfg, {c: models.get(c) for c in results}),
         "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
-        "classes": results, "models": {c: models.get(c) for c in results}, "mean": mean_row(results)})
+        "classes": results, "models": {c: models.get(c) for c in results}, "mean": mean_row(results),
+        # {class: "epoch N of M"} for a training that has not finished; {} when every class has
+        "unfinished": dict(unfinished or {})})
     return table
 
 
-def load_class_model(cfg: Config, cls: str) -> tuple[AnomalyModel, Calibration | None, dict]:
+def load_class_model(cfg: Config, cls: str, unfinished: dict[str, str]) -> tuple[AnomalyModel, Calibration | None, dict]:
     """The class's trained model (eval mode), its thresholds (None for a checkpoint that has
-    none) and its good-image score statistics."""
+    none) and its good-image score statistics. A class whose training has not finished
+    (an intermediate checkpoint: no status.json, no thresholds) is recorded in `unfinished`."""
     path = cfg.paths.checkpoint(cls, best=cfg.select_best_on_test)
     override = cfg.teacher_weights if "teacher_weights" in cfg.explicit else None
     net, state = load_trained(path, teacher_weights=override, conv_backend=cfg.conv_backend)
     calibration = Calibration.from_dict(state["calibration"]) if "calibration" in state else None
-    if calibration is None:
+    if calibration is None and not os.path.isfile(cfg.paths.status(cls)):
+        unfinished[cls] = f"epoch {state['epoch']} of {cfg.epochs}"
+        log(f"[{cls}] note: training UNFINISHED: {path} is the model of epoch {state['epoch']} of "
+            f"{cfg.epochs} (no thresholds yet: no verdicts or F1); continue with {resume_command(cfg)}")
+    elif calibration is None:
         log(f"[{cls}] note: {path} has no calibrated thresholds (trained by an older version): "
             f"no verdicts or F1")
     return net, calibration, dict(state.get("score_stats") or {})
@@ -199,14 +222,15 @@ def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
     return dataset, failed
 
 
-def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, model: dict | None = None) -> dict:
+def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfinished: dict[str, str],
+               model: dict | None = None) -> dict:
     dataset, failed = _checked_test_set(cfg, source, ctx)
     for _, reason in failed:
         warn(f"{reason}: skipped (not in the metrics)")
     samples = dataset.samples
     if not samples:
         raise DataError(f"{source.test_dir}: no readable test images")
-    net, calibration, _ = load_class_model(cfg, source.name)
+    net, calibration, _ = load_class_model(cfg, source.name, unfinished)
     pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset,
                            make_runner=StaticGraphRunner)
     metrics = compute_metrics(pred, calibration, names=[s.image_path for s in samples], warn=warn)
@@ -221,7 +245,7 @@ def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, model:
     return metrics
 
 
-def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> None:
+def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfinished: dict[str, str]) -> None:
     """For every test image: its picture, predicted mask and scores.csv row with the
     verdict (report/per_image.py, the writer infer.py uses too). An image that could not be
     read, or whose score is not finite, gets no verdict: its row says why and the class is
@@ -229,7 +253,7 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> No
     cls = source.name
     dataset, failed = _checked_test_set(cfg, source, ctx)
     samples = dataset.samples
-    net, calibration, stats = load_class_model(cfg, cls)
+    net, calibration, stats = load_class_model(cfg, cls, unfinished)
     if not math.isnan(cfg.threshold):  # --threshold: both thresholds replaced, as infer.py does
         if calibration is None:
             raise CalibrationError(f"--threshold needs calibrated thresholds; {cfg.paths.checkpoint(cls)} has none "

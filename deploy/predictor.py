@@ -22,51 +22,10 @@ from utils.runtime import restore_eager_threads
 from .deployment import (MAX_RECHECK_BAND, Deployment, ModelError, check_graph_size, check_outputs,
                          paddle_graph_input_shape)
 from .export import save_static
+from .options import DEVICE_NAMES, PredictorOptions, UsageError  # noqa: F401  (also imported from here)
 
-DEVICE_NAMES = ("cpu", "gpu")
-PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
 GPU_MEMORY_POOL_MB = 256  # Paddle Inference's initial GPU memory pool; it grows as needed
 CUDA_PROVIDER = "CUDAExecutionProvider"
-
-
-class UsageError(UserError):
-    """A setting this machine or model cannot honour."""
-
-
-@dataclass(frozen=True)
-class PredictorOptions:
-    """How to run an exported model (infer.py's flags, the benchmark's settings)."""
-    backend: str = "paddle"
-    device: str = "cpu"
-    precision: str = "fp32"
-    cpu_threads: int = os.cpu_count() or 1
-    enable_mkldnn: bool = True
-    use_tensorrt: bool = False
-    batch_size: int = 1
-    recheck_band: float = 0.0              # int8 only: scores this near the threshold are scored again in fp32
-    recheck_threshold: float | None = None  # the threshold they are near (None: the export's calibrated one)
-
-    def check(self) -> None:
-        """UsageError for a backend, device and precision that cannot run together here."""
-        if self.backend not in BACKENDS:
-            raise UsageError(f"--backend {self.backend}: one of {', '.join(BACKENDS)}")
-        if self.device not in DEVICE_NAMES:
-            raise UsageError(f"--device {self.device}: one of {', '.join(DEVICE_NAMES)}")
-        check_recheck_band(self.recheck_band)
-        if self.recheck_band and self.precision != "int8":
-            raise UsageError(f"--recheck_band rechecks int8 scores in fp32: it needs --precision int8, not "
-                             f"{self.precision}")
-        BACKENDS[self.backend].check_options(self)
-
-
-def add_precision_flags(add, default: str, auto_is: str) -> None:
-    """--precision (with auto) and --recheck_band, as infer.py and serve.py both take them."""
-    add("--precision", default=default, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
-        help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
-             f"verdict ({auto_is}) (default: {default})")
-    add("--recheck_band", type=float, default=0.0, metavar="SCORE",
-        help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
-             "again in fp32 (default: 0, none; --precision auto takes the band the export judged)")
 
 
 def check_auto_band(band: float) -> None:

@@ -1,8 +1,9 @@
 """The one config object of a run: every setting, its flag, its check; passed down.
 
-Where a setting comes from, lowest first: its default; for --mode eval and infer, the
-data settings of the training run saved in OUTPUT_DIR/config.yaml; a --config YAML file;
-the command line. The model's own settings (arch, image size, teacher) come from each
+Where a setting comes from, lowest first: its default; for --resume and --mode eval and
+infer, the settings of the training run saved in OUTPUT_DIR/config.yaml (so
+`main.py --resume --output_dir RUN` continues RUN as it was started); a --config YAML
+file; the command line. The model's own settings (arch, image size, teacher) come from each
 class's checkpoint in eval and infer (engine/preflight.py checks a contradicting flag).
 """
 from __future__ import annotations
@@ -10,17 +11,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dataset import LAYOUTS
-from model.arch import ARCH_NAMES
-from model.onednn import CONV_BACKENDS
+from model.choices import ARCH_NAMES, CONV_BACKENDS  # plain names: no Paddle before work starts
 from model.registry import DEFAULT_MODEL, MODELS, all_options, model_class
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
                           settings_dict, settings_yaml)
 from utils.errors import UserError, shorten
+from utils.layouts import LAYOUTS
 from utils.names import check_class_name
 from utils.numbers import as_float32, fits_float32, image_size_fits
 
@@ -28,10 +29,15 @@ from core.decision import MAX_THRESHOLD
 from core.paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
+EXAMPLES = """examples:
+  python main.py --config configs/sample_bottle.yaml          # a first run on the bundled sample (about 30 s)
+  python main.py --resume --output_dir output                 # continue an interrupted run as it was started"""
 DATA, RUNS = "own data and decisions", "long runs and reports"
 MODEL_OPTIONS = "options of one --model (model/registry.py)"
-# What --mode eval / infer take from the training run's saved config.yaml: the folders as
-# one group (choosing one of them takes none), and the classes.
+# --resume, --mode eval / infer take every setting of the training run's saved config.yaml
+# but these (the command's own); the folders (and their layout) as one group: choosing one
+# of them takes none.
+RUN_OWN_KEYS = ("mode", "resume", "force", "output_dir", "config")
 RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir", "layout")
 # What each class's checkpoint decides in --mode eval / infer (with the model's options).
 MODEL_KEYS = ("model", "arch", "image_size")
@@ -43,11 +49,11 @@ class BaseConfig:
                         choices=("train", "eval", "infer"))
     model: str = setting(DEFAULT_MODEL, "the method (eval/infer: the checkpoint's)", choices=tuple(MODELS))
     data_dir: str = setting("mvtec", "MVTec AD (or BTAD) root DIR/CLASS/train/good (ok), test, ground_truth "
-                                     "(eval/infer: the run's)")
+                                     "(--resume, eval/infer: the run's)")
     # auto: each class folder by its train/good (MVTec AD) or train/ok (BTAD); with
     # --train_dir, btad takes test/ok as good and BTAD's mask names
     layout: str = setting("auto", "folder layout: by train/good or train/ok, or chosen", choices=LAYOUTS)
-    cls: str = setting("all", "class name, comma list, or 'all' (eval/infer: the run's)")
+    cls: str = setting("all", "class name, comma list, or 'all' (--resume, eval/infer: the run's)")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)
     image_size: int = setting(256, "input size, a multiple of 32, at least 64 (eval/infer: the checkpoint's)")
@@ -89,7 +95,8 @@ class BaseConfig:
     threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
                                          "the calibrated one (nan: calibrated)", group=DATA, nan_means_unset=True)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
-    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
+    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams, with the "
+                                  "settings the run was started with (flags given override them)", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
     save_interval: int = setting(5, "save the training state for --resume every N epochs", group=RUNS)
     report: bool = setting(True, "skip the HTML report after evaluation", group=RUNS, off_flag="--no_report")
@@ -212,7 +219,7 @@ Config = _with_model_options(BaseConfig)
 
 
 def build_config_parser():
-    return build_parser(Config, DESCRIPTION)
+    return build_parser(Config, DESCRIPTION, epilog=EXAMPLES)
 
 
 def load_config_file(path: str) -> dict:
@@ -237,36 +244,43 @@ def load_config_file(path: str) -> dict:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Defaults < the training run's data settings (eval, infer) < --config < flags."""
+    """Defaults < the training run's saved settings (--resume, eval, infer) < --config < flags."""
     parser = build_config_parser()
     flags = given_flags(Config, argv)
     from_file = load_config_file(flags["config"]) if flags.get("config") else {}
     chosen = {**from_file, **flags}
     mode = chosen.get("mode", Config.mode)
     saved = RunPaths(chosen.get("output_dir", Config.output_dir)).config_yaml("train")
-    from_run = run_data_settings(saved, chosen, mode) if mode != "train" else {}
+    continues = mode != "train" or bool(chosen.get("resume"))
+    from_run = run_settings(saved, chosen, "--resume" if mode == "train" else f"--mode {mode}") if continues else {}
     parser.set_defaults(**{**from_run, **from_file})
     args = vars(parser.parse_args(argv))
     return Config(**args, explicit=frozenset(chosen), inherited=saved if from_run else "")
 
 
-def run_data_settings(saved: str, chosen: dict, mode: str) -> dict:
-    """The data settings of the training run (its saved config.yaml) that the user did not
-    choose: the folders as one group, and the classes."""
-    wanted = [] if "cls" in chosen else ["cls"]
-    if not any(k in chosen for k in RUN_FOLDER_KEYS):
-        wanted += RUN_FOLDER_KEYS
-    if not wanted or not os.path.isfile(saved):
+def run_settings(saved: str, chosen: dict, what: str) -> dict:
+    """The settings of the training run (its saved config.yaml) that the user did not
+    choose: all but the command's own (RUN_OWN_KEYS), the data folders as one group. The
+    file is untrusted: checked as a --config file is (keys, types, choices) and as the
+    command line's values are (Config.check: ranges, a class name that is a path)."""
+    if not os.path.isfile(saved):
         return {}
     try:
         values = load_config_file(saved)
-        if "cls" in wanted and isinstance(values.get("cls"), str):
-            Config(cls=values["cls"]).class_names()
+        Config(**values).check()  # every value as the command line's would be checked
     except UserError as err:  # a damaged file, or a class name that is a path
         named = str(err) if str(err).startswith(saved) else f"{saved}: {err}"
-        raise ConfigError(f"{named} (the training run's saved settings, which --mode {mode} reads for "
-                          f"{', '.join('--' + k for k in wanted)}: fix or delete it, or give them)") from None
-    return {k: values[k] for k in wanted if k in values}
+        raise ConfigError(f"{named} (the training run's saved settings, which {what} reads: "
+                          f"fix or delete it)") from None
+    folders_chosen = any(k in chosen for k in RUN_FOLDER_KEYS)
+    return {k: v for k, v in values.items()
+            if k not in chosen and k not in RUN_OWN_KEYS and not (folders_chosen and k in RUN_FOLDER_KEYS)}
+
+
+def resume_command(cfg: Config) -> str:
+    """The command that continues this run's training with the settings it was started with."""
+    out = "" if cfg.output_dir == Config.output_dir else f" --output_dir {shlex.quote(cfg.output_dir)}"
+    return f"python main.py --resume{out}"
 
 
 def config_yaml(cfg: Config) -> str:

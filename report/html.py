@@ -289,10 +289,11 @@ def _models_table(models: dict[str, dict | None]) -> str:
 
 
 def write_summary_report(output_dir: str, results: dict[str, dict],
-                         models: dict[str, dict | None] | None = None) -> str:
+                         models: dict[str, dict | None] | None = None, unfinished: str = "") -> str:
     """report.html: every class's metrics and a link to its page, the mean, the published
     means beside ours, and per class the model its results come from (`models`:
-    engine/model_info.py's descriptions, read from the checkpoints)."""
+    engine/model_info.py's descriptions, read from the checkpoints); `unfinished`: a line
+    saying the training has not finished (engine/run.py's unfinished_line)."""
     models = models or {}
     rows = {}
     for cls, r in results.items():
@@ -305,7 +306,9 @@ def write_summary_report(output_dir: str, results: dict[str, dict],
         rows[f"<i>{html.escape(name)}</i>"] = r
     body = (f"<h1>RD4AD results</h1><p>Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
             f"Values in percent; the published rows are 15-class MVTec AD means (AUPRO per image), "
-            f"comparable only to a full 15-class run with ImageNet weights.</p>" + _metrics_table(rows)
+            f"comparable only to a full 15-class run with ImageNet weights.</p>"
+            + (f'<p class="unfinished"><b>{html.escape(unfinished)}</b></p>' if unfinished else "")
+            + _metrics_table(rows)
             + _models_table({cls: models.get(cls) for cls in results}))
     path = RunPaths(output_dir).file("report.html")
     atomic_write_text(path, _page("RD4AD results", body))

@@ -305,7 +305,8 @@ def test_ctrl_c_is_one_line_exit_130_with_files_intact(tmp_path, data):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not line.startswith("W")]
-    assert lines[-1] == "error: interrupted; run again with --resume to continue", err[-2000:]
+    assert lines[-1] == (f"error: interrupted; the training state saved every 1 epoch(s) is kept: continue with "
+                         f"python main.py --resume --output_dir {out}"), err[-2000:]
     assert "Traceback" not in err
     assert not (out / LOCK_NAME).exists()
     from utils.safe_pickle import load_plain_pickle

@@ -20,7 +20,7 @@ def _read(path: str):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--infer_dir", required=True)
     p.add_argument("--names", nargs="+", required=True)
     p.add_argument("--out", default=os.path.join("doc", "heatmap_example.png"))

@@ -126,7 +126,7 @@ def build(seed_dir: str, out_dir: str, size: int = 320, per_defect: int = 2, see
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--seed_dir", required=True, help="folder holding bottle/ of real MVTec images")
     p.add_argument("--out", default="sample_data")
     p.add_argument("--size", type=int, default=320)

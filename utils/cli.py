@@ -1,8 +1,10 @@
 """What every command line shares: one-line argparse mistakes and one error boundary.
 
 Exit status: 0 when everything asked for succeeded; 1 when the run finished but some item
-failed (PartialFailure); 2 for a mistake in the input (UserError, argparse); 130 on Ctrl-C.
-Nothing here prints a traceback, except with RD4AD_DEBUG=1 for an internal error.
+failed (PartialFailure); 2 for a mistake in the input (UserError, argparse); 130 on Ctrl-C;
+143 on SIGTERM (what timeout, docker stop, Kubernetes and Slurm send), which ends a command
+the way Ctrl-C does. Nothing here prints a traceback, except with RD4AD_DEBUG=1 for an
+internal error.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import argparse
 import errno
 import math
 import os
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -17,6 +20,23 @@ from .errors import OutputError, PartialFailure, UserError, bounded_line, shorte
 from .numbers import INT32_MAX, fits_float32, fits_int32
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds (closing files, releasing the
+    output lock) exactly as a Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated("SIGTERM")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the command like Ctrl-C (one line, exit 143). Paddle's import installs a
+    C++ handler that prints a "FatalError: Termination signal" traceback: this, set after
+    the import, replaces it."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def parse_bool(value: str | bool) -> bool:
@@ -78,8 +98,9 @@ def float_flag(text: str) -> float:
     return value
 
 
-class OneLineHelp(argparse.HelpFormatter):
-    """--help with each flag, its help and its default on one line."""
+class OneLineHelp(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag, its help and its default on one line; the description and
+    the examples after the flags as written."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34, width=160)
@@ -87,10 +108,12 @@ class OneLineHelp(argparse.HelpFormatter):
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a mistake (unknown flag, bad choice, bad number) is one line plus
-    'see --help' instead of the whole usage block; --help gives one line per flag."""
+    'see --help' instead of the whole usage block; --help gives one line per flag. A flag
+    is never matched by a prefix (--epoch is not taken as --epochs)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", OneLineHelp)
+        kwargs.setdefault("allow_abbrev", False)  # --epoch is a mistake, not --epochs
         super().__init__(*args, **kwargs)
         # every type=int / type=float flag is checked in the type it is used in
         self.register("type", int, int_flag)
@@ -122,8 +145,8 @@ def run_main(body: Callable[[], int | None], *, interrupted: str | Callable[[], 
         return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_OK
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (EXIT_OK if done.code is None else EXIT_USAGE)
-    except KeyboardInterrupt:
-        return _fail(interrupted() if callable(interrupted) else interrupted, EXIT_INTERRUPTED)
+    except KeyboardInterrupt as err:
+        return _interrupted(interrupted, isinstance(err, Terminated))
     except (UserError, *user_errors) as err:
         return _fail(str(err), EXIT_USAGE)
     except PartialFailure as err:
@@ -134,7 +157,7 @@ def run_main(body: Callable[[], int | None], *, interrupted: str | Callable[[], 
                      + "; try a smaller --image_size or --batch_size", EXIT_USAGE)
     except OSError as err:
         if interrupt_inside_paddle(err):
-            return _fail(interrupted() if callable(interrupted) else interrupted, EXIT_INTERRUPTED)
+            return _interrupted(interrupted, Terminated.__name__ in str(err))
         return _fail(describe_os_error(err), EXIT_USAGE)
     except Exception as err:  # a bug of ours: still one line, with a way to see more
         if os.environ.get("RD4AD_DEBUG"):
@@ -143,11 +166,19 @@ def run_main(body: Callable[[], int | None], *, interrupted: str | Callable[[], 
                      f"run again with RD4AD_DEBUG=1 for the traceback and report it", EXIT_FAILED)
 
 
+def _interrupted(message: str | Callable[[], str], terminated: bool) -> int:
+    text = message() if callable(message) else message
+    if terminated:
+        return _fail(text.replace("interrupted", "stopped by SIGTERM", 1), EXIT_TERMINATED)
+    return _fail(text, EXIT_INTERRUPTED)
+
+
 def interrupt_inside_paddle(err: OSError) -> bool:
     """Paddle runs a PyLayer's Python backward (model/onednn.py's convolutions) from C++ and
-    hands a Ctrl-C that lands there back as an OSError "(External) ... KeyboardInterrupt"."""
+    hands a Ctrl-C (or SIGTERM) that lands there back as an OSError "(External) ...
+    KeyboardInterrupt" (or "Terminated")."""
     text = str(err)
-    return text.lstrip().startswith("(External)") and "KeyboardInterrupt" in text
+    return text.lstrip().startswith("(External)") and ("KeyboardInterrupt" in text or Terminated.__name__ in text)
 
 
 def describe_os_error(err: OSError) -> str:

@@ -42,10 +42,11 @@ def _flag_fields(kind: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(kind) if not f.metadata.get("internal")]
 
 
-def build_parser(kind: type, description: str, *, suppress: bool = False) -> argparse.ArgumentParser:
+def build_parser(kind: type, description: str, *, suppress: bool = False,
+                 epilog: str | None = None) -> argparse.ArgumentParser:
     """The command line of a settings class; every flag's help ends with its default.
     suppress=True: a parser that returns only the flags actually given."""
-    parser = OneLineArgumentParser(description=description, add_help=not suppress,
+    parser = OneLineArgumentParser(description=description, add_help=not suppress, epilog=epilog,
                                    argument_default=argparse.SUPPRESS if suppress else None)
     groups: dict[str | None, Any] = {None: parser}
     for f in _flag_fields(kind):
