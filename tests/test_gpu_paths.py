@@ -2,7 +2,7 @@
 float16 (what Paddle Inference's --precision fp16 computes), a CPU build or CPU package
 refused for --device gpu, the static-graph evaluator on Paddle's GPU, CUDA's out-of-memory
 OSError backed off from, nvidia-smi asked about the GPU in use. (No GPU runs here: what
-needs one is checked by reading Paddle's source; README, GPU.)"""
+needs one is checked by reading Paddle's source; doc/gpu.md.)"""
 import os
 import subprocess
 from types import SimpleNamespace

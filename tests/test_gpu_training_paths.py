@@ -1,7 +1,7 @@
 """GPU and multi-process training paths, checked on the CPU: ranks agree before stopping,
 a CPU group uses gloo, the cache budget is shared, --amp's scaler state survives a resume,
 train_all maps --devices through CUDA_VISIBLE_DEVICES. (No GPU runs here: what needs one
-is checked by reading Paddle's source; README, GPU.)"""
+is checked by reading Paddle's source; doc/gpu.md.)"""
 import os
 import sys
 

@@ -245,7 +245,7 @@ def test_gradients_only_for_what_asks_for_one():
     """A frozen convolution's input gradient (a saliency map through the teacher), and the
     gradient of the one trainable layer behind a frozen one: equal to Paddle's kernels.
     (paddle.grad of a strict subset of the leaves that need one is the PyLayer's limit,
-    README: --conv_backend.)"""
+    doc/usage.md: --conv_backend.)"""
     paddle.seed(0)
     frozen, plain = on_onednn_and_plain(lambda: nn.Sequential(
         nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.ReLU(),

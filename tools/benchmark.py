@@ -181,7 +181,7 @@ def bench_inference(args, net, model_dir, sample_images) -> tuple[list[dict], di
         print(f"  {name}: {row}", flush=True)
 
     notes.append({"path": "Paddle Inference int8 oneDNN",
-                  "note": "not measured: Paddle 3.3.1 PTQ gives no runnable int8 predictor (README)"})
+                  "note": "not measured: Paddle 3.3.1 PTQ gives no runnable int8 predictor (doc/performance.md)"})
     if args.reference_code is not None:
         reference_ms += [1000 * t for t in seconds_per_run(reference_run, args.repeats // 2 or 1, 1)]
         ms = reference_ms

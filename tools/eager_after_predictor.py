@@ -9,7 +9,7 @@ ratio, and the math library's thread count before and after. Paddle 3.3.1's pred
 that count to 1 for the whole process at its first run; our predictors set it back after
 each run (utils/runtime.restore_eager_threads), which --no_restore turns off. Run the modes
 one after the other, several times: this machine's speed drifts, so only the ratio of one
-run against the control's means anything (README, Performance).
+run against the control's means anything (doc/performance.md).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 run time so that tools/benchmark.py can time it beside this project in one run.
 
 The benchmark times the reference in its own process run, its steps taking turns with ours:
-this machine's speed drifts by up to 1.5x within minutes (README, Performance), which
+this machine's speed drifts by up to 1.5x within minutes (doc/performance.md), which
 figures taken one after the other would mistake for a difference between the two.
 
 Nothing of the reference is copied into this repository. Its model files (resnet.py,
