@@ -1,7 +1,11 @@
-"""MVTec AD folders -> samples -> normalised image tensors and binary masks.
+"""MVTec AD (or BTAD) folders -> samples -> normalised image tensors and binary masks.
 
-Layout: ROOT/CLASS/train/good/*, ROOT/CLASS/test/<defect>/*,
-ROOT/CLASS/ground_truth/<defect>/<name>_mask.png. Preprocessing follows the reference:
+Layouts: MVTec AD's ROOT/CLASS/train/good/*, ROOT/CLASS/test/<defect>/* (good/ for good
+images), ROOT/CLASS/ground_truth/<defect>/<name>_mask.png; BTAD's (beanTech Anomaly
+Detection) ROOT/CLASS/train/ok/*, ROOT/CLASS/test/ok/* and test/ko/*,
+ROOT/CLASS/ground_truth/ko/<name>.png or .bmp (classes 01, 02, 03; .bmp or .png images).
+Each class folder's layout is told by its train/good or train/ok (--layout auto), or
+chosen. Preprocessing follows the reference:
 PIL bilinear resize to image_size x image_size, ImageNet mean/std; masks resized the same
 way and binarised at 0.5. No augmentation.
 """
@@ -23,6 +27,9 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                  "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+LAYOUTS = ("auto", "mvtec", "btad")
+# Each layout's folder of good images (train/GOOD, test/GOOD).
+GOOD_FOLDER = {"mvtec": "good", "btad": "ok"}
 
 
 class DataError(UserError):
@@ -53,6 +60,7 @@ class DataSource:
     train_dir: str
     test_dir: str | None = None  # None or missing: no test set (train and calibrate only)
     gt_dir: str | None = None    # None or missing: no masks (pixel metrics skipped)
+    layout: str = "mvtec"        # names of the good folder and of masks (GOOD_FOLDER, mask_candidates)
 
 
 def _images_in(folder: str) -> list[str]:
@@ -68,20 +76,40 @@ def _subdirs(folder: str) -> list[str]:
                   if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
 
 
-def list_classes(root: str) -> list[str]:
-    """Classes under root: every folder that holds train/good."""
+def class_layouts(root: str, layout: str = "auto") -> dict[str, str]:
+    """{class: "mvtec" or "btad"} for every class folder under root, told by its train/good
+    (MVTec AD) or train/ok (BTAD); `layout` other than auto: only that one's classes."""
+    if layout not in LAYOUTS:
+        raise DataError(f"--layout {layout!r}: choose from {', '.join(LAYOUTS)}")
     if not os.path.isdir(root):
         raise DataError(f"{root}: data directory not found")
-    classes = [c for c in _subdirs(root) if os.path.isdir(os.path.join(root, c, "train", "good"))]
-    if not classes:
+    kinds = ("mvtec", "btad") if layout == "auto" else (layout,)
+    found = {}
+    for c in _subdirs(root):
+        has = [k for k in kinds if os.path.isdir(os.path.join(root, c, "train", GOOD_FOLDER[k]))]
+        if len(has) > 1:
+            raise DataError(f"{os.path.join(root, c)}: both train/good (MVTec AD) and train/ok (BTAD): "
+                            f"choose with --layout mvtec or --layout btad")
+        if has:
+            found[c] = has[0]
+    if not found:
+        if layout == "btad":
+            raise DataError(f"{root}: no class folders with train/ok inside (expected the BTAD layout "
+                            f"ROOT/CLASS/train/ok)")
+        other = ", or BTAD's ROOT/CLASS/train/ok" if layout == "auto" else ""
         raise DataError(f"{root}: no class folders with train/good inside (expected the MVTec AD "
-                        f"layout ROOT/CLASS/train/good)")
-    return classes
+                        f"layout ROOT/CLASS/train/good{other})")
+    return found
 
 
-def resolve_classes(root: str, cls: str) -> list[str]:
+def list_classes(root: str, layout: str = "auto") -> list[str]:
+    """Classes under root: every folder that holds train/good (or BTAD's train/ok)."""
+    return sorted(class_layouts(root, layout))
+
+
+def resolve_classes(root: str, cls: str, layout: str = "auto") -> list[str]:
     """'all', one name, or a comma list -> class names present under root."""
-    present = list_classes(root)
+    present = list_classes(root, layout)
     if cls in (None, "", "all"):
         return present
     wanted = list(dict.fromkeys(c.strip() for c in cls.split(",") if c.strip()))  # each class once
@@ -91,35 +119,49 @@ def resolve_classes(root: str, cls: str) -> list[str]:
     return wanted
 
 
+def layout_source(root: str, cls: str, layout: str) -> DataSource:
+    """One class's folders in `layout` ("mvtec" or "btad")."""
+    if layout == "mvtec":
+        return mvtec_source(root, cls)
+    base = os.path.join(root, cls)
+    return DataSource(cls, os.path.join(base, "train", GOOD_FOLDER[layout]), os.path.join(base, "test"),
+                      os.path.join(base, "ground_truth"), layout)
+
+
 def mvtec_source(root: str, cls: str) -> DataSource:
     base = os.path.join(root, cls)
     return DataSource(cls, os.path.join(base, "train", "good"), os.path.join(base, "test"),
                       os.path.join(base, "ground_truth"))
 
 
-def folder_class_name(train_dir: str) -> str:
-    """A class name for a plain folder: its name, or its parent's for .../train/good."""
+def folder_class_name(train_dir: str, good: str = "good") -> str:
+    """A class name for a plain folder: its name, or its parent's for .../train/good (BTAD:
+    `good` "ok")."""
     parts = [p for p in os.path.normpath(os.path.abspath(train_dir)).split(os.sep) if p]
-    while len(parts) > 1 and parts[-1] in ("good", "train"):
+    while len(parts) > 1 and parts[-1] in (good, "train"):
         parts.pop()
     return parts[-1] if parts else "custom"
 
 
-def resolve_sources(data_dir: str, cls: str, train_dir: str = "", test_dir: str = "") -> list[DataSource]:
-    """The classes to run: the MVTec layout under data_dir, or one class from plain folders."""
+def resolve_sources(data_dir: str, cls: str, train_dir: str = "", test_dir: str = "",
+                    layout: str = "auto") -> list[DataSource]:
+    """The classes to run: the MVTec AD or BTAD layout under data_dir, or one class from
+    plain folders (masks and good/ named as `layout` says: MVTec AD's unless btad)."""
     if test_dir and not train_dir:
         raise DataError(f"{test_dir}: --test_dir needs --train_dir (or use --data_dir)")
     if not train_dir:
-        return [mvtec_source(data_dir, c) for c in resolve_classes(data_dir, cls)]
+        layouts = class_layouts(data_dir, layout)
+        return [layout_source(data_dir, c, layouts[c]) for c in resolve_classes(data_dir, cls, layout)]
     if not os.path.isdir(train_dir):
         raise DataError(f"{train_dir}: training folder not found")
     if test_dir and not os.path.isdir(test_dir):
         raise DataError(f"{test_dir}: test folder not found")
     if cls not in (None, "", "all") and "," in cls:
         raise DataError(f"--cls {cls}: --train_dir holds one class; give one name")
-    name = cls if cls not in (None, "", "all") else folder_class_name(train_dir)
+    plain_layout = "btad" if layout == "btad" else "mvtec"
+    name = cls if cls not in (None, "", "all") else folder_class_name(train_dir, GOOD_FOLDER[plain_layout])
     gt_dir = os.path.join(os.path.dirname(os.path.normpath(test_dir)), "ground_truth") if test_dir else None
-    return [DataSource(name, train_dir, test_dir or None, gt_dir)]
+    return [DataSource(name, train_dir, test_dir or None, gt_dir, plain_layout)]
 
 
 def index_train_dir(folder: str) -> list[Sample]:
@@ -131,25 +173,26 @@ def index_train_dir(folder: str) -> list[Sample]:
     return samples
 
 
-def index_test_dir(test_dir: str | None, gt_dir: str | None) -> list[Sample]:
-    """Test images, labelled by subfolder (good/ or a defect name; loose images: unlabelled),
-    with masks paired by file name (<name>_mask.png), never by order. Where gt_dir exists,
-    every defect image must have its mask; without gt_dir, masks are unknown."""
+def index_test_dir(test_dir: str | None, gt_dir: str | None, layout: str = "mvtec") -> list[Sample]:
+    """Test images, labelled by subfolder (good/, BTAD's ok/, or a defect name; loose images:
+    unlabelled), with masks paired by file name (mask_candidates), never by order. Where
+    gt_dir exists, every defect image must have its mask; without gt_dir, masks are unknown."""
     if not test_dir or not os.path.isdir(test_dir):
         return []
     has_gt = bool(gt_dir) and os.path.isdir(gt_dir)
     samples = [Sample(p, None, -1, "unlabeled") for p in _images_in(test_dir)]
     for defect in _subdirs(test_dir):
         for image_path in _images_in(os.path.join(test_dir, defect)):
-            if defect == "good":
+            if defect == GOOD_FOLDER[layout]:
                 samples.append(Sample(image_path, None, 0, defect))
                 continue
             mask_path = None
             if has_gt:
-                mask_path = mask_path_for(gt_dir, defect, image_path)
-                if not os.path.isfile(mask_path):
+                candidates = mask_candidates(gt_dir, defect, image_path, layout)
+                mask_path = next((m for m in candidates if os.path.isfile(m)), None)
+                if mask_path is None:
                     raise DataError(f"{image_path}: defective test image has no mask "
-                                    f"(expected {mask_path})")
+                                    f"(expected {' or '.join(candidates)})")
             samples.append(Sample(image_path, mask_path, 1, defect))
     return samples
 
@@ -158,6 +201,21 @@ def mask_path_for(gt_dir: str, defect: str, image_path: str) -> str:
     """MVTec AD's mask naming: test/<defect>/<name>.png -> ground_truth/<defect>/<name>_mask.png."""
     stem = os.path.splitext(os.path.basename(image_path))[0]
     return os.path.join(gt_dir, defect, f"{stem}_mask.png")
+
+
+def mask_candidates(gt_dir: str, defect: str, image_path: str, layout: str = "mvtec") -> list[str]:
+    """Where an image's mask may be, in the order looked for. MVTec AD: <name>_mask.png.
+    BTAD: <name>.png, or <name>.bmp (its class 03 ships .bmp masks), whatever the image's
+    own extension (.bmp or .png)."""
+    if layout == "mvtec":
+        return [mask_path_for(gt_dir, defect, image_path)]
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return [os.path.join(gt_dir, defect, stem + ext) for ext in (".png", ".bmp")]
+
+
+def mask_naming(layout: str) -> str:
+    """How a layout names masks, for messages."""
+    return "DEFECT/NAME_mask.png" if layout == "mvtec" else "ko/NAME.png (or .bmp)"
 
 
 def guess_mask(image_path: str) -> str | None:
@@ -176,11 +234,13 @@ def index_train(root: str, cls: str) -> list[Sample]:
 
 
 def index_test(root: str, cls: str) -> list[Sample]:
-    """The MVTec layout's test images; error when there are none."""
-    source = mvtec_source(root, cls)
+    """The MVTec AD (or BTAD) layout's test images; error when there are none."""
+    btad = os.path.isdir(os.path.join(root, cls, "train", "ok")) and not os.path.isdir(
+        os.path.join(root, cls, "train", "good"))
+    source = layout_source(root, cls, "btad" if btad else "mvtec")
     if not os.path.isdir(source.test_dir):
         raise DataError(f"{source.test_dir}: test folder not found")
-    samples = index_test_dir(source.test_dir, source.gt_dir)
+    samples = index_test_dir(source.test_dir, source.gt_dir, source.layout)
     if not samples:
         raise DataError(f"{source.test_dir}: no test images")
     return samples

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dataset import LAYOUTS
 from model.arch import ARCH_NAMES
 from model.onednn import CONV_BACKENDS
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
@@ -25,7 +26,7 @@ DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in Pa
 DATA, RUNS = "own data and decisions", "long runs and reports"
 # What --mode eval / infer take from the training run's saved config.yaml: the folders as
 # one group (choosing one of them takes none), and the classes.
-RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir")
+RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir", "layout")
 # What each class's checkpoint decides in --mode eval / infer.
 MODEL_KEYS = ("arch", "image_size")
 
@@ -34,8 +35,11 @@ MODEL_KEYS = ("arch", "image_size")
 class Config:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
-    data_dir: str = setting("mvtec", "MVTec AD layout root DIR/CLASS/train/good, test, ground_truth "
+    data_dir: str = setting("mvtec", "MVTec AD (or BTAD) root DIR/CLASS/train/good (ok), test, ground_truth "
                                      "(eval/infer: the run's)")
+    # auto: each class folder by its train/good (MVTec AD) or train/ok (BTAD); with
+    # --train_dir, btad takes test/ok as good and BTAD's mask names
+    layout: str = setting("auto", "folder layout: by train/good or train/ok, or chosen", choices=LAYOUTS)
     cls: str = setting("all", "class name, comma list, or 'all' (eval/infer: the run's)")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)

@@ -48,7 +48,8 @@ def check_before_work(cfg: Config, sources: list[DataSource]) -> dict[str, dict]
     model_settings = {} if cfg.mode == "train" else checkpoint_settings(cfg, sources)
     test_sizes = [0]
     for source in sources:
-        test_sizes.append(len(index_test_dir(source.test_dir, source.gt_dir)))  # a defect image without its mask
+        # a defect image without its mask: refused now
+        test_sizes.append(len(index_test_dir(source.test_dir, source.gt_dir, source.layout)))
         if cfg.mode == "train" and (cfg.force or finished_metrics(cfg, source.name) is None):
             train, _ = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)
             check_batch_size(cfg, source, len(train))

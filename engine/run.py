@@ -48,7 +48,7 @@ def run(cfg: Config) -> dict[str, dict]:
     ctx = distributed.init(cpu=cfg.device == "cpu")
     device = set_device(cfg, ctx)
     try:
-        sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+        sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir, cfg.layout)
     except DataError as err:
         if not cfg.inherited:
             raise
@@ -154,7 +154,7 @@ def load_class_model(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None, 
 
 def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
                       ) -> tuple[MVTecDataset, list[tuple[Sample, str]]]:
-    samples = index_test_dir(source.test_dir, source.gt_dir)
+    samples = index_test_dir(source.test_dir, source.gt_dir, source.layout)
     if not samples:
         raise DataError(f"{source.test_dir or '--test_dir'}: no test images to evaluate")
     dataset, failed, mask_warnings = load_checked(samples, cfg.image_size, ctx.is_main, f"read {source.name} test")

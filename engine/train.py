@@ -14,7 +14,8 @@ import paddle
 from paddle.io import DataLoader
 from tqdm import tqdm
 
-from dataset import DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked, split_validation
+from dataset import (GOOD_FOLDER, DataError, DataSource, Sample, index_test_dir, index_train_dir, load_checked,
+                     mask_naming, split_validation)
 from model.loss import cosine_distillation_loss
 from model.rd4ad import RD4AD, build_rd4ad
 from report.html import write_class_report
@@ -51,7 +52,7 @@ class TrainData:
 
     def __init__(self, source: DataSource, cfg: Config, ctx: distributed.Context) -> None:
         train, val = split_validation(index_train_dir(source.train_dir), cfg.val_ratio)
-        test = index_test_dir(source.test_dir, source.gt_dir)
+        test = index_test_dir(source.test_dir, source.gt_dir, source.layout)
         self.train_set, bad_train, _ = load_checked(train, cfg.image_size, ctx.is_main, f"read {source.name} train")
         self.val_set, bad_val, _ = load_checked(val, cfg.image_size)
         self.test_set, bad_test, mask_warnings = load_checked(test, cfg.image_size, ctx.is_main,
@@ -75,9 +76,10 @@ def pixel_note(samples: list[Sample], source: DataSource) -> str:
     named only when it is the MVTec layout's own (plain folders never had one)."""
     if not any(s.label == 1 and s.mask_path is None for s in samples):
         return ""
-    where = (f" (MVTec layout: {source.gt_dir}/DEFECT/NAME_mask.png)"
-             if source.gt_dir and source.train_dir == os.path.join(os.path.dirname(source.gt_dir), "train", "good")
-             else "")
+    own_layout = source.gt_dir and source.train_dir == os.path.join(os.path.dirname(source.gt_dir), "train",
+                                                                    GOOD_FOLDER[source.layout])
+    where = (f" ({'MVTec' if source.layout == 'mvtec' else 'BTAD'} layout: {source.gt_dir}/"
+             f"{mask_naming(source.layout)})" if own_layout else "")
     return f"no ground-truth masks{where}: pixel metrics n/a, image metrics still computed"
 
 

@@ -17,8 +17,9 @@ GEMM, which is as fast.
   dilation 1, no bias, equal strides, an int padding (no output padding or output size
   for a transposed one). Anything else, and every static graph (to_static, export), runs
   Paddle's own kernel: exported models never contain this.
-- `--conv_backend auto` uses oneDNN where Paddle's wheel has it (x86-64 Linux CPU builds)
-  and the device is the CPU, else Paddle's kernels; `onednn` insists; `paddle` never uses it.
+- `--conv_backend auto` uses oneDNN where Paddle's wheel has a tested version of it (x86-64
+  Linux CPU builds) and the device is the CPU, else Paddle's kernels; `onednn` insists;
+  `paddle` never uses it.
 - Limits of Paddle 3.3.1's PyLayer, which training here never meets: a second
   `backward(retain_graph=True)` through any PyLayer crashes the process; hooks on a
   PyLayer's output are not called; `paddle.grad` for a strict subset of the leaves that
@@ -27,8 +28,14 @@ GEMM, which is as fast.
 - Import paddle before torch: oneDNN's OpenMP calls go to the OpenMP runtime loaded first,
   and with torch's first a review measured these convolutions slower than Paddle's own.
 
-The C API's constants below are the values oneDNN 3.x defines (dnnl_types.h); oneDNN keeps
-its ABI within a major version, and the library's version is checked when it loads.
+The C API's constants below are the values oneDNN 3.x defines (dnnl_types.h). A wrong one
+could crash the process rather than fail, so `auto` uses only a library of a version the
+tests passed with (TESTED_VERSIONS), read before any other call; any other version runs
+Paddle's kernels, with one line saying why (`onednn` still runs it, with a warning). A
+oneDNN call that fails (a status other than success) is never an error of the run: that
+layer warns once and runs Paddle's kernel from then on. `paddle` reads no private
+attribute of Paddle's layers (only _conv_settings does, and only for auto and onednn), so
+it keeps working if a Paddle release renames them.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from collections import OrderedDict
 import numpy as np
 import paddle
 import paddle.nn as nn
+import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 try:
@@ -50,10 +58,14 @@ except ImportError:  # a Paddle without SOT
         return False
 
 from utils.errors import UserError
+from utils.log import warn
 from utils.runtime import eager_threads
 
 CONV_BACKENDS = ("auto", "onednn", "paddle")
 LIBRARY_NAME = "libdnnl.so.3"
+# oneDNN versions tests/test_onednn.py passed with (Paddle 3.3.1's wheel: 3.6.2). Add one
+# only after those tests pass with it; `auto` refuses the others.
+TESTED_VERSIONS = ("3.6.2",)
 
 # oneDNN 3.x C API values (dnnl_types.h / dnnl_common_types.h).
 _MAX_NDIMS = 12
@@ -79,6 +91,10 @@ class OneDNNUnavailable(UserError):
     """--conv_backend onednn was asked for where Paddle carries no usable oneDNN."""
 
 
+class OneDNNCallFailed(RuntimeError):
+    """A oneDNN C function returned a status other than success."""
+
+
 class _ExecArg(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_int), ("memory", _P)]
 
@@ -99,13 +115,11 @@ class OneDNNLibrary:
     """Paddle's own libdnnl.so.3: the C functions used here, one CPU engine and stream."""
 
     def __init__(self, path: str) -> None:
+        """Declare the functions and make the engine and stream: call only for a 3.x
+        library (library_version)."""
         self.path = path
+        self.version = library_version(path)
         lib = ctypes.CDLL(path)
-        lib.dnnl_version.restype = ctypes.POINTER(_Version)
-        v = lib.dnnl_version().contents
-        self.version = f"{v.major}.{v.minor}.{v.patch}"
-        if v.major != 3:
-            raise OSError(f"{path}: oneDNN {self.version}, this module speaks the 3.x C API")
         signatures = {
             "dnnl_engine_create": [ctypes.POINTER(_P), ctypes.c_int, ctypes.c_size_t],
             "dnnl_stream_create": [ctypes.POINTER(_P), _P, ctypes.c_uint],
@@ -148,7 +162,7 @@ class OneDNNLibrary:
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
-            raise RuntimeError(f"oneDNN {what}: {_STATUS.get(status, f'status {status}')}")
+            raise OneDNNCallFailed(f"oneDNN {what}: {_STATUS.get(status, f'status {status}')}")
 
     def _make(self, fn, *args, what: str) -> _P:
         handle = _P()
@@ -205,16 +219,46 @@ def _omp_thread_setters(folder: str) -> list:
     return setters
 
 
+def wheel_library_path() -> str:
+    """Where Paddle's wheel keeps its oneDNN (x86-64 Linux builds)."""
+    return os.path.join(os.path.dirname(paddle.__file__), "libs", LIBRARY_NAME)
+
+
+def library_version(path: str) -> str:
+    """The library's "major.minor.patch", from dnnl_version (whose struct is the same in
+    every oneDNN since 1.0): nothing else of it is called before this is known."""
+    lib = ctypes.CDLL(path)
+    lib.dnnl_version.restype = ctypes.POINTER(_Version)
+    v = lib.dnnl_version().contents
+    return f"{v.major}.{v.minor}.{v.patch}"
+
+
 @functools.lru_cache(maxsize=None)
-def load_library(path: str | None = None) -> OneDNNLibrary | str:
-    """Paddle's oneDNN library, or the reason it cannot be used (one line)."""
-    path = path or os.path.join(os.path.dirname(paddle.__file__), "libs", LIBRARY_NAME)
+def _open_library(path: str) -> OneDNNLibrary:
+    return OneDNNLibrary(path)
+
+
+def load_library(path: str | None = None, allow_untested: bool = False) -> OneDNNLibrary | str:
+    """Paddle's oneDNN library, or the reason it cannot be used (one line). Only a version
+    in TESTED_VERSIONS unless `allow_untested` (then any 3.x)."""
+    path = path or wheel_library_path()
     if not os.path.isfile(path):
         return f"{path}: not found (this Paddle build carries no oneDNN)"
     try:
-        return OneDNNLibrary(path)
+        version = library_version(path)
+        if not version.startswith("3."):
+            return f"{path}: oneDNN {version}, this module speaks the 3.x C API"
+        if version not in TESTED_VERSIONS and not allow_untested:
+            return (f"{path}: oneDNN {version}, not a version this module was tested with "
+                    f"({', '.join(TESTED_VERSIONS)})")
+        return _open_library(path)
     except (OSError, AttributeError, RuntimeError) as e:
         return f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warn(message)
 
 
 class _Scratch:
@@ -424,19 +468,34 @@ def shared_convolutions(lib: OneDNNLibrary, threads: int) -> OneDNNConvolutions:
     return OneDNNConvolutions(lib, threads)
 
 
+def _paddle_gradients(x: paddle.Tensor, weight: paddle.Tensor, dy: paddle.Tensor, stride: int, padding: int,
+                      transposed: bool, need_dx: bool, need_dw: bool) -> tuple[paddle.Tensor | None, ...]:
+    """The gradients asked for, by Paddle's own kernels (a oneDNN call failed)."""
+    with paddle.enable_grad():
+        x, weight = x.detach(), weight.detach()
+        x.stop_gradient, weight.stop_gradient = not need_dx, not need_dw
+        y = (F.conv2d_transpose if transposed else F.conv2d)(x, weight, stride=stride, padding=padding)
+        wanted = [t for t, need in ((x, need_dx), (weight, need_dw)) if need]
+        grads = iter(paddle.grad([y], wanted, [dy]))
+    return tuple(next(grads) if need else None for need in (need_dx, need_dw))
+
+
 class _OneDNNConv2DFunction(PyLayer):
     """Forward and both backward passes. Gradients only for inputs that want one (Paddle
     refuses others); a saved input changed in place before backward is refused, as Paddle's
-    own conv2d refuses it, rather than differentiated at the wrong point."""
+    own conv2d refuses it, rather than differentiated at the wrong point. A oneDNN call
+    failing in the backward pass: that call's gradients by Paddle's kernels, and the layer
+    leaves oneDNN."""
 
     @staticmethod
-    def forward(ctx, x, weight, convolutions, stride, padding, transposed):
+    def forward(ctx, x, weight, layer, stride, padding, transposed):
         ctx.need_dx, ctx.need_dw = not x.stop_gradient, not weight.stop_gradient
         x, weight = x.contiguous(), weight.contiguous()
-        ctx.convolutions, ctx.stride, ctx.padding, ctx.transposed = convolutions, stride, padding, transposed
+        ctx.layer, ctx.convolutions = layer, layer._onednn
+        ctx.stride, ctx.padding, ctx.transposed = stride, padding, transposed
         ctx.versions = (x._inplace_version(), weight._inplace_version())
         ctx.save_for_backward(x, weight)
-        return convolutions.forward(x, weight, stride, padding, transposed)
+        return ctx.convolutions.forward(x, weight, stride, padding, transposed)
 
     @staticmethod
     def backward(ctx, dy):
@@ -448,14 +507,21 @@ class _OneDNNConv2DFunction(PyLayer):
             if tensor._inplace_version() != version:
                 raise RuntimeError(f"a convolution's {name}, saved for its backward pass, was modified by an "
                                    f"inplace operation after the forward pass (model/onednn.py)")
-        return ctx.convolutions.backward(x, weight, dy.contiguous(), ctx.stride, ctx.padding, ctx.transposed,
-                                         ctx.need_dx, ctx.need_dw)
+        args = (x, weight, dy.contiguous(), ctx.stride, ctx.padding, ctx.transposed, ctx.need_dx, ctx.need_dw)
+        try:
+            return ctx.convolutions.backward(*args)
+        except (OneDNNCallFailed, ctypes.ArgumentError) as e:
+            ctx.layer._leave_onednn(e, x, weight)
+            return _paddle_gradients(*args)
 
 
 class _RunsOnOneDNN:
-    """What both layer classes share: their convolutions, and whether this call applies."""
+    """What both layer classes share: their convolutions (with the stride and padding
+    read when the layer was switched), whether this call applies, and the way back to
+    Paddle's kernel when a oneDNN call fails."""
 
     _onednn: OneDNNConvolutions | None = None
+    _onednn_geometry: tuple[int, int] = (1, 0)  # (stride, padding)
 
     def _uses_onednn(self, x: paddle.Tensor) -> bool:
         # Never while to_static translates (SOT simulates this code with the dynamic mode on).
@@ -466,15 +532,29 @@ class _RunsOnOneDNN:
         return (x.place.is_cpu_place() and x.dtype == paddle.float32 and self.weight.dtype == paddle.float32
                 and len(x.shape) == 4 and x.shape[1] == channels)
 
+    def _run_on_onednn(self, x: paddle.Tensor, transposed: bool) -> paddle.Tensor | None:
+        """The output by oneDNN, or None when a oneDNN call failed (the layer has left it)."""
+        try:
+            return _OneDNNConv2DFunction.apply(x, self.weight, self, *self._onednn_geometry, transposed)
+        except (OneDNNCallFailed, ctypes.ArgumentError) as e:
+            self._leave_onednn(e, x, self.weight)
+            return None
+
+    def _leave_onednn(self, error: Exception, x: paddle.Tensor, weight: paddle.Tensor) -> None:
+        """Paddle's kernel for this layer from now on, said once."""
+        if self._onednn is not None:
+            self._onednn = None
+            warn(f"{str(error).splitlines()[0]} ({type(self).__name__[len('OneDNN'):]}, input {list(x.shape)}, "
+                 f"weight {list(weight.shape)}): this layer runs Paddle's kernel from now on")
+
 
 class OneDNNConv2D(_RunsOnOneDNN, nn.Conv2D):
     """nn.Conv2D that runs on oneDNN where it applies (see the module's docstring); the
     same parameters and state_dict, so checkpoints and exports do not change."""
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self._uses_onednn(x):
-            return _OneDNNConv2DFunction.apply(x, self.weight, self._onednn, self._stride[0], self._padding, False)
-        return nn.Conv2D.forward(self, x)
+        y = self._run_on_onednn(x, False) if self._uses_onednn(x) else None
+        return nn.Conv2D.forward(self, x) if y is None else y
 
 
 class OneDNNConv2DTranspose(_RunsOnOneDNN, nn.Conv2DTranspose):
@@ -482,34 +562,55 @@ class OneDNNConv2DTranspose(_RunsOnOneDNN, nn.Conv2DTranspose):
     where it applies; as OneDNNConv2D otherwise."""
 
     def forward(self, x: paddle.Tensor, output_size=None) -> paddle.Tensor:
-        if output_size is None and self._uses_onednn(x):
-            return _OneDNNConv2DFunction.apply(x, self.weight, self._onednn, self._stride[0], self._padding, True)
-        return nn.Conv2DTranspose.forward(self, x, output_size)
+        y = self._run_on_onednn(x, True) if output_size is None and self._uses_onednn(x) else None
+        return nn.Conv2DTranspose.forward(self, x, output_size) if y is None else y
 
 
-def _plain(conv: nn.Layer) -> bool:
-    """Groups 1, dilation 1, no bias, NCHW, equal strides, an int padding of zeros."""
-    return (conv._groups == 1 and list(conv._dilation) == [1, 1] and conv.bias is None
-            and conv._data_format == "NCHW" and conv._stride[0] == conv._stride[1]
-            and isinstance(conv._padding, int) and conv._padding_mode == "zeros")
+_OURS = {OneDNNConv2D: nn.Conv2D, OneDNNConv2DTranspose: nn.Conv2DTranspose}
 
 
-def _onednn_class(layer: nn.Layer) -> tuple[type, type] | None:
-    """(Paddle's class, our class) for a layer oneDNN runs here: a plain 3x3 convolution
-    (1x1 ones stay on Paddle's GEMM, as fast) or a plain transposed convolution without
-    output padding; None for any other layer."""
-    if type(layer) in (nn.Conv2D, OneDNNConv2D):
-        return (nn.Conv2D, OneDNNConv2D) if list(layer._kernel_size) == [3, 3] and _plain(layer) else None
-    if type(layer) in (nn.Conv2DTranspose, OneDNNConv2DTranspose):
-        return ((nn.Conv2DTranspose, OneDNNConv2DTranspose)
-                if _plain(layer) and layer.output_padding == 0 else None)
+def _conv_settings(conv: nn.Layer) -> dict:
+    """A convolution's settings, from Paddle's private attributes: the only place this
+    module reads them (so `paddle`, which never calls it, survives their renaming)."""
+    return {"kernel": list(conv._kernel_size), "stride": list(conv._stride), "padding": conv._padding,
+            "groups": conv._groups, "dilation": list(conv._dilation), "data_format": conv._data_format,
+            "padding_mode": conv._padding_mode}
+
+
+def _onednn_class(layer: nn.Layer) -> tuple[type, tuple[int, int]] | None:
+    """(our class, (stride, padding)) for a layer oneDNN runs here: a plain 3x3
+    convolution (1x1 ones stay on Paddle's GEMM, as fast) or a plain transposed convolution
+    without output padding (both: groups 1, dilation 1, no bias, NCHW, equal strides, an int
+    padding of zeros); None for any other layer."""
+    paddles = type(layer)  # Paddle's own class: _to_paddles_own ran first
+    if paddles not in (nn.Conv2D, nn.Conv2DTranspose):
+        return None
+    c = _conv_settings(layer)
+    plain = (c["groups"] == 1 and c["dilation"] == [1, 1] and layer.bias is None and c["data_format"] == "NCHW"
+             and c["stride"][0] == c["stride"][1] and isinstance(c["padding"], int)
+             and c["padding_mode"] == "zeros")
+    if paddles is nn.Conv2D and plain and c["kernel"] == [3, 3]:
+        return OneDNNConv2D, (c["stride"][0], c["padding"])
+    if paddles is nn.Conv2DTranspose and plain and layer.output_padding == 0:
+        return OneDNNConv2DTranspose, (c["stride"][0], c["padding"])
     return None
+
+
+def _to_paddles_own(layer: nn.Layer) -> None:
+    """Every layer of ours back to Paddle's class (its type alone decides: no attribute of
+    Paddle's is read)."""
+    for sub in layer.sublayers(include_self=True):
+        if type(sub) in _OURS:
+            sub.__class__ = _OURS[type(sub)]
+            for name in ("_onednn", "_onednn_geometry"):
+                sub.__dict__.pop(name, None)
 
 
 def use_conv_backend(layer: nn.Layer, backend: str, threads: int | None = None) -> str:
     """Run `layer`'s 3x3 and transposed convolutions on `backend` ("auto", "onednn" or
-    "paddle"); returns the backend in use ("onednn" or "paddle"). Auto takes oneDNN when
-    it loads and Paddle's device is the CPU; "onednn" where it cannot run raises one line.
+    "paddle"); returns the backend in use ("onednn" or "paddle"). Auto takes oneDNN when a
+    tested version loads and Paddle's device is the CPU (one line saying why not, where the
+    wheel has a library it cannot use); "onednn" where it cannot run raises one line.
     `threads`: OpenMP threads for oneDNN (default: the dynamic graph's, OMP_NUM_THREADS)."""
     if backend not in CONV_BACKENDS:
         raise UserError(f"--conv_backend {backend!r}: choose from {', '.join(CONV_BACKENDS)}")
@@ -518,16 +619,24 @@ def use_conv_backend(layer: nn.Layer, backend: str, threads: int | None = None) 
     if backend == "onednn" and not device.startswith("cpu"):
         raise OneDNNUnavailable(f"--conv_backend onednn: runs on the CPU only (Paddle's device is {device})")
     if backend != "paddle" and device.startswith("cpu"):
-        lib = load_library()
+        lib = load_library(allow_untested=backend == "onednn")
         if isinstance(lib, str):
             if backend == "onednn":
                 raise OneDNNUnavailable(f"--conv_backend onednn: {lib}")
+            if os.path.isfile(wheel_library_path()):  # a library it cannot use, rather than none
+                _warn_once(f"--conv_backend auto: Paddle's kernels ({lib})")
         else:
+            if lib.version not in TESTED_VERSIONS:
+                _warn_once(f"--conv_backend onednn: oneDNN {lib.version} at {lib.path} is not a version this "
+                           f"module was tested with ({', '.join(TESTED_VERSIONS)}); running it as asked")
             convolutions = shared_convolutions(lib, threads or eager_threads())
+    _to_paddles_own(layer)
+    if convolutions is None:
+        return "paddle"
     for sub in layer.sublayers(include_self=True):
-        classes = _onednn_class(sub)
-        if classes is not None:
+        found = _onednn_class(sub)
+        if found is not None:
             # Same object, same parameters: only the forward changes (state_dict names stay).
-            sub.__class__ = classes[1] if convolutions is not None else classes[0]
+            sub.__class__, sub._onednn_geometry = found
             sub._onednn = convolutions
-    return "onednn" if convolutions is not None else "paddle"
+    return "onednn"

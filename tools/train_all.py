@@ -68,7 +68,7 @@ def fan_out(argv: list[str]) -> int:
         raise ConfigError("tools/train_all.py runs training; use main.py for --mode eval/infer")
     # main.py's own checks, once for every class, before any child starts or anything is written
     check_config(cfg)
-    sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir)
+    sources = resolve_sources(cfg.data_dir, cfg.cls, cfg.train_dir, cfg.test_dir, cfg.layout)
     check_before_work(cfg, sources)
     classes = [s.name for s in sources]
     os.makedirs(cfg.output_dir, exist_ok=True)
