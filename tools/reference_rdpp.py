@@ -112,7 +112,7 @@ class ReferenceRDPP:
             if counter[0] % accumulation == 0:
                 opt_proj.step(); opt_distill.step()  # noqa: E702
                 opt_proj.zero_grad(); opt_distill.zero_grad()  # noqa: E702
-            return float(loss)
+            return float(loss.detach())
         return step
 
 
