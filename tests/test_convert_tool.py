@@ -101,7 +101,9 @@ def test_a_weight_the_model_lacks_is_refused(tmp_path):
 def test_rdpp_checkpoint_converts_into_rdpp_scoring_as_the_reference(tmp_path):
     """An RD++ checkpoint becomes an RD++ one (projector included) whose maps and scores,
     loaded back as every command loads a class, are the reference's evaluation_multi_proj
-    ones (tests/fixtures/parity_rdpp_resnet18.npz)."""
+    ones (tests/fixtures/parity_rdpp_resnet18.npz). Needs the model registry (model/registry.py,
+    with its "rdpp" line): checkpoints name their model."""
+    pytest.importorskip("model.registry")
     from engine.checkpoint import load_trained
     from reference_weights import deterministic_images
     w, ref = _rdpp_reference()

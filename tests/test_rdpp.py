@@ -85,3 +85,50 @@ def test_training_mode_terms_are_logged_and_finite(net):
                                         + 0.1 * float(terms["contrast"])) / 1.11
     assert float(terms["loss"]) == pytest.approx(total, rel=1e-6)
     net.eval()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The reference's RD++ weights (formula) converted by the tool, then exported. Needs the
+    model registry (model/registry.py, with its "rdpp" line): exports name their model."""
+    pytest.importorskip("model.registry")
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert_torch_checkpoint as tool
+    import export_model
+    from reference_weights import deterministic_projector, deterministic_state_dicts
+    root = tmp_path_factory.mktemp("rdpp")
+    w = deterministic_state_dicts("resnet18")
+    ckpt = str(root / "bottle" / "model.pdparams")
+    _, teacher = tool.convert("resnet18", w["encoder"], {"proj": deterministic_projector("resnet18"),
+                              "bn": w["bn"], "decoder": w["decoder"]}, 64, "bottle", ckpt, None)
+    save_dir = str(root / "inference" / "bottle")
+    assert export_model.main(["--checkpoint", ckpt, "--save_dir", save_dir, "--teacher_weights", teacher]) == 0
+    return ckpt, teacher, save_dir
+
+
+def test_export_and_infer_score_as_the_reference(converted, tmp_path):
+    """Through export (Paddle Inference, what infer.py runs) the maps and scores are the
+    reference's evaluation_multi_proj ones; infer.py on a picture gives the predictor's."""
+    import infer
+    from PIL import Image
+    from dataset import load_image
+    from deploy.deployment import read_deployment
+    from deploy.predictor import PredictorOptions, build_predictor
+    from reference_weights import deterministic_images
+    _, _, save_dir = converted
+    fixture = np.load(FIXTURE)
+    runner = build_predictor(read_deployment(save_dir), PredictorOptions(cpu_threads=2))
+    maps, scores = runner(deterministic_images(2, 64))
+    atol = 1e-4 * fixture["eval_anomaly_map"].max()
+    np.testing.assert_allclose(maps, fixture["eval_anomaly_map"], rtol=0, atol=atol)
+    np.testing.assert_allclose(scores, fixture["eval_scores"], rtol=1e-4)
+    picture = tmp_path / "pic.png"
+    Image.fromarray((np.random.default_rng(3).uniform(size=(64, 64, 3)) * 255).astype(np.uint8)).save(picture)
+    out = tmp_path / "out"
+    assert infer.main(["--model_dir", save_dir, "--image", str(picture), "--output_dir", str(out)]) == 0
+    import csv
+    row = next(csv.DictReader(open(out / "scores.csv")))
+    _, want = runner(load_image(str(picture), 64)[None])
+    assert float(row["score"]) == pytest.approx(float(want[0]), rel=1e-4)

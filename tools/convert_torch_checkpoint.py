@@ -99,7 +99,7 @@ def convert(arch: str, backbone: dict | None, reference: dict | None, image_size
     written = []
     name = reference_model(reference) if reference is not None else "rd4ad"
     if name == "rdpp":
-        net = RDPP(arch, image_size)
+        net = RDPP(arch, None)  # no anomaly-map head needed: the checkpoint names the size
         use_conv_backend(net, "paddle")
     else:
         net = build_rd4ad(arch, teacher_weights="none")
