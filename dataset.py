@@ -21,13 +21,14 @@ from paddle.io import Dataset
 from PIL import Image, ImageOps
 
 from utils.errors import UserError, bounded_line
+from utils.files import NotARegularFile
+from utils.images import IMAGE_EXTENSIONS, IMAGE_FORMATS, open_image
+from utils.layouts import LAYOUTS  # noqa: F401  (the settings read it without Paddle)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                  "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
-LAYOUTS = ("auto", "mvtec", "btad")
 # Each layout's folder of good images (train/GOOD, test/GOOD).
 GOOD_FOLDER = {"mvtec": "good", "btad": "ok"}
 
@@ -63,11 +64,14 @@ class DataSource:
     layout: str = "mvtec"        # names of the good folder and of masks (GOOD_FOLDER, mask_candidates)
 
 
-def _images_in(folder: str) -> list[str]:
-    """Image files of a folder, sorted by name; hidden and non-image files are skipped."""
+def _images_in(folder: str, folders: bool = True) -> list[str]:
+    """Entries of a folder named like images, sorted by name; hidden and other files are
+    skipped. Kept even when not a regular file (a FIFO, socket, device, link loop and, with
+    `folders`, a folder named x.png): reading one refuses it with the reason, never blocks,
+    so the run says so (a row, or a warning in training) instead of skipping it unsaid."""
     names = sorted(n for n in os.listdir(folder)
                    if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
-                   and os.path.isfile(os.path.join(folder, n)))
+                   and (folders or not os.path.isdir(os.path.join(folder, n))))
     return [os.path.join(folder, n) for n in names]
 
 
@@ -180,7 +184,8 @@ def index_test_dir(test_dir: str | None, gt_dir: str | None, layout: str = "mvte
     if not test_dir or not os.path.isdir(test_dir):
         return []
     has_gt = bool(gt_dir) and os.path.isdir(gt_dir)
-    samples = [Sample(p, None, -1, "unlabeled") for p in _images_in(test_dir)]
+    # a folder here is a defect folder, whatever its name
+    samples = [Sample(p, None, -1, "unlabeled") for p in _images_in(test_dir, folders=False)]
     for defect in _subdirs(test_dir):
         for image_path in _images_in(os.path.join(test_dir, defect)):
             if defect == GOOD_FOLDER[layout]:
@@ -189,7 +194,8 @@ def index_test_dir(test_dir: str | None, gt_dir: str | None, layout: str = "mvte
             mask_path = None
             if has_gt:
                 candidates = mask_candidates(gt_dir, defect, image_path, layout)
-                mask_path = next((m for m in candidates if os.path.isfile(m)), None)
+                # anything there, even not a regular file: reading it says what it is
+                mask_path = next((m for m in candidates if os.path.lexists(m)), None)
                 if mask_path is None:
                     raise DataError(f"{image_path}: defective test image has no mask "
                                     f"(expected {' or '.join(candidates)})")
@@ -226,7 +232,7 @@ def guess_mask(image_path: str) -> str | None:
     if os.path.basename(test_dir) != "test" or defect == "good":
         return None
     mask = mask_path_for(os.path.join(os.path.dirname(test_dir), "ground_truth"), defect, image_path)
-    return mask if os.path.isfile(mask) else None
+    return mask if os.path.lexists(mask) else None
 
 
 def index_train(root: str, cls: str) -> list[Sample]:
@@ -271,9 +277,11 @@ def split_validation(samples: list[Sample], ratio: float) -> tuple[list[Sample],
 def _decode(path: str) -> Image.Image:
     """Open and fully decode an image, upright (EXIF orientation applied)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
             return ImageOps.exif_transpose(img)
+    except NotARegularFile as err:  # a FIFO, device, folder or link loop: refused unopened
+        raise DataError(f"{path}: cannot read image ({err.reason})") from None
     except PermissionError:
         raise DataError(f"{path}: cannot read image (permission denied)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -301,9 +309,8 @@ def _to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
 MAX_UPLOAD_SIDE = 16384  # pixels: any camera frame; a 1 x 39M strip is an attack
 
 
-# What an upload may be: camera and dataset formats. Not every format Pillow opens: EPS, for
-# one, is handed to Ghostscript, which an untrusted upload must never reach.
-UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+# What an upload may be: the formats every image read allows (utils/images.py).
+UPLOAD_FORMATS = IMAGE_FORMATS
 
 
 def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -313,7 +320,7 @@ def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> t
     any pixel is decoded). The size is the upright one, after the EXIF orientation, as
     image_size_of reports files."""
     try:
-        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
+        with open_image(io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise DataError(f"{name}: {width}x{height} pixels, more than the {max_pixels} allowed")
@@ -324,9 +331,7 @@ def decode_upload(data: bytes, name: str, image_size: int, max_pixels: int) -> t
     except DataError:
         raise
     except Exception as err:  # any decoder's failure on hostile bytes (struct.error in EXIF, ...)
-        unknown = f"not an image of {', '.join(UPLOAD_FORMATS)}"
-        reason = "empty" if not data else ("truncated" if "truncated" in str(err) else
-                                           unknown if "cannot identify" in str(err) else str(err))
+        reason = "empty" if not data else ("truncated" if "truncated" in str(err) else str(err))
         raise DataError(f"{name}: cannot read image ({bounded_line(reason, 200)})") from None
     return np.asarray(_to_rgb(upright, name).resize((image_size, image_size), Image.BILINEAR)), upright.size
 
@@ -339,9 +344,11 @@ def load_rgb(path: str, image_size: int) -> np.ndarray:
 def image_size_of(path: str) -> tuple[int, int]:
     """(width, height) as stored, upright; reads the header only."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
             orientation = img.getexif().get(0x0112, 1)
+    except NotARegularFile as err:
+        raise DataError(f"{path}: cannot read image ({err.reason})") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -18,13 +18,20 @@ import sys
 from collections.abc import Sequence
 
 from utils import runtime
+from utils.cli import run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    runtime.start()  # before Paddle loads: a quiet import, every CPU core
-    from deploy.export_command import main as command
+    from deploy.command_lines import parse_export_args  # no Paddle: --help and flag mistakes answer at once
 
-    return command(argv)
+    def body() -> int | None:
+        args = parse_export_args(argv)
+        runtime.start()  # only now: Paddle, quietly, on every core
+        from deploy.export_command import run
+
+        return run(args)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

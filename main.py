@@ -14,11 +14,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from utils import runtime
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    runtime.start()  # before Paddle loads: a quiet import, every CPU core
+    # Paddle loads only once the settings are read (--help answers at once)
     from engine.command import main as command
 
     return command(argv)

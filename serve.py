@@ -16,13 +16,21 @@ import sys
 from collections.abc import Sequence
 
 from utils import runtime
+from utils.cli import run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    runtime.start()  # before Paddle loads: a quiet import, every CPU core
-    from deploy.serve_command import main as command
+    from deploy.command_lines import parse_serve_args  # no Paddle: --help and flag mistakes answer at once
 
-    return command(argv)
+    def body() -> int | None:
+        args = parse_serve_args(argv)
+        print("starting: importing Paddle and the web service ...", flush=True)  # a few seconds, then each stage
+        runtime.start()  # only now: Paddle, quietly, on every core
+        from deploy.serve_command import run
+
+        return run(args)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

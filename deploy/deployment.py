@@ -10,13 +10,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from dataset import IMAGENET_MEAN, IMAGENET_STD
-from engine.decision import Calibration, CalibrationError
+from engine.decision import MAX_THRESHOLD, Calibration, CalibrationError
 from model.arch import ARCH_NAMES
 from utils.errors import UserError, bounded_line, shorten
+from utils.files import NotARegularFile, check_regular, open_regular
+from utils.names import check_class_name
 from utils.io import is_whole_number
+from utils.numbers import fits_float32, image_size_fits
 
-FLOAT32_TINY, FLOAT32_MAX = 1.1754944e-38, 3.4028235e38  # normalisation computes in float32
 
 # ---------------------------------------------------------------- the exported folder
 # What export_model.py writes and infer.py reads. deploy.json carries a manifest of every
@@ -71,8 +75,12 @@ class Deployment:
             if record is None:
                 raise ModelError(f"{path}: not part of this export (deploy.json lists "
                                  f"{', '.join(sorted(self.files)) or 'no files'}); {hint}")
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise ModelError(f"{path}: not found; {hint}")
+        try:
+            check_regular(path)  # a FIFO would block the runtime's loader
+        except (NotARegularFile, OSError) as err:
+            raise ModelError(f"{path}: {getattr(err, 'reason', None) or err.strerror}; {hint}") from None
         size = os.path.getsize(path)
         if size == 0:
             raise ModelError(f"{path}: empty file; {hint}")
@@ -88,7 +96,7 @@ class Deployment:
 def file_record(path: str) -> dict:
     """{"bytes": size, "sha256": hex} of a file, read in chunks (weights are hundreds of MB)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
@@ -100,16 +108,21 @@ def file_manifest(folder: str, names: list[str]) -> dict[str, dict]:
 
 def read_json_file(path: str, limit: int, what: str) -> Any:
     """Parse a JSON file of at most `limit` bytes; ModelError naming it otherwise."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ModelError(f"{path}: not found: export a model first (python export_model.py)")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ModelError(f"{path}: empty file; export the model again")
-    if size > limit:
-        raise ModelError(f"{path}: {size} bytes, too large to be {what}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open_regular(path) as f:  # a FIFO or device: refused, never blocks
+            raw = f.read(limit + 1)
+    except NotARegularFile as err:
+        raise ModelError(f"{path}: cannot read {what} ({err.reason})") from None
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read {what} ({err.strerror})") from None
+    if not raw:
+        raise ModelError(f"{path}: empty file; export the model again")
+    if len(raw) > limit:
+        raise ModelError(f"{path}: {os.path.getsize(path)} bytes, too large to be {what}")
+    try:
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # bad JSON, not UTF-8, nested too deep
         raise ModelError(f"{path}: not {what} (not valid JSON: {bounded_line(str(err), 120)}); "
                          f"export the model again") from None
@@ -142,16 +155,16 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     if meta.get("arch") not in ARCH_NAMES:
         raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = meta.get("image_size")
-    if not is_whole_number(size) or size < 64 or size % 32:
-        raise bad("image_size", "a whole number, a multiple of 32, at least 64")
+    if not is_whole_number(size) or size < 64 or size % 32 or not image_size_fits(size):
+        raise bad("image_size", "a whole number, a multiple of 32, at least 64, whose 3 x size x size fits int32")
     mean, std = meta.get("mean"), meta.get("std")
-    if not _numbers(mean, 3):
-        raise bad("mean", "a list of 3 finite numbers")
-    # a std under float32's range divides by zero
-    if not _numbers(std, 3) or min(std) < FLOAT32_TINY or max(std) > FLOAT32_MAX:
-        raise bad("std", "a list of 3 positive numbers within float32's range")
-    if max(abs(v) for v in mean) > FLOAT32_MAX:
+    if not _numbers(mean, 3) or not all(map(fits_float32, mean)):
         raise bad("mean", "a list of 3 numbers within float32's range")
+    if not _numbers(std, 3) or min(std) <= 0 or not all(map(fits_float32, std)):  # 1e-300 is 0 in float32
+        raise bad("std", "a list of 3 positive numbers within float32's range")
+    if not normalisation_is_finite(mean, std):
+        raise bad("mean", "with 'std', numbers that normalise every pixel to a finite float32 "
+                          "((0 - mean) / std and (1 - mean) / std)")
     if meta.get("outputs") != list(OUTPUT_NAMES):
         raise bad("outputs", str(list(OUTPUT_NAMES)))
     calibration = None
@@ -162,10 +175,15 @@ def check_deployment(meta: Any, path: str) -> Deployment:
             raise ModelError(f"{path}: calibration {err}; export the model again") from None
     stats = meta.get("score_stats")
     if stats is not None and not (isinstance(stats, dict) and all(
-            isinstance(k, str) and _numbers([v], 1) for k, v in stats.items())):
-        raise bad("score_stats", "null or a mapping of finite numbers")
+            isinstance(k, str) and _numbers([v], 1) and abs(v) <= MAX_THRESHOLD for k, v in stats.items())):
+        raise bad("score_stats", f"null or a mapping of finite numbers within +-{MAX_THRESHOLD:g}")
     if meta.get("class") is not None and not isinstance(meta["class"], str):
         raise bad("class", "null or a string")
+    if meta.get("class") is not None:  # a name read from a file is never a path (utils/names.py)
+        try:
+            check_class_name(meta["class"], "'class'")
+        except UserError as err:
+            raise ModelError(f"{path}: {err}; export the model again") from None
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
                       _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path),
@@ -198,7 +216,7 @@ def _check_precision_checks(meta: dict, path: str) -> tuple[dict, ...]:
                      or is_whole_number(c["verdict_changes"]) and 0 <= c["verdict_changes"] <= n)
                 and (c["recheck_band"] is None and c["rechecked"] is None
                      or c["precision"] == "int8" and _numbers([c["recheck_band"]], 1)
-                     and 0 < c["recheck_band"] <= MAX_RECHECK_BAND
+                     and 0 < c["recheck_band"] <= MAX_RECHECK_BAND and fits_float32(c["recheck_band"])
                      and is_whole_number(c["rechecked"]) and 0 <= c["rechecked"] <= n))
     if not isinstance(checks, list) or not all(valid(c) for c in checks):
         raise ModelError(f"{path}: 'precision_checks' must be a list of {{{', '.join(PRECISION_CHECK_KEYS)}}}, "
@@ -216,6 +234,7 @@ def _check_int8_score_bias(meta: dict, path: str) -> dict[str, float]:
         return {}
     if not (isinstance(bias, dict) and len(bias) <= 16 and all(
             isinstance(k, str) and len(k) <= 32 and _numbers([v], 1) and abs(v) <= MAX_SCORE_BIAS
+            and fits_float32(v)  # subtracted from float32 scores
             for k, v in bias.items())):
         raise ModelError(f"{path}: 'onnx_int8' 'score_bias' must map runtime names to finite numbers within "
                          f"+-{MAX_SCORE_BIAS:g} (got {shorten(bias)}); export the model again")
@@ -234,6 +253,16 @@ def _check_manifest(files: Any, path: str) -> dict[str, dict] | None:
         raise ModelError(f"{path}: 'files' must map file names to {{bytes, sha256}} (got "
                          f"{shorten(files)}); export the model again")
     return files
+
+
+def normalisation_is_finite(mean: list, std: list) -> bool:
+    """dataset.normalize's (pixel - mean) / std, computed as it is (float32), is finite for
+    the darkest and the brightest pixel, hence for every pixel (it is linear). A mean of
+    3e38 passes as a float32 but makes every pixel -inf."""
+    pixels = np.array([[0.0], [1.0]], dtype=np.float32)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        out = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return bool(np.isfinite(out).all())
 
 
 def _numbers(values: Any, count: int) -> bool:

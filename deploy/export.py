@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 
 import paddle
 
@@ -24,13 +25,12 @@ from utils.io import atomic_write_json
 from utils.runtime import quiet_output
 
 from .deployment import OUTPUT_NAMES, ModelError, check_deployment, deploy_meta, file_manifest
+from .options import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET  # noqa: F401
 
 MODEL_FILES = ("model.json", "model.pdiparams")
 ALL_MODEL_FILES = MODEL_FILES + ("model.onnx", "model_int8.onnx")
 # paddle2onnx 2.1 exports opsets 7..21 (below 13 it upgrades to 13); at 22 and above it
 # aborts the whole process (SIGABRT), which no error handling can turn into one line.
-MIN_OPSET, MAX_OPSET = 7, 21
-MAX_CALIB_IMAGES = 10000
 
 
 def save_static(net: RD4AD, path_prefix: str) -> None:
@@ -140,18 +140,23 @@ def name_onnx_outputs(onnx_path: str, names: tuple[str, ...]) -> None:
     onnx.save(graph_model, onnx_path)
 
 
+def stage_line(text: str) -> None:
+    """A stage of a long step, on stderr as it starts (what a silent minute was doing)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def export(checkpoint: str, save_dir: str, teacher_weights: str | None = None,
-           onnx: bool = False, opset: int = 13, int8_calibration: list | None = None) -> dict:
+           onnx: bool = False, opset: int = 13, int8_calibration: list | None = None,
+           progress: Callable[[str], None] = stage_line) -> dict:
     """Write the static graph (and ONNX) to save_dir; return the deploy metadata. save_dir
     is created only once the checkpoint has been read and checked, and removed again when
-    this call created it and the export failed."""
+    this call created it and the export failed. `progress` hears each stage as it starts."""
     # Paddle's own kernels: the static graph never runs model/onednn.py's, and the dygraph
     # runs here only trace it.
     model, state = load_trained(checkpoint, teacher_weights=teacher_weights, conv_backend="paddle")
     created = _make_folder(save_dir)
     try:
-        with quiet_output():  # the converters' own logging; our errors still say what failed
-            files = _write_model_files(model, save_dir, onnx, opset, int8_calibration)
+        files = _write_model_files(model, save_dir, onnx, opset, int8_calibration, progress)
         meta = deploy_meta(state, onnx, int8_calibration, files)
         # the same check infer.py runs: an export never writes a deploy.json it refuses
         path = os.path.join(save_dir, "deploy.json")
@@ -182,20 +187,27 @@ def _make_folder(folder: str) -> str | None:
 
 
 def _write_model_files(model: RD4AD, save_dir: str, onnx: bool, opset: int,
-                       int8_calibration: list | None) -> dict[str, dict]:
+                       int8_calibration: list | None, progress: Callable[[str], None]) -> dict[str, dict]:
     """Build everything in a temporary folder inside save_dir, then move file by file: a
     kill at any moment leaves each previous file whole (and the old deploy.json's
-    manifest then names the files that changed). Returns the manifest of what was moved."""
+    manifest then names the files that changed). Returns the manifest of what was moved.
+    Each converter runs quiet (its own logging; our errors still say what failed), its
+    stage announced before it."""
     staging = tempfile.mkdtemp(prefix=".export-", dir=save_dir)
     try:
-        save_static(model, os.path.join(staging, "model"))
+        with quiet_output():  # seconds: a plain export stays one line
+            save_static(model, os.path.join(staging, "model"))
         files = list(MODEL_FILES)
         if onnx:
-            export_onnx(staging, os.path.join(staging, "model.onnx"), opset)
+            progress("converting to ONNX (paddle2onnx; the first conversion of a process takes longest) ...")
+            with quiet_output():
+                export_onnx(staging, os.path.join(staging, "model.onnx"), opset)
             files.append("model.onnx")
             if int8_calibration:
-                quantize_onnx_int8(os.path.join(staging, "model.onnx"), os.path.join(staging, "model_int8.onnx"),
-                                   int8_calibration)
+                progress(f"quantising to int8 (ONNX Runtime, calibrated on {len(int8_calibration)} good images) ...")
+                with quiet_output():
+                    quantize_onnx_int8(os.path.join(staging, "model.onnx"), os.path.join(staging, "model_int8.onnx"),
+                                       int8_calibration)
                 files.append("model_int8.onnx")
         manifest = file_manifest(staging, files)
         for name in files:

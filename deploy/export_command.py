@@ -13,38 +13,17 @@ from dataset import DataError, index_test_dir, load_image
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config_file
 from engine.paths import RunPaths
-from utils.cli import OneLineArgumentParser, run_main
+from utils.cli import run_main
 from utils.io import atomic_write_json
 from utils.names import check_class_name
 
+from .command_lines import parse_export_args
 from .deployment import MAX_DEPLOY_BYTES, check_deployment, read_deployment, read_json_file
 
 from .precision import Judgement, judge_precisions
-from .export import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET, ExportError, calibration_images, export
-
-DESCRIPTION = "Export a trained RD4AD class to one static graph: image -> (anomaly map, score)."
+from .export import MAX_CALIB_IMAGES, MAX_OPSET, MIN_OPSET, ExportError, calibration_images, export, stage_line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = OneLineArgumentParser(description=DESCRIPTION)
-    add = p.add_argument
-    add("--output_dir", default="output", metavar="DIR", help="the training run's folder (default: output)")
-    add("--cls", help="class to export (default: the training run's, when it trained one)")
-    add("--checkpoint", metavar="PATH", help="a checkpoint (default: OUTPUT_DIR/CLS/model.pdparams)")
-    add("--save_dir", metavar="DIR", help="where the export goes (default: OUTPUT_DIR/inference/CLS)")
-    add("--teacher_weights", metavar="PATH", help="the teacher's weights (default: the checkpoint's)")
-    add("--onnx", action="store_true", help="also write model.onnx with paddle2onnx (default: off)")
-    add("--opset", type=int, default=13, metavar="N", help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: 13)")
-    add("--int8", action="store_true", help="also write model_int8.onnx, quantised by ONNX Runtime; "
-                                            "needs --onnx and --calib_dir (default: off)")
-    add("--calib_dir", metavar="DIR", help="good images to calibrate int8 on, e.g. train/good (default: none)")
-    add("--calib_images", type=int, default=32, metavar="N", help="calibrate on at most N images (default: 32)")
-    add("--check_dir", metavar="DIR", help="images (e.g. the class's test folder) on which every runtime and "
-                                          "precision that runs here (int8 also rechecked in fp32) is judged "
-                                          "against Paddle fp32, for --precision auto (default: the --calib_dir "
-                                          "images when --int8)")
-    add("--check_images", type=int, default=64, metavar="N", help="judge on at most N images (default: 64)")
-    return p.parse_args(argv)
 
 
 def class_of_run(output_dir: str) -> str:
@@ -59,7 +38,7 @@ def class_of_run(output_dir: str) -> str:
     trained = sorted(n for n in os.listdir(output_dir) if os.path.isfile(paths.checkpoint(n))) \
         if os.path.isdir(output_dir) else []
     if len(trained) == 1:
-        return trained[0]
+        return check_class_name(trained[0], "class")
     raise ExportError("--cls: which class? " + (f"{output_dir} holds checkpoints of: {', '.join(trained)}"
                                                if trained else f"{output_dir} holds no trained class"))
 
@@ -86,6 +65,7 @@ def check_args(a: argparse.Namespace) -> None:
     elif a.cls is not None:
         check_class_name(a.cls)
     if a.save_dir is None:
+        # the checkpoint's class names the folder: load_checkpoint checked it is one name
         a.save_dir = RunPaths(a.output_dir).export_dir(a.cls or load_checkpoint(a.checkpoint)["class"])
     if os.path.exists(a.save_dir) and not os.path.isdir(a.save_dir):
         raise ExportError(f"{a.save_dir}: --save_dir is a file, not a folder")
@@ -110,6 +90,7 @@ def run(a: argparse.Namespace) -> dict:
     if calibration and a.check_dir is None:
         print("note: judged on the calibration images, which also set the int8 bias and recheck band: give "
               "--check_dir (e.g. the class's test folder) for an independent judgement")
+    stage_line(f"judging every runtime and precision against Paddle fp32 on {len(images)} images ...")
     judgement = judge_precisions(read_deployment(a.save_dir), images, os.cpu_count() or 1,
                                  np.concatenate(calibration) if calibration else None)
     meta = record_judgement(a.save_dir, judgement)
@@ -158,4 +139,4 @@ def precision_table(judgement: Judgement) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 exported, 2 a mistake (one line), 130 interrupted."""
-    return run_main(lambda: run(parse_args(argv)))
+    return run_main(lambda: run(parse_export_args(argv)))

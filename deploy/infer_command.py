@@ -13,66 +13,21 @@ from tqdm import tqdm
 
 from dataset import IMAGE_EXTENSIONS, DataError, guess_mask, index_test, load_mask, load_rgb, mvtec_source, normalize
 from engine.decision import MAX_THRESHOLD, Calibration
-from engine.paths import RunPaths, default_infer_dir
+from engine.paths import no_model_for_class
 from report.per_image import ImageItem, ImageWriter, colour_range
-from utils.cli import OneLineArgumentParser, output_error, parse_bool, run_main
+from utils.cli import output_error, run_main
 from utils.errors import PartialFailure, bounded_line
 from utils.io import atomic_write_json
 from utils.lock import OutputLock
 from utils.names import check_class_name, is_within, output_names
 from utils.timing import StageTimer, autolog_logger, benchmark_report, format_report
 
+from .command_lines import DEFAULT_CLASS, DEFAULT_OUTPUT, parse_infer_args
 from .deployment import Deployment, read_deployment
 from .precision import auto_options
-from .predictor import (BACKEND_NAMES, DEVICE_NAMES, Predictor, PredictorOptions, UsageError, add_precision_flags,
-                        build_predictor, check_auto_band, warm_up)
-
-DESCRIPTION = "Score images with an exported RD4AD model (Paddle Inference, ONNX Runtime or OpenVINO)."
-DEFAULT_OUTPUT = "output"   # the training output folder whose inference/CLASS is the default model
-DEFAULT_CLASS = "bottle"    # the quick start's class
+from .predictor import Predictor, PredictorOptions, UsageError, build_predictor, check_auto_band, warm_up
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    d = PredictorOptions()
-    p = OneLineArgumentParser(description=DESCRIPTION)
-    add = p.add_argument
-    add("--model_dir", default="", metavar="DIR",
-        help=f"exported model (default: {DEFAULT_OUTPUT}/inference/CLS, CLS = --cls or {DEFAULT_CLASS})")
-    add("--image", metavar="PATH", help="an image file, or a folder searched recursively (default: none)")
-    add("--data_dir", metavar="DIR", help="MVTec-layout root: with --cls, all its test images (default: none)")
-    add("--cls", help="class of --data_dir, and of the default --model_dir (default: none)")
-    add("--output_dir", default="", metavar="DIR", help="pictures, masks/, scores.csv (default: MODEL_DIR/infer)")
-    add("--backend", default=None, choices=BACKEND_NAMES, metavar="NAME",
-        help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {d.backend}; with --precision auto, "
-             f"the one chosen)")
-    add("--device", default=d.device, choices=DEVICE_NAMES, metavar="NAME",
-        help=f"one of {', '.join(DEVICE_NAMES)} (default: {d.device})")
-    add("--use_gpu", type=parse_bool, default=None, metavar="BOOL",
-        help="TIPC's spelling of --device: True is gpu, False cpu (default: none)")
-    add("--enable_mkldnn", type=parse_bool, nargs="?", const=True, default=d.enable_mkldnn, metavar="BOOL",
-        help=f"oneDNN on CPU (default: {d.enable_mkldnn})")
-    add("--cpu_threads", type=int, default=d.cpu_threads, metavar="N",
-        help=f"CPU threads of the runtime (default: {d.cpu_threads}, every core)")
-    add("--use_tensorrt", type=parse_bool, nargs="?", const=True, default=d.use_tensorrt, metavar="BOOL",
-        help=f"TensorRT on GPU (default: {d.use_tensorrt})")
-    add_precision_flags(add, d.precision, "export_model.py --check_dir")
-    add("--batch_size", type=int, default=d.batch_size, metavar="N", help=f"images per run (default: {d.batch_size})")
-    add("--benchmark", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
-        help="print AutoLog-style timings and save benchmark.json (default: False)")
-    add("--warmup", type=int, default=2, metavar="N", help="untimed runs before a benchmark (default: 2)")
-    add("--threshold", type=float, default=None, metavar="X",
-        help="raw-score threshold for verdicts and masks (default: the calibrated one in deploy.json)")
-    add("--save_images", type=parse_bool, nargs="?", const=True, default=True, metavar="BOOL",
-        help="write a picture per image (default: True)")
-    args = p.parse_args(argv)
-    args.backend_given = args.backend is not None
-    args.backend = args.backend or d.backend
-    args.auto_choice = None
-    if args.use_gpu is not None:
-        args.device = "gpu" if args.use_gpu else "cpu"
-    args.model_dir = args.model_dir or RunPaths(DEFAULT_OUTPUT).export_dir(args.cls or DEFAULT_CLASS)
-    args.output_dir = args.output_dir or default_infer_dir(args.model_dir)
-    return args
 
 
 def predictor_options(args: argparse.Namespace) -> PredictorOptions:
@@ -82,12 +37,17 @@ def predictor_options(args: argparse.Namespace) -> PredictorOptions:
                             recheck_band=args.recheck_band, recheck_threshold=args.threshold)
 
 
+MAX_CPU_THREADS = 1024
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every setting and input path, before any model is loaded or anything written."""
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--cpu_threads", args.cpu_threads, 1),
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
+    if args.cpu_threads > MAX_CPU_THREADS:  # as serve.py: Paddle and OpenMP take a C int, and spawn them
+        raise UsageError(f"--cpu_threads {args.cpu_threads}: must lie in 1..{MAX_CPU_THREADS}")
     if args.precision == "auto":
         if args.device != "cpu":
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")
@@ -125,12 +85,14 @@ def _own_folders(args: argparse.Namespace) -> set[str]:
 
 
 def _image_files(folder: str, skip: set[str]) -> list[str]:
-    """Image files under `folder`, sorted; hidden files and this run's output folders
-    (compared by real path) are left out, so a run never scores its own pictures."""
+    """Entries named like images under `folder`, sorted; hidden files and this run's output
+    folders (compared by real path) are left out, so a run never scores its own pictures.
+    A FIFO, socket, device, link loop or folder named like an image is listed too: reading
+    it gives its row the reason, without blocking (a folder is still searched)."""
     found = []
     for d, dirs, names in os.walk(folder):
         dirs[:] = sorted(n for n in dirs if os.path.realpath(os.path.join(d, n)) not in skip)
-        found += [os.path.join(d, n) for n in names
+        found += [os.path.join(d, n) for n in names + dirs
                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
@@ -145,7 +107,7 @@ def _item_of_file(path: str, name: str) -> ImageItem:
 
 def collect_inputs(args: argparse.Namespace) -> list[ImageItem]:
     if args.image:
-        if os.path.isfile(args.image):
+        if not os.path.isdir(args.image):  # a file, or a FIFO or device: its row says which
             root, paths = os.path.dirname(args.image), [args.image]
         else:
             root, paths = args.image, _image_files(args.image, _own_folders(args))
@@ -183,6 +145,9 @@ def run(args: argparse.Namespace) -> dict:
     """Check everything, then score every image into --output_dir (locked). Raises
     PartialFailure after writing everything when any image failed."""
     check_args(args)
+    missing = None if args.model_given else no_model_for_class(DEFAULT_OUTPUT, args.cls or DEFAULT_CLASS)
+    if missing:
+        raise UsageError(missing)
     deployment = read_deployment(args.model_dir)
     if args.precision == "auto":
         choose_precision(args, deployment)
@@ -311,4 +276,4 @@ def _benchmark(args: argparse.Namespace, info: dict, timer: StageTimer) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 every image scored; 1 some image failed (scores.csv says why); 2 a
     mistake in the settings or the model folder (one line); 130 interrupted."""
-    return run_main(lambda: run(parse_args(argv)))
+    return run_main(lambda: run(parse_infer_args(argv)))

@@ -22,51 +22,10 @@ from utils.runtime import restore_eager_threads
 from .deployment import (MAX_RECHECK_BAND, Deployment, ModelError, check_graph_size, check_outputs,
                          paddle_graph_input_shape)
 from .export import save_static
+from .options import DEVICE_NAMES, PredictorOptions, UsageError  # noqa: F401  (also imported from here)
 
-DEVICE_NAMES = ("cpu", "gpu")
-PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
 GPU_MEMORY_POOL_MB = 256  # Paddle Inference's initial GPU memory pool; it grows as needed
 CUDA_PROVIDER = "CUDAExecutionProvider"
-
-
-class UsageError(UserError):
-    """A setting this machine or model cannot honour."""
-
-
-@dataclass(frozen=True)
-class PredictorOptions:
-    """How to run an exported model (infer.py's flags, the benchmark's settings)."""
-    backend: str = "paddle"
-    device: str = "cpu"
-    precision: str = "fp32"
-    cpu_threads: int = os.cpu_count() or 1
-    enable_mkldnn: bool = True
-    use_tensorrt: bool = False
-    batch_size: int = 1
-    recheck_band: float = 0.0              # int8 only: scores this near the threshold are scored again in fp32
-    recheck_threshold: float | None = None  # the threshold they are near (None: the export's calibrated one)
-
-    def check(self) -> None:
-        """UsageError for a backend, device and precision that cannot run together here."""
-        if self.backend not in BACKENDS:
-            raise UsageError(f"--backend {self.backend}: one of {', '.join(BACKENDS)}")
-        if self.device not in DEVICE_NAMES:
-            raise UsageError(f"--device {self.device}: one of {', '.join(DEVICE_NAMES)}")
-        check_recheck_band(self.recheck_band)
-        if self.recheck_band and self.precision != "int8":
-            raise UsageError(f"--recheck_band rechecks int8 scores in fp32: it needs --precision int8, not "
-                             f"{self.precision}")
-        BACKENDS[self.backend].check_options(self)
-
-
-def add_precision_flags(add, default: str, auto_is: str) -> None:
-    """--precision (with auto) and --recheck_band, as infer.py and serve.py both take them."""
-    add("--precision", default=default, choices=PRECISION_NAMES + ("auto",), metavar="NAME",
-        help=f"one of {', '.join(PRECISION_NAMES)}, or auto: the fastest path the export judged to keep every "
-             f"verdict ({auto_is}) (default: {default})")
-    add("--recheck_band", type=float, default=0.0, metavar="SCORE",
-        help="with --precision int8: images whose int8 score lies within SCORE of the image threshold are scored "
-             "again in fp32 (default: 0, none; --precision auto takes the band the export judged)")
 
 
 def check_auto_band(band: float) -> None:
@@ -151,7 +110,7 @@ class Predictor:
         check_outputs(maps, scores, len(array), self.image_size or array.shape[-1], self.model_path)
         if self.score_bias:  # one shift of maps and scores alike, so a score stays its map's maximum
             maps, scores = maps - np.float32(self.score_bias), scores - np.float32(self.score_bias)
-        return maps, scores
+        return maps, without_verdict_where_not_finite(array, maps, scores)
 
     def remove_bias(self, bias: float) -> None:
         """Subtract `bias` from every later map and score (int8's bias, measured at export)."""
@@ -161,6 +120,21 @@ class Predictor:
 
     def close(self) -> None:
         """Release what the predictor holds beyond memory (temporary files)."""
+
+
+def without_verdict_where_not_finite(images: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The scores, NaN for every image whose input or map is not finite: a network given
+    -inf pixels (a deploy.json normalisation that overflows) can still answer a finite,
+    confident score, and a score that is not finite is never a verdict (infer.py reports
+    the image as failed, the service answers 500)."""
+    count = len(scores)
+    finite = (np.isfinite(images.reshape(count, -1)).all(axis=1)
+              & np.isfinite(np.asarray(maps).reshape(count, -1)).all(axis=1))
+    if finite.all():
+        return scores
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    scores[~finite] = np.nan
+    return scores
 
 
 class PaddleInferenceSession(Predictor):

@@ -9,62 +9,16 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from engine.paths import RunPaths
-from utils.cli import OneLineArgumentParser, parse_bool, run_main
-from utils.names import check_class_name
+from engine.paths import no_model_for_class
+from utils.cli import run_main
 
+from .command_lines import MAX_WORKERS, parse_serve_args
 from .deployment import read_deployment
 from .precision import auto_options
-from .predictor import BACKEND_NAMES, PredictorOptions, UsageError, add_precision_flags, check_auto_band
+from .predictor import PredictorOptions, UsageError, check_auto_band
 from .service_options import ServiceOptions
 
-MAX_WORKERS = 64
-DESCRIPTION = "Serve an exported RD4AD model over HTTP: POST an image, get its verdict, score and mask."
 
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = OneLineArgumentParser(description=DESCRIPTION)
-    add = p.add_argument
-    s, o = ServiceOptions(), PredictorOptions()
-    add("--model_dir", default="", metavar="DIR", help="exported model (default: output/inference/CLS)")
-    add("--cls", default="bottle", help="class of the default --model_dir (default: bottle)")
-    add("--backend", default=None, choices=BACKEND_NAMES, metavar="NAME",
-        help=f"runtime: one of {', '.join(BACKEND_NAMES)} (default: {o.backend}; with --precision auto, the one "
-             f"chosen)")
-    add_precision_flags(add, o.precision, "as infer.py takes it")
-    add("--enable_mkldnn", type=parse_bool, default=True, metavar="BOOL", help="oneDNN on CPU (default: True)")
-    add("--workers", type=int, default=s.workers, metavar="N",
-        help=f"predictors: processes for paddle, threads for the others; at most {MAX_WORKERS} "
-             f"(default: {s.workers})")
-    add("--cpu_threads", type=int, default=None, metavar="N",
-        help="threads per predictor (default: the cores divided among the workers)")
-    add("--queue", type=int, default=s.queue_size, metavar="N",
-        help=f"requests that may wait for a worker; beyond them 503. /predict/batch takes at most "
-             f"min({s.max_files}, QUEUE) images (default: {s.queue_size})")
-    add("--timeout", type=float, default=s.timeout_s, metavar="S", help=f"answer within S seconds or 504 "
-                                                                       f"(default: {s.timeout_s:g})")
-    add("--max_upload_mb", type=float, default=s.max_upload_mb, metavar="MB",
-        help=f"larger uploads get 413 (default: {s.max_upload_mb:g})")
-    add("--max_pixels", type=int, default=s.max_pixels, metavar="N",
-        help=f"images that decode to more pixels get 422 (default: {s.max_pixels})")
-    add("--max_batch", type=int, default=s.max_batch, metavar="N",
-        help=f"queued images one predictor run may take (default: {s.max_batch})")
-    add("--max_wait_ms", type=float, default=s.max_wait_ms, metavar="MS",
-        help=f"how long a worker waits to fill its batch (default: {s.max_wait_ms:g})")
-    add("--upload_timeout", type=float, default=s.upload_timeout_s, metavar="S",
-        help=f"a request's headers, and then its body, must arrive within S seconds: slower ones are "
-             f"closed, or get 408 (default: {s.upload_timeout_s:g})")
-    add("--max_open_uploads", type=int, default=s.max_open_uploads, metavar="N",
-        help="requests with a body held at once (each up to --max_upload_mb); beyond them 503 "
-             "(default: 0, twice QUEUE + WORKERS x MAX_BATCH)")
-    add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    add("--port", type=int, default=8866, help="port; 0 picks a free one, named in the 'serving' line (default: 8866)")
-    a = p.parse_args(argv)
-    a.backend_given = a.backend is not None
-    a.backend = a.backend or o.backend
-    if not a.model_dir:
-        a.model_dir = RunPaths("output").export_dir(check_class_name(a.cls))
-    return a
 
 
 def check_args(a: argparse.Namespace) -> tuple[PredictorOptions, ServiceOptions]:
@@ -138,6 +92,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run(a: argparse.Namespace) -> int:
     options, service = check_args(a)
+    missing = None if a.model_given else no_model_for_class("output", a.cls)
+    if missing:
+        raise UsageError(missing)
     try:
         from .service import Inspector  # FastAPI and uvicorn
     except ImportError as err:
@@ -155,7 +112,7 @@ def run(a: argparse.Namespace) -> int:
             recheck = f" + fp32 recheck within {options.recheck_band:.4g}" if options.recheck_band else ""
             say(f"loading {a.model_dir} ({options.backend} {options.precision}{recheck}, {service.workers} "
                 f"worker(s))")
-            inspector = Inspector(deployment, options, service)
+            inspector = Inspector(deployment, options, service, progress=say)
             return _serve(a, sock, inspector)
     except StopRequested as stop:
         say(f"stopped ({stop}) before serving")
@@ -178,7 +135,9 @@ def _serve(a: argparse.Namespace, sock: socket.socket, inspector) -> int:
     from .service import GuardedH11Protocol, InspectionServer, create_app
     options, service = inspector.options, inspector.service
     GuardedH11Protocol.header_timeout_s = service.upload_timeout_s
-    config = uvicorn.Config(create_app(inspector), log_level="warning", access_log=False, http=GuardedH11Protocol,
+    # our access log (one line per request, with the verdict) instead of uvicorn's
+    config = uvicorn.Config(create_app(inspector, access_log=say), log_level="warning", access_log=False,
+                            http=GuardedH11Protocol,
                             ws="none",  # no WebSocket endpoint: an upgrade request is a plain HTTP one
                             timeout_graceful_shutdown=max(service.timeout_s, 1.0), lifespan="off")
     host, port = sock.getsockname()[:2]
@@ -208,4 +167,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 served and stopped cleanly (SIGTERM or Ctrl-C, also before serving);
     2 a mistake in the settings or the model folder, or the port could not be opened
     (one line)."""
-    return run_main(lambda: run(parse_args(argv)))
+    return run_main(lambda: run(parse_serve_args(argv)))

@@ -31,7 +31,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -178,7 +178,8 @@ class PredictorPool:
     `queue_size` waiting jobs; a worker takes up to `max_batch` jobs per run, waiting at
     most `max_wait_ms` for the batch to fill."""
 
-    def __init__(self, deployment: Deployment, options: PredictorOptions, service: ServiceOptions) -> None:
+    def __init__(self, deployment: Deployment, options: PredictorOptions, service: ServiceOptions,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.service = service
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=service.queue_size)
         # every predictor is built before the server listens: a broken export fails at start.
@@ -188,11 +189,14 @@ class PredictorPool:
         make = SubprocessPredictor if options.backend in GIL_HOLDING_BACKENDS else build_predictor
         self.predictors = []
         try:
-            for _ in range(service.workers):
+            for k in range(service.workers):
+                started = time.perf_counter()
                 self.predictors.append(make(deployment, options))
                 if make is build_predictor:  # a predictor process warms itself up
                     size = deployment.image_size
                     warm_up(self.predictors[-1], np.zeros((1, 3, size, size), np.float32))
+                if progress is not None:  # start-up can take a while: say how far it is
+                    progress(f"predictor {k + 1} of {service.workers} ready ({time.perf_counter() - started:.1f} s)")
         except BaseException:
             for predictor in self.predictors:
                 predictor.close()
@@ -294,9 +298,10 @@ class ServiceError(Exception):
 class Inspector:
     """What every endpoint needs: the deployment, the pool, and how one image is judged."""
 
-    def __init__(self, deployment: Deployment, options: PredictorOptions, service: ServiceOptions) -> None:
+    def __init__(self, deployment: Deployment, options: PredictorOptions, service: ServiceOptions,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.deployment, self.options, self.service = deployment, options, service
-        self.pool = PredictorPool(deployment, options, service)
+        self.pool = PredictorPool(deployment, options, service, progress)
         # decoding a 40 MP frame takes hundreds of MB: so few decode at once, whatever the load
         self.decode_slots = asyncio.Semaphore(max(2, service.workers))
         weights = (deployment.files or {}).get("model.pdiparams", {}).get("sha256", "")
@@ -362,7 +367,7 @@ class Inspector:
                pictures: bool, timing: dict) -> dict:
         d = self.deployment
         item = ImageItem(name, name)
-        scored = score_image(item, rgb, amap, score, d.calibration, d.score_stats,
+        scored = score_image(item, rgb, amap, score, d.calibration,
                              colour_range(d.calibration, d.score_stats, amap), picture=pictures)
         row = scored.row
         if row["error"]:  # a score that is not finite is never a verdict
@@ -373,7 +378,6 @@ class Inspector:
             "score": float(row["score"]),
             "normalized_score": float(row["normalized_score"]) if row["normalized_score"] else None,
             "verdict": row["verdict"] or None,
-            "z_score": float(row["z_score"]) if row["z_score"] else None,
             "thresholds": None if c is None else {"image": c.image_threshold, "pixel": c.pixel_threshold},
             # the mask is the model's S x S grid (the image resized to it): counted there
             "mask_size": [d.image_size, d.image_size],
@@ -393,8 +397,8 @@ def _png_base64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def create_app(inspector: Inspector) -> FastAPI:
-    """The FastAPI application over `inspector`."""
+def create_app(inspector: Inspector, access_log: Callable[[str], None] | None = None) -> FastAPI:
+    """The FastAPI application over `inspector`; `access_log` hears one line per request."""
     limit = int(inspector.service.max_upload_mb * (1 << 20))
     app = FastAPI(title="RD4AD inspection", docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)  # a redirect would name whatever Host the client sent
@@ -424,7 +428,9 @@ def create_app(inspector: Inspector) -> FastAPI:
         except Exception as err:  # a bug of ours: the request fails, the server stays
             return error(500, f"internal error ({type(err).__name__}: {bounded_line(str(err), 200)})")
 
-    app.add_middleware(StopGuard)  # added last, so outside the guard: its cancellation ends here
+    app.add_middleware(StopGuard)  # added after the guard, so outside it: its cancellation ends here
+    if access_log is not None:
+        app.add_middleware(AccessLog, log=access_log)  # outermost: every answer, the guards' included
 
     async def read_body(request: Request) -> bytes:
         body = bytearray()
@@ -476,7 +482,9 @@ def create_app(inspector: Inspector) -> FastAPI:
     async def predict(request: Request):
         pictures = pictures_wanted(request)
         [(name, data)] = await uploads(request, many=False)
-        return await inspector.judge(data, name, pictures, time.perf_counter() + inspector.service.timeout_s)
+        answer = await inspector.judge(data, name, pictures, time.perf_counter() + inspector.service.timeout_s)
+        request.state.verdict = answer["verdict"] or "no verdict"  # for the access log
+        return answer
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request):
@@ -494,6 +502,8 @@ def create_app(inspector: Inspector) -> FastAPI:
             except ServiceError as err:
                 return {"status": err.status, "image": name, "error": err.message}
         results = await asyncio.gather(*(one(n, d) for n, d in files))
+        verdicts = [r.get("verdict") or ("error" if r["status"] != 200 else "no verdict") for r in results]
+        request.state.verdict = " ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))
         retry = {"Retry-After": "1"} if any(r["status"] == 503 for r in results) else None
         return JSONResponse({"results": results, "model_id": inspector.model_id}, headers=retry)
 
@@ -582,6 +592,34 @@ class BodyLimit:
                 complete = not message.get("more_body", False)
             return message
         await self.app(scope, counted, send)
+
+
+class AccessLog:
+    """ASGI middleware: one line per request, as uvicorn's access log gives it: method, path,
+    status, milliseconds and, for /predict, the verdict ("POST /predict 200 41 ms DEFECT").
+    The path is the client's: shown printable and bounded, so it can forge no log line."""
+
+    def __init__(self, app, log: Callable[[str], None]) -> None:
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), ["-"]
+        state = scope.setdefault("state", {})  # where an endpoint leaves its verdict (request.state)
+
+        async def tracked(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            path = "".join(c if c.isprintable() and c != " " else "?" for c in scope.get("path", ""))[:200]
+            verdict = state.get("verdict")
+            self.log(f"{scope.get('method', '-')} {path} {status[0]} {1000 * (time.perf_counter() - started):.0f} ms"
+                     + (f" {verdict}" if verdict else ""))
 
 
 class StopGuard:

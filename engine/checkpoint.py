@@ -13,9 +13,11 @@ from model.arch import ARCH_NAMES
 from model.rd4ad import RD4AD, build_rd4ad
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
+from utils.names import NameError_, check_class_name
+from utils.numbers import finite_in_float32, image_size_fits
 from utils.safe_pickle import load_plain_pickle
 
-from .decision import Calibration, CalibrationError
+from .decision import MAX_THRESHOLD, Calibration, CalibrationError
 
 FORMAT = "rd4ad-paddle/1"
 
@@ -46,7 +48,7 @@ def save_checkpoint(path: str, net: paddle.nn.Layer, *, arch: str, image_size: i
 def load_checkpoint(path: str, arch: str | None = None, image_size: int | None = None) -> dict:
     """Read (never running code: utils/safe_pickle.py) and check a checkpoint; raise
     CheckpointError with one line naming the file."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):  # anything else there: load_plain_pickle says what it is
         raise CheckpointError(f"{path}: checkpoint not found (train this class first)")
     try:
         state = load_plain_pickle(path, "checkpoint")
@@ -74,13 +76,17 @@ def check_checkpoint(state: dict, path: str) -> None:
     if state.get("arch") not in ARCH_NAMES:
         raise bad("arch", "one of " + ", ".join(ARCH_NAMES))
     size = state.get("image_size")
-    if not is_whole_number(size) or size < 64 or size % 32:
-        raise bad("image_size", "a multiple of 32, at least 64")
+    if not is_whole_number(size) or size < 64 or size % 32 or not image_size_fits(size):
+        raise bad("image_size", "a multiple of 32, at least 64, whose 3 x size x size fits int32")
     if not is_whole_number(state.get("epoch")) or state["epoch"] < 0:
         raise bad("epoch", "a whole number >= 0")
     for key, longest in (("class", 255), ("teacher_weights", 4096)):
         if not isinstance(state.get(key), str) or len(state[key]) > longest:
             raise bad(key, f"a string of at most {longest} characters")
+    try:  # it names the export's folder (export_model.py without --save_dir): never a path
+        check_class_name(state["class"], "class")
+    except NameError_ as err:
+        raise CheckpointError(f"{path}: damaged checkpoint: {err}") from None
     for part in ("bottleneck", "student", "teacher"):
         if part == "teacher" and part not in state:
             continue
@@ -91,8 +97,8 @@ def check_checkpoint(state: dict, path: str) -> None:
             if not isinstance(name, str) or not isinstance(value, np.ndarray) or value.dtype.kind != "f":
                 raise CheckpointError(f"{path}: damaged checkpoint: {part} weight {shorten(name)} "
                                       f"is not a float array")
-            if not np.isfinite(value).all():
-                raise CheckpointError(f"{path}: {part} weight {shorten(name)} is not finite (NaN or "
+            if not finite_in_float32(value):  # as the model holds it: float64 1e300 is inf there
+                raise CheckpointError(f"{path}: {part} weight {shorten(name)} is not finite in float32 (NaN or "
                                       f"inf): the training diverged; retrain this class")
     if "calibration" in state:
         try:
@@ -102,8 +108,8 @@ def check_checkpoint(state: dict, path: str) -> None:
     stats = state.get("score_stats")
     if stats is not None and (not isinstance(stats, dict) or len(stats) > 32 or not all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in stats.values())):
-        raise bad("score_stats", "a dict of finite numbers")
+            and abs(v) <= MAX_THRESHOLD for v in stats.values())):  # scores lie in [0, 6]
+        raise bad("score_stats", f"a dict of finite numbers within +-{MAX_THRESHOLD:g}")
 
 
 def apply_checkpoint(net: paddle.nn.Layer, state: dict, path: str = "checkpoint") -> None:

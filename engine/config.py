@@ -1,31 +1,39 @@
 """The one config object of a run: every setting, its flag, its check; passed down.
 
-Where a setting comes from, lowest first: its default; for --mode eval and infer, the
-data settings of the training run saved in OUTPUT_DIR/config.yaml; a --config YAML file;
-the command line. The model's own settings (arch, image size, teacher) come from each
+Where a setting comes from, lowest first: its default; for --resume and --mode eval and
+infer, the settings of the training run saved in OUTPUT_DIR/config.yaml (so
+`main.py --resume --output_dir RUN` continues RUN as it was started); a --config YAML
+file; the command line. The model's own settings (arch, image size, teacher) come from each
 class's checkpoint in eval and infer (engine/preflight.py checks a contradicting flag).
 """
 from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dataset import LAYOUTS
-from model.arch import ARCH_NAMES
-from model.onednn import CONV_BACKENDS
+from model.choices import ARCH_NAMES, CONV_BACKENDS  # plain names: no Paddle before work starts
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
                           settings_dict, settings_yaml)
 from utils.errors import UserError, shorten
+from utils.layouts import LAYOUTS
 from utils.names import check_class_name
+from utils.numbers import as_float32, fits_float32, image_size_fits
 
+from .decision import MAX_THRESHOLD
 from .paths import RunPaths
 
 DESCRIPTION = "RD4AD (Reverse Distillation) anomaly detection on MVTec AD, in PaddlePaddle."
+EXAMPLES = """examples:
+  python main.py --config configs/sample_bottle.yaml          # a first run on the bundled sample (about 30 s)
+  python main.py --resume --output_dir output                 # continue an interrupted run as it was started"""
 DATA, RUNS = "own data and decisions", "long runs and reports"
-# What --mode eval / infer take from the training run's saved config.yaml: the folders as
-# one group (choosing one of them takes none), and the classes.
+# --resume, --mode eval / infer take every setting of the training run's saved config.yaml
+# but these (the command's own); the folders (and their layout) as one group: choosing one
+# of them takes none.
+RUN_OWN_KEYS = ("mode", "resume", "force", "output_dir", "config")
 RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir", "layout")
 # What each class's checkpoint decides in --mode eval / infer.
 MODEL_KEYS = ("arch", "image_size")
@@ -36,11 +44,11 @@ class Config:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
                         choices=("train", "eval", "infer"))
     data_dir: str = setting("mvtec", "MVTec AD (or BTAD) root DIR/CLASS/train/good (ok), test, ground_truth "
-                                     "(eval/infer: the run's)")
+                                     "(--resume, eval/infer: the run's)")
     # auto: each class folder by its train/good (MVTec AD) or train/ok (BTAD); with
     # --train_dir, btad takes test/ok as good and BTAD's mask names
     layout: str = setting("auto", "folder layout: by train/good or train/ok, or chosen", choices=LAYOUTS)
-    cls: str = setting("all", "class name, comma list, or 'all' (eval/infer: the run's)")
+    cls: str = setting("all", "class name, comma list, or 'all' (--resume, eval/infer: the run's)")
     arch: str = setting("wide_resnet50_2", "teacher backbone (eval/infer: the checkpoint's)",
                         choices=ARCH_NAMES)
     image_size: int = setting(256, "input size, a multiple of 32, at least 64 (eval/infer: the checkpoint's)")
@@ -55,7 +63,7 @@ class Config:
     teacher_weights: str = setting(
         "imagenet", "imagenet (official, cached); auto (imagenet when at hand, else random); a file; none")
     device: str = setting("auto", "auto: a GPU when Paddle has one", choices=("auto", "cpu", "gpu"))
-    seed: int = setting(111, "random seed (batches, initialisation)")
+    seed: int = setting(111, "random seed (batches, initialisation)", unsigned_32=True)
     num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)")
     log_interval: int = setting(10, "a loss / ips / reader_cost line every N steps (0: never)")
     feature_cache: bool = setting(True, "run the teacher every step instead of caching its features once",
@@ -75,8 +83,12 @@ class Config:
     val_ratio: float = setting(0.1, "share of good images held out to calibrate thresholds (0: train images)",
                                group=DATA)
     threshold_quantile: float = setting(0.995, "threshold = this quantile of held-out good scores", group=DATA)
+    # as infer.py --threshold; nan (not given): each checkpoint's calibrated thresholds
+    threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
+                                         "the calibrated one (nan: calibrated)", group=DATA, nan_means_unset=True)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
-    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams", group=RUNS)
+    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams, with the "
+                                  "settings the run was started with (flags given override them)", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
     save_interval: int = setting(5, "save the training state for --resume every N epochs", group=RUNS)
     report: bool = setting(True, "skip the HTML report after evaluation", group=RUNS, off_flag="--no_report")
@@ -115,17 +127,29 @@ class Config:
             raise ConfigError(f"--seed {self.seed}: must be below 2**32")
         if self.image_size < 64 or self.image_size % 32:
             raise ConfigError(f"--image_size {self.image_size}: must be a multiple of 32, at least 64")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0")
+        if not image_size_fits(self.image_size):
+            raise ConfigError(f"--image_size {self.image_size}: too large (3 x size x size values must fit "
+                              f"a 32-bit integer: at most 26752)")
+        # the optimizer holds lr and the betas in float32: checked as float32 holds them
+        if not (fits_float32(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0, within float32's range")
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} {getattr(self, name)}: must lie in [0, 1)")
+            if not 0.0 <= as_float32(getattr(self, name)) < 1.0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must lie in [0, 1) in float32 "
+                                  f"({getattr(self, name)!r} is {as_float32(getattr(self, name))!r} there)")
         if not (math.isfinite(self.feature_cache_mb) and self.feature_cache_mb >= 0):
             raise ConfigError(f"--feature_cache_mb {self.feature_cache_mb}: must be a finite number >= 0")
         if not 0.0 <= self.val_ratio < 1.0:
             raise ConfigError(f"--val_ratio {self.val_ratio}: must lie in [0, 1)")
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ConfigError(f"--threshold_quantile {self.threshold_quantile}: must lie in (0, 1]")
+        if not math.isnan(self.threshold):
+            if self.mode != "infer":
+                raise ConfigError(f"--threshold {self.threshold}: only for --mode infer (eval reports the "
+                                  f"calibrated thresholds' metrics)")
+            if not (math.isfinite(self.threshold) and abs(self.threshold) <= MAX_THRESHOLD):
+                raise ConfigError(f"--threshold {self.threshold}: must be a finite number within "
+                                  f"+-{MAX_THRESHOLD:g} (scores lie in [0, 6])")
         for name in ("output_dir", "data_dir", "teacher_weights"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"--{name}: must not be empty")
@@ -133,47 +157,63 @@ class Config:
 
 
 def build_config_parser():
-    return build_parser(Config, DESCRIPTION)
+    return build_parser(Config, DESCRIPTION, epilog=EXAMPLES)
 
 
 def load_config_file(path: str) -> dict:
-    """The settings of a --config YAML file, checked (ConfigError naming the file)."""
-    return checked_values(Config, read_yaml_mapping(path), path)
+    """The settings of a --config YAML file (or a run's saved config.yaml), checked
+    (ConfigError naming the file). Its class names are checked as --cls is: a name read
+    from a file is never a path."""
+    values = checked_values(Config, read_yaml_mapping(path), path)
+    if "cls" in values:
+        try:
+            Config(cls=values["cls"]).class_names()
+        except UserError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return values
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Defaults < the training run's data settings (eval, infer) < --config < flags."""
+    """Defaults < the training run's saved settings (--resume, eval, infer) < --config < flags."""
     parser = build_config_parser()
     flags = given_flags(Config, argv)
     from_file = load_config_file(flags["config"]) if flags.get("config") else {}
     chosen = {**from_file, **flags}
     mode = chosen.get("mode", Config.mode)
     saved = RunPaths(chosen.get("output_dir", Config.output_dir)).config_yaml("train")
-    from_run = run_data_settings(saved, chosen, mode) if mode != "train" else {}
+    continues = mode != "train" or bool(chosen.get("resume"))
+    from_run = run_settings(saved, chosen, "--resume" if mode == "train" else f"--mode {mode}") if continues else {}
     parser.set_defaults(**{**from_run, **from_file})
     args = vars(parser.parse_args(argv))
     return Config(**args, explicit=frozenset(chosen), inherited=saved if from_run else "")
 
 
-def run_data_settings(saved: str, chosen: dict, mode: str) -> dict:
-    """The data settings of the training run (its saved config.yaml) that the user did not
-    choose: the folders as one group, and the classes."""
-    wanted = [] if "cls" in chosen else ["cls"]
-    if not any(k in chosen for k in RUN_FOLDER_KEYS):
-        wanted += RUN_FOLDER_KEYS
-    if not wanted or not os.path.isfile(saved):
+def run_settings(saved: str, chosen: dict, what: str) -> dict:
+    """The settings of the training run (its saved config.yaml) that the user did not
+    choose: all but the command's own (RUN_OWN_KEYS), the data folders as one group. The
+    file is untrusted: checked as a --config file is (keys, types, choices) and as the
+    command line's values are (Config.check: ranges, a class name that is a path)."""
+    if not os.path.isfile(saved):
         return {}
     try:
         values = load_config_file(saved)
-        if "cls" in wanted and isinstance(values.get("cls"), str):
-            Config(cls=values["cls"]).class_names()
+        Config(**values).check()  # every value as the command line's would be checked
     except UserError as err:  # a damaged file, or a class name that is a path
         named = str(err) if str(err).startswith(saved) else f"{saved}: {err}"
-        raise ConfigError(f"{named} (the training run's saved settings, which --mode {mode} reads for "
-                          f"{', '.join('--' + k for k in wanted)}: fix or delete it, or give them)") from None
-    return {k: values[k] for k in wanted if k in values}
+        raise ConfigError(f"{named} (the training run's saved settings, which {what} reads: "
+                          f"fix or delete it)") from None
+    folders_chosen = any(k in chosen for k in RUN_FOLDER_KEYS)
+    return {k: v for k, v in values.items()
+            if k not in chosen and k not in RUN_OWN_KEYS and not (folders_chosen and k in RUN_FOLDER_KEYS)}
+
+
+def resume_command(cfg: Config) -> str:
+    """The command that continues this run's training with the settings it was started with."""
+    out = "" if cfg.output_dir == Config.output_dir else f" --output_dir {shlex.quote(cfg.output_dir)}"
+    return f"python main.py --resume{out}"
 
 
 def config_yaml(cfg: Config) -> str:
     """The config actually used, as YAML that --config reads back."""
-    return settings_yaml(cfg, leave_out=("config",))
+    # no --threshold (nan) is left out: the file reads back to the default, and nan != nan
+    return settings_yaml(cfg, leave_out=("config",) + (("threshold",) if math.isnan(cfg.threshold) else ()))

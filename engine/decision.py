@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from utils.errors import UserError, shorten
+from utils.numbers import fits_float32
 
 MIN_SPREAD_IMAGES = 5
 # An image score is a smoothed sum of three cosine distances, so it lies in [0, 6]. A
@@ -57,7 +58,8 @@ class Calibration:
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             else:
                 ok = (isinstance(value, int | float) and not isinstance(value, bool)
-                      and math.isfinite(value) and abs(value) <= MAX_THRESHOLD)
+                      and math.isfinite(value) and abs(value) <= MAX_THRESHOLD
+                      and fits_float32(value))  # compared with float32 scores: 1e-320 is 0 there
                 value = float(value) if ok else value
             if ok and key == "quantile":
                 ok = 0.0 < value <= 1.0
@@ -68,7 +70,7 @@ class Calibration:
 
     def with_threshold(self, threshold: float) -> "Calibration":
         """The same calibration with both thresholds replaced (--threshold)."""
-        if not (math.isfinite(threshold) and abs(threshold) <= MAX_THRESHOLD):
+        if not (math.isfinite(threshold) and abs(threshold) <= MAX_THRESHOLD and fits_float32(threshold)):
             raise CalibrationError(f"--threshold {threshold}: must be a finite number within "
                                    f"+-{MAX_THRESHOLD:g} (scores lie in [0, 6])")
         return Calibration(**{**self.to_dict(), "image_threshold": float(threshold),

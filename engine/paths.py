@@ -62,6 +62,35 @@ class RunPaths:
     def log_dir(self) -> str:
         return os.path.join(self.output_dir, "logs")
 
+    def exported_classes(self) -> list[str]:
+        """The classes with an exported model (inference/CLASS/deploy.json)."""
+        folder = os.path.join(self.output_dir, "inference")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        return sorted(n for n in names if os.path.isfile(os.path.join(folder, n, "deploy.json")))
+
+    def trained_classes(self) -> list[str]:
+        """The classes with a trained checkpoint (CLASS/model.pdparams)."""
+        names = os.listdir(self.output_dir) if os.path.isdir(self.output_dir) else []
+        return sorted(n for n in names if os.path.isfile(self.checkpoint(n)))
+
+
+def no_model_for_class(output_dir: str, cls: str) -> str | None:
+    """Why the default exported model of `cls` (OUTPUT_DIR/inference/CLS) cannot be used,
+    naming the classes that exist; None when it is there."""
+    paths = RunPaths(output_dir)
+    if os.path.isfile(os.path.join(paths.export_dir(cls), "deploy.json")):
+        return None
+    exported, trained = paths.exported_classes(), paths.trained_classes()
+    if cls in trained:
+        return (f"--cls {cls}: trained but not exported ({paths.export_dir(cls)} missing): "
+                f"python export_model.py --output_dir {output_dir} --cls {cls}")
+    found = ([f"exported: {', '.join(exported)}"] if exported else []) + \
+        ([f"trained: {', '.join(trained)}"] if trained else [])
+    if not found:
+        return (f"{paths.export_dir(cls)}: no exported model (and no trained class in {output_dir}/): "
+                f"train, then export a model first (python export_model.py)")
+    return f"--cls {cls}: no such class in {output_dir}/ ({'; '.join(found)})"
+
 
 def default_infer_dir(model_dir: str) -> str:
     """infer.py's output for an exported model, when --output_dir is not given: inside the

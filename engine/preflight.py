@@ -15,8 +15,8 @@ from model.teacher import Teacher, load_teacher_weights
 from utils.config import ConfigError
 from utils.names import check_class_name, is_within
 
-from .checkpoint import load_checkpoint
-from .config import MODEL_KEYS, Config
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import MODEL_KEYS, Config, resume_command
 from .train_state import finished_metrics, load_train_state
 
 
@@ -68,6 +68,10 @@ def checkpoint_settings(cfg: Config, sources: list[DataSource]) -> dict[str, dic
     settings, conflicts = {}, []
     for source in sources:
         path = cfg.paths.checkpoint(source.name, best=cfg.select_best_on_test)
+        if not os.path.isfile(path) and os.path.isfile(cfg.paths.train_state(source.name)):
+            raise CheckpointError(f"{path}: not saved yet: the training of {source.name} is UNFINISHED (stopped "
+                                  f"before its first model, saved every --eval_interval epochs and at the end); "
+                                  f"continue with {resume_command(cfg)}")
         state = load_checkpoint(path)
         settings[source.name] = {k: state[k] for k in MODEL_KEYS}
         for key in MODEL_KEYS:

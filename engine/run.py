@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -15,7 +16,7 @@ from model.rd4ad import RD4AD
 from model.teacher import resolve_teacher_weights
 from report.html import write_class_report, write_summary_report
 from report.per_image import ImageItem, ImageWriter, colour_range
-from report.tables import TABLE_NOTE, mean_row, results_table
+from report.tables import TABLE_NOTE, mean_row, models_table, results_table
 from utils import distributed
 from utils.config import ConfigError
 from utils.errors import PartialFailure
@@ -25,9 +26,10 @@ from utils.log import log, warn
 from utils.names import output_names
 
 from .checkpoint import load_trained
-from .config import Config, config_yaml
+from .config import Config, config_yaml, resume_command
 from .decision import Calibration, CalibrationError
 from .evaluate import MetricsError, compute_metrics, image_reader, metric_line, no_metrics, predict_samples
+from .model_info import SETTING_FIELDS, class_model, common_settings, described_settings
 from .preflight import check_before_work, check_config
 from .train import TrainingDiverged, pixel_note, train_class
 
@@ -85,14 +87,21 @@ def set_device(cfg: Config, ctx: distributed.Context) -> str:
 
 def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: list[DataSource],
                 model_settings: dict[str, dict]) -> dict[str, dict]:
+    # What each class's results come from, read from its checkpoint: in eval / infer before
+    # the classes run, in training after each class has saved its own.
+    models = {s.name: class_model(cfg, s.name) for s in sources} if cfg.mode != "train" else {}
     if ctx.is_main:
         # The settings actually used (flags over --config over the run's over defaults; in
         # eval and infer the checkpoints' model settings when the classes agree), readable by --config.
         common = [dict(s) for s in model_settings.values()]
         used = dataclasses.replace(cfg, **common[0]) if common and all(c == common[0] for c in common) else cfg
+        shared = common_settings(models)
+        used = dataclasses.replace(used, **{k: shared[f] for k, f in SETTING_FIELDS.items()
+                                           if k in ("epochs", "batch_size") and shared.get(f) is not None})
         atomic_write_text(cfg.paths.config_yaml(cfg.mode), config_yaml(used))
     log(f"mode {cfg.mode}, device {device}, classes: {', '.join(s.name for s in sources)}")
     results, failed = {}, {}
+    unfinished: dict[str, str] = {}  # eval / infer of an interrupted training: {class: "epoch N of M"}
     for source in sources:
         # eval / infer: the model's settings are the checkpoint's (preflight checked the flags)
         class_cfg = dataclasses.replace(cfg, **model_settings.get(source.name, {}))
@@ -100,9 +109,9 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
             if cfg.mode == "train":
                 results[source.name] = dict(train_class(class_cfg, source, ctx))
             elif cfg.mode == "eval":
-                results[source.name] = dict(eval_class(class_cfg, source, ctx))
+                results[source.name] = dict(eval_class(class_cfg, source, ctx, unfinished, models.get(source.name)))
             else:
-                infer_class(class_cfg, source, ctx)
+                infer_class(class_cfg, source, ctx, unfinished)
                 results[source.name] = {}
         except (TrainingDiverged, ClassFailed, CalibrationError, MetricsError) as err:
             message = str(err) if str(err).startswith("[") else f"[{source.name}] {err}"
@@ -110,43 +119,72 @@ def run_classes(cfg: Config, ctx: distributed.Context, device: str, sources: lis
             failed[source.name] = message
             metrics = getattr(err, "metrics", None) or no_metrics()
             results[source.name] = dict(metrics) | {"error": message}
+        if cfg.mode == "train" and ctx.is_main:
+            models[source.name] = class_model(cfg, source.name)
         if cfg.mode != "infer" and ctx.is_main:
-            write_results(cfg, results)  # after every class: nothing finished is lost
+            write_results(cfg, results, models, unfinished)  # after every class: nothing finished is lost
     if cfg.mode != "infer":
         if cfg.report and ctx.is_main:
-            log(f"report: {write_summary_report(cfg.output_dir, results, cfg.to_dict())}")
+            log(f"report: {write_summary_report(cfg.output_dir, results, models, unfinished_line(cfg, unfinished))}")
         log("\n" + results_table(results) + "\n" + TABLE_NOTE)
+    if unfinished:
+        log(f"note: {unfinished_line(cfg, unfinished)}")
     if failed:
         raise PartialFailure(f"{len(failed)} of {len(sources)} classes failed: {', '.join(failed)} "
                              f"(see the error lines above; the others finished)")
     return results
 
 
-def write_results(cfg: Config, results: dict[str, dict]) -> str:
+def unfinished_line(cfg: Config, unfinished: dict[str, str]) -> str:
+    """One line saying which classes' training has not finished and how to continue ('' if none)."""
+    if not unfinished:
+        return ""
+    classes = ", ".join(f"{cls} at {where}" for cls, where in unfinished.items())
+    return (f"UNFINISHED training run ({classes}): these results are of the last saved model, not "
+            f"the finished one; continue with {resume_command(cfg)}")
+
+
+def write_results(cfg: Config, results: dict[str, dict], models: dict[str, dict | None],
+                  unfinished: dict[str, str] | None = None) -> str:
+    """results.md and results.json: the metrics, per class the model they come from, and
+    the classes whose training has not finished (`unfinished`)."""
     selection = ("best test-set epoch (--select_best_on_test: selected ON THE TEST SET)"
                  if cfg.select_best_on_test else "last epoch")
     table = results_table(results)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    md = (f"# RD4AD results ({cfg.arch}, {cfg.image_size}px, {cfg.mode})\n\n"
+    shared = common_settings({c: models.get(c) for c in results})
+    title = ", ".join(p for p in (shared.get("arch"), f"{shared['image_size']}px" if "image_size" in shared else None)
+                      if p)
+    md = (f"# RD4AD results ({title + ', ' if title else ''}{cfg.mode})\n\n"
           f"Command: `{command}`\n\nCheckpoint: {selection}. AUPRO up to FPR 0.3 (per image: the "
           f"reference's and paper's protocol; set: MVTec AD's). Thresholds: the "
           f"{100 * cfg.threshold_quantile:g}% quantile of held-out good images' scores.\n\n{table}\n\n"
-          f"{TABLE_NOTE}\n")
+          f"{TABLE_NOTE}\n\n## Models\n\n{models_table({c: models.get(c) for c in results})}\n")
+    note = unfinished_line(cfg, unfinished or {})
+    md += f"\n**{note}**\n" if note else ""
     atomic_write_text(cfg.paths.file("results.md"), md)
     atomic_write_json(cfg.paths.file("results.json"), {
-        "config": cfg.to_dict(), "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
-        "classes": results, "mean": mean_row(results)})
+        "config": described_settings(cfg, {c: models.get(c) for c in results}),
+        "checkpoint": "best_on_test" if cfg.select_best_on_test else "last",
+        "classes": results, "models": {c: models.get(c) for c in results}, "mean": mean_row(results),
+        # {class: "epoch N of M"} for a training that has not finished; {} when every class has
+        "unfinished": dict(unfinished or {})})
     return table
 
 
-def load_class_model(cfg: Config, cls: str) -> tuple[RD4AD, Calibration | None, dict]:
+def load_class_model(cfg: Config, cls: str, unfinished: dict[str, str]) -> tuple[RD4AD, Calibration | None, dict]:
     """The class's trained model (eval mode), its thresholds (None for a checkpoint that has
-    none) and its good-image score statistics."""
+    none) and its good-image score statistics. A class whose training has not finished
+    (an intermediate checkpoint: no status.json, no thresholds) is recorded in `unfinished`."""
     path = cfg.paths.checkpoint(cls, best=cfg.select_best_on_test)
     override = cfg.teacher_weights if "teacher_weights" in cfg.explicit else None
     net, state = load_trained(path, teacher_weights=override, conv_backend=cfg.conv_backend)
     calibration = Calibration.from_dict(state["calibration"]) if "calibration" in state else None
-    if calibration is None:
+    if calibration is None and not os.path.isfile(cfg.paths.status(cls)):
+        unfinished[cls] = f"epoch {state['epoch']} of {cfg.epochs}"
+        log(f"[{cls}] note: training UNFINISHED: {path} is the model of epoch {state['epoch']} of "
+            f"{cfg.epochs} (no thresholds yet: no verdicts or F1); continue with {resume_command(cfg)}")
+    elif calibration is None:
         log(f"[{cls}] note: {path} has no calibrated thresholds (trained by an older version): "
             f"no verdicts or F1")
     return net, calibration, dict(state.get("score_stats") or {})
@@ -163,28 +201,29 @@ def _checked_test_set(cfg: Config, source: DataSource, ctx: distributed.Context,
     return dataset, failed
 
 
-def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> dict:
+def eval_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfinished: dict[str, str],
+               model: dict | None = None) -> dict:
     dataset, failed = _checked_test_set(cfg, source, ctx)
     for _, reason in failed:
         warn(f"{reason}: skipped (not in the metrics)")
     samples = dataset.samples
     if not samples:
         raise DataError(f"{source.test_dir}: no readable test images")
-    net, calibration, _ = load_class_model(cfg, source.name)
+    net, calibration, _ = load_class_model(cfg, source.name, unfinished)
     pred = predict_samples(net, samples, cfg, f"eval {source.name}", ctx, dataset=dataset)
     metrics = compute_metrics(pred, calibration, names=[s.image_path for s in samples], warn=warn)
     log(f"[{source.name}] {metric_line(metrics)}")
     if cfg.report and ctx.is_main:
         log(f"[{source.name}] report: " + write_class_report(
             cfg.paths.report_dir(source.name), source.name, pred, samples, image_reader(dataset), metrics,
-            calibration, pixel_note(samples, source)))
+            calibration, pixel_note(samples, source), model))
     if failed:  # the metrics stand for the readable images only: say so in the exit status
         raise ClassFailed(f"[{source.name}] {len(failed)} unreadable test image(s) left out of the metrics "
                           f"(first: {failed[0][0].image_path})", metrics)
     return metrics
 
 
-def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> None:
+def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context, unfinished: dict[str, str]) -> None:
     """For every test image: its picture, predicted mask and scores.csv row with the
     verdict (report/per_image.py, the writer infer.py uses too). An image that could not be
     read, or whose score is not finite, gets no verdict: its row says why and the class is
@@ -192,7 +231,13 @@ def infer_class(cfg: Config, source: DataSource, ctx: distributed.Context) -> No
     cls = source.name
     dataset, failed = _checked_test_set(cfg, source, ctx)
     samples = dataset.samples
-    net, calibration, stats = load_class_model(cfg, cls)
+    net, calibration, stats = load_class_model(cfg, cls, unfinished)
+    if not math.isnan(cfg.threshold):  # --threshold: both thresholds replaced, as infer.py does
+        if calibration is None:
+            raise CalibrationError(f"--threshold needs calibrated thresholds; {cfg.paths.checkpoint(cls)} has none "
+                                   f"(trained by an older version): retrain the class")
+        calibration = calibration.with_threshold(cfg.threshold)
+        log(f"[{cls}] --threshold {cfg.threshold:g}: verdicts and masks at this raw score, not the calibrated one")
     pred = predict_samples(net, samples, cfg, f"infer {cls}", ctx, dataset=dataset) if samples else None
     if not ctx.is_main:
         return

@@ -29,6 +29,7 @@ from .config import Config
 from .decision import calibrate
 from .evaluate import (compute_metrics, good_score_statistics, image_reader, make_loader, metric_line,
                        no_metrics, predict_samples)
+from .model_info import trained_model, training_record
 from .feature_cache import EpochBatchSampler, TeacherFeatureCache
 from .optim import build_optimizer
 from .preflight import check_batch_size
@@ -225,7 +226,7 @@ class TrainingRun:
         cfg, cls, ctx, net = self.cfg, self.cls, self.ctx, self.net
         if ctx.is_main:
             save_checkpoint(cfg.paths.checkpoint(cls), net, arch=cfg.arch, image_size=cfg.image_size,
-                            epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights)
+                            epoch=epoch, cls=cls, teacher_weights=cfg.teacher_weights, extra=training_record(cfg))
         if not data.test:
             return best
         distributed.sync_buffers(ctx, net.student_branch())
@@ -319,7 +320,7 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
     if ctx.is_main:
         save_checkpoint(cfg.paths.checkpoint(cls), net, arch=cfg.arch, image_size=cfg.image_size,
                         epoch=cfg.epochs, cls=cls, teacher_weights=cfg.teacher_weights,
-                        extra={"score_stats": stats, "calibration": calibration.to_dict()})
+                        extra={"score_stats": stats, "calibration": calibration.to_dict(), **training_record(cfg)})
     log(f"[{cls}] thresholds from {calibration.count} {calibration.source} image(s) at the "
         f"{100 * calibration.quantile:g}% quantile: image {calibration.image_threshold:.5f}, "
         f"pixel {calibration.pixel_threshold:.5f}")
@@ -330,7 +331,8 @@ def finish_class(cfg: Config, source: DataSource, ctx: distributed.Context, net:
         log(f"[{cls}] final (epoch {cfg.epochs}): {metric_line(metrics)}")
         if cfg.report and ctx.is_main:
             report = write_class_report(cfg.paths.report_dir(cls), cls, pred, data.test,
-                                        image_reader(data.test_set), metrics, calibration, data.pixel_note)
+                                        image_reader(data.test_set), metrics, calibration, data.pixel_note,
+                                        trained_model(cfg, cfg.epochs))
             log(f"[{cls}] report: {report}")
         del pred
     else:
@@ -366,7 +368,7 @@ def _keep_best(cfg: Config, cls: str, net: RD4AD, epoch: int, metrics: dict, bes
     if score > best["score"]:
         save_checkpoint(cfg.paths.checkpoint(cls, best=True), net, arch=cfg.arch,
                         image_size=cfg.image_size, epoch=epoch, cls=cls,
-                        teacher_weights=cfg.teacher_weights)
+                        teacher_weights=cfg.teacher_weights, extra=training_record(cfg))
         return {"score": float(score), "epoch": epoch, "metrics": metrics}
     return best
 

@@ -61,7 +61,8 @@ from utils.errors import UserError
 from utils.log import warn
 from utils.runtime import eager_threads
 
-CONV_BACKENDS = ("auto", "onednn", "paddle")
+from .choices import CONV_BACKENDS  # plain names, read by the settings
+
 LIBRARY_NAME = "libdnnl.so.3"
 # oneDNN versions tests/test_onednn.py passed with (Paddle 3.3.1's wheel: 3.6.2). Add one
 # only after those tests pass with it; `auto` refuses the others.

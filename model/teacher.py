@@ -11,6 +11,7 @@ import paddle.nn as nn
 from paddle.vision.models import resnet as paddle_resnet
 
 from utils.errors import UserError, shorten
+from utils.numbers import finite_in_float32
 from utils.safe_pickle import load_plain_pickle
 
 from .arch import get_arch
@@ -136,14 +137,14 @@ def load_teacher_weights(teacher: Teacher, weights: str) -> None:
         if shape != list(target.shape):
             raise TeacherWeightsError(
                 f"{path}: {key} has shape {shape}, {teacher.arch} needs {list(target.shape)}")
-        if not np.isfinite(value).all():
-            raise TeacherWeightsError(f"{path}: {key} is not finite (NaN or inf)")
+        if not finite_in_float32(value):  # as the model holds it: float64 1e300 is inf there
+            raise TeacherWeightsError(f"{path}: {key} is not finite in float32 (NaN or inf)")
     teacher.set_state_dict({k: state[k].astype(np.float32, copy=False) for k in own})
 
 
 def read_teacher_weights(path: str) -> dict:
     """A weights file as a dict of arrays, read without running code (utils/safe_pickle)."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):  # anything else there: load_plain_pickle says what it is
         raise TeacherWeightsError(f"{path}: teacher weights file not found")
     try:
         state = load_plain_pickle(path, "teacher weights file")

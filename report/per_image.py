@@ -26,7 +26,10 @@ from utils.names import is_within
 
 from .pictures import binary_mask_image, side_by_side
 
-CSV_FIELDS = ("image", "defect", "label", "output", "score", "normalized_score", "verdict", "z_score", "error")
+# No z-score column: it was empty whenever thresholds came from fewer than two good images
+# (the bundled sample's one), and the normalised score already places a score among the
+# good images' (0.5 = the threshold).
+CSV_FIELDS = ("image", "defect", "label", "output", "score", "normalized_score", "verdict", "error")
 MAX_PREVIOUS_CSV_BYTES = 64 << 20
 
 
@@ -59,14 +62,31 @@ def colour_range(calibration: Calibration | None, score_stats: dict, maps: np.nd
 
 
 def caption(item: ImageItem, score: float, calibration: Calibration | None) -> str:
-    """folder/name, raw score, normalised score, verdict: one line, printable characters only."""
+    """Two lines, printable characters only: folder/name; then the raw score against the
+    image threshold it was compared with, the verdict, and the same in normalised units
+    (where the threshold is 0.5), e.g. "score 0.2994 > threshold 0.2500: DEFECT
+    (normalised 0.56 > 0.50)"."""
     name = "".join(c if c.isprintable() else "?" for c in item.short_name)
-    text = f"{name}  score {score:.4f}"
-    if calibration is not None:
-        text += f"  normalised {float(calibration.normalize_scores(score)):.2f}  {calibration.verdict(score)}"
-    return text
+    score = float(score)
+    if calibration is None:
+        return f"{name}\nscore {score:.4f} (no threshold: no verdict)"
+    threshold = calibration.image_threshold
+    verdict = calibration.verdict(score)
+    relation = ">" if verdict == "DEFECT" else "<="
+    shown_score, shown_threshold = _distinct(score, threshold)
+    shown_normalised, half = _distinct(float(calibration.normalize_scores(score)), 0.5, 2)
+    return (f"{name}\nscore {shown_score} {relation} threshold {shown_threshold}: {verdict} "
+            f"(normalised {shown_normalised} {relation} {half})")
 
 
+def _distinct(a: float, b: float, digits: int = 4) -> tuple[str, str]:
+    """a and b with `digits` decimals, more where that would print two different numbers
+    alike (a score just above its threshold must not read "0.2994 > threshold 0.2994")."""
+    for digits in range(digits, 10):
+        x, y = f"{a:.{digits}f}", f"{b:.{digits}f}"
+        if x != y or a == b:
+            return x, y
+    return f"{a!r}", f"{b!r}"
 @dataclass
 class ScoredImage:
     """One image's scores.csv row, and its predicted mask and picture (PIL images) when
@@ -78,13 +98,13 @@ class ScoredImage:
 
 def empty_row(item: ImageItem) -> dict:
     return {"image": item.path, "defect": item.defect, "label": "" if item.label is None else item.label,
-            "output": "", "score": "", "normalized_score": "", "verdict": "", "z_score": "", "error": ""}
+            "output": "", "score": "", "normalized_score": "", "verdict": "", "error": ""}
 
 
 def score_image(item: ImageItem, rgb: np.ndarray, amap: np.ndarray, score: float, calibration: Calibration | None,
-                score_stats: dict, colour: tuple[float, float], truth: np.ndarray | None = None,
+                colour: tuple[float, float], truth: np.ndarray | None = None,
                 picture: bool = True) -> ScoredImage:
-    """What one scored image becomes, in memory: the row (score, z-score, normalised score
+    """What one scored image becomes, in memory: the row (score, normalised score
     and verdict at the calibrated threshold), the predicted mask and the picture. Used by
     ImageWriter (files) and the service (JSON), so both decide alike."""
     score = float(score)
@@ -95,8 +115,6 @@ def score_image(item: ImageItem, rgb: np.ndarray, amap: np.ndarray, score: float
                         f"inf): no verdict")
         return ScoredImage(row)
     row["score"] = f"{score:.6f}"
-    if score_stats.get("std") and "mean" in score_stats:
-        row["z_score"] = f"{(score - score_stats['mean']) / score_stats['std']:.3f}"
     predicted = mask_image = None
     if calibration is not None:
         row["normalized_score"] = f"{float(calibration.normalize_scores(score)):.4f}"
@@ -138,7 +156,7 @@ class ImageWriter:
     def add(self, item: ImageItem, rgb: np.ndarray, amap: np.ndarray, score: float,
             vmin: float, vmax: float, mask: np.ndarray | None = None) -> dict:
         """Write one scored image's mask and picture; return (and keep) its row."""
-        scored = score_image(item, rgb, amap, score, self.calibration, self.score_stats, (vmin, vmax), mask,
+        scored = score_image(item, rgb, amap, score, self.calibration, (vmin, vmax), mask,
                              picture=self.pictures)
         row = scored.row
         if scored.mask is not None:

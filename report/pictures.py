@@ -7,6 +7,7 @@ this runs once per image, for hundreds of images."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -15,20 +16,42 @@ from PIL import Image, ImageDraw, ImageFont
 
 _JET = colormaps["jet"]
 
-# Layout, in pixels. Panels are the map's size (H x W); strips and gaps are fixed so
-# that pictures of the same size stack into aligned columns.
-_FONT = ImageFont.load_default()  # Pillow's own font: always present, no font files needed
-_TEXT_H = _FONT.getbbox("Ag0")[3]  # bottom of the tallest glyphs, from the draw origin
-_TITLE_H = _TEXT_H + 4   # title strip above the panels
-_CAPTION_H = 18          # caption strip below the panels
-_GAP = 2                 # white gap between panels, so a black mask does not merge with its neighbour
-_BAR_W = 10              # the colour bar itself
-_LABEL_PAD = 4           # bar -> its labels
-# Room for the widest short number f"{v:.3g}" can give ("-1.23e-05"); longer ones are
-# reformatted with fewer digits (see _number) rather than widening the picture.
-_LABEL_W = int(math.ceil(ImageDraw.Draw(Image.new("L", (1, 1))).textlength("-8.88e-88", font=_FONT))) + 2
-_BAR_COLUMN_W = _GAP + _BAR_W + _LABEL_PAD + _LABEL_W
+# Layout, in pixels. Panels are the map's size (H x W); strips and gaps are fixed for a
+# picture width, so that pictures of the same size stack into aligned columns.
+# Text must be readable where the picture is shown: at its own size in an image viewer,
+# and at most DISPLAY_WIDTH px wide in the HTML report (report/html.py's page width). A
+# picture wider than that is shown scaled down, so its text is drawn larger by as much.
+DISPLAY_WIDTH = 1200
+FONT_PX = 16   # Pillow's own font (always present, no font files): 11 px capitals, 14 px with descenders
+_GAP = 2       # white gap between panels, so a black mask does not merge with its neighbour
+_BAR_W = 10    # the colour bar itself
+_LABEL_PAD = 4  # bar -> its labels
+CAPTION_LINES = 2  # name; score against threshold and verdict
 
+
+@dataclass(frozen=True)
+class _Style:
+    """The font and the text strips' sizes of pictures drawn at one font size."""
+    font: ImageFont.FreeTypeFont
+    text_h: int       # bottom of the tallest glyphs, from the draw origin
+    title_h: int      # title strip above the panels
+    caption_h: int    # caption strip below the panels
+    label_w: int      # room for the widest short number f"{v:.3g}" ("-1.23e-05"); longer ones
+                      # are reformatted with fewer digits (see _number) rather than widening the picture
+    bar_column_w: int
+
+
+@lru_cache(maxsize=16)
+def _style(font_px: int) -> _Style:
+    font = ImageFont.load_default(size=font_px)
+    text_h = font.getbbox("Ag0")[3]
+    label_w = int(math.ceil(ImageDraw.Draw(Image.new("L", (1, 1))).textlength("-8.88e-88", font=font))) + 2
+    return _Style(font, text_h, text_h + 4, CAPTION_LINES * (text_h + 2) + 4, label_w,
+                  _GAP + _BAR_W + _LABEL_PAD + label_w)
+
+
+_BASE = _style(FONT_PX)
+_TITLE_H = _BASE.title_h  # the title strip of every picture up to DISPLAY_WIDTH wide
 _WHITE, _BLACK, _GREY, _TEXT_GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128), (150, 150, 150)
 _TRUTHS = ("mask", "good", "none")
 
@@ -75,48 +98,67 @@ def _bar(height: int) -> Image.Image:
     return Image.fromarray(np.repeat(colours[:, None, :], _BAR_W, axis=1))
 
 
-def _fit(draw: ImageDraw.ImageDraw, texts: list[str], width: float) -> str:
+def _fit(draw: ImageDraw.ImageDraw, texts: list[str], width: float, font: ImageFont.FreeTypeFont) -> str:
     """The first of `texts` that fits in `width`; else the last one, cut with '..'.
     Lets a 64 px panel say "predicted" where a wide one says "predicted mask"."""
     for text in texts:
-        if draw.textlength(text, font=_FONT) <= width:
+        if draw.textlength(text, font=font) <= width:
             return text
     text = texts[-1]
-    while text and draw.textlength(text + "..", font=_FONT) > width:
+    while text and draw.textlength(text + "..", font=font) > width:
         text = text[:-1]
     return text + ".." if text else ""
 
 
-def _number(draw: ImageDraw.ImageDraw, value: float) -> str:
+def _number(draw: ImageDraw.ImageDraw, value: float, style: _Style) -> str:
     # Fewer digits rather than a cut-off number, which would read as a different value.
-    return _fit(draw, [f"{value:.3g}", f"{value:.2g}", f"{value:.1g}"], _LABEL_W)
+    return _fit(draw, [f"{value:.3g}", f"{value:.2g}", f"{value:.1g}"], style.label_w, style.font)
 
 
 def _centred_lines(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
-                   layouts: list[list[str]], fill) -> None:
+                   layouts: list[list[str]], fill, style: _Style) -> None:
     """Write the first layout (list of lines) whose lines all fit, centred in box."""
     x0, y0, w, h = box
-    lines = next((ls for ls in layouts if all(draw.textlength(s, font=_FONT) <= w - 4 for s in ls)),
+    font = style.font
+    lines = next((ls for ls in layouts if all(draw.textlength(s, font=font) <= w - 4 for s in ls)),
                  layouts[-1])
-    lines = [_fit(draw, [s], w - 4) for s in lines]
-    y = y0 + (h - len(lines) * (_TEXT_H + 2)) // 2
+    lines = [_fit(draw, [s], w - 4, font) for s in lines]
+    y = y0 + (h - len(lines) * (style.text_h + 2)) // 2
     for line in lines:
-        x = x0 + (w - draw.textlength(line, font=_FONT)) / 2
-        draw.text((x, y), line, fill=fill, font=_FONT)
-        y += _TEXT_H + 2
+        x = x0 + (w - draw.textlength(line, font=font)) / 2
+        draw.text((x, y), line, fill=fill, font=font)
+        y += style.text_h + 2
+
+
+def _place(h: int, w: int, predicted: bool, style: _Style) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+    x_map = 2 * (w + _GAP)
+    x_pred = x_map + w + style.bar_column_w + _GAP
+    top = style.title_h
+    corners = {"image": (0, top), "ground truth": (w + _GAP, top), "anomaly map": (x_map, top),
+               "colour bar": (x_map + w + _GAP, top)}
+    if predicted:
+        corners["predicted mask"] = (x_pred, top)
+    width = x_pred + w if predicted else x_pred - _GAP
+    return corners, (width, top + h + style.caption_h)
+
+
+def picture_style(h: int, w: int, predicted: bool) -> _Style:
+    """The font of a picture of [h, w] maps: FONT_PX, scaled up by as much as the report
+    scales the picture down (wider than DISPLAY_WIDTH), so its text is shown at FONT_PX."""
+    font_px = FONT_PX
+    for _ in range(3):  # a larger font widens the colour bar's labels, hence the picture
+        width = _place(h, w, predicted, _style(font_px))[1][0]
+        needed = math.ceil(FONT_PX * max(width, DISPLAY_WIDTH) / DISPLAY_WIDTH)
+        if needed <= font_px:
+            break
+        font_px = needed
+    return _style(font_px)
 
 
 def layout(h: int, w: int, predicted: bool) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
     """Where side_by_side puts things for [h, w] maps: the top-left corner of each panel
     (image, ground truth, anomaly map, colour bar, predicted mask) and the picture's size."""
-    x_map = 2 * (w + _GAP)
-    x_pred = x_map + w + _BAR_COLUMN_W + _GAP
-    corners = {"image": (0, _TITLE_H), "ground truth": (w + _GAP, _TITLE_H), "anomaly map": (x_map, _TITLE_H),
-               "colour bar": (x_map + w + _GAP, _TITLE_H)}
-    if predicted:
-        corners["predicted mask"] = (x_pred, _TITLE_H)
-    width = x_pred + w if predicted else x_pred - _GAP
-    return corners, (width, _TITLE_H + h + _CAPTION_H)
+    return _place(h, w, predicted, picture_style(h, w, predicted))
 
 
 def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, vmin: float,
@@ -142,7 +184,9 @@ def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, v
     h, w = amap.shape
     lo, hi = _scale_range(amap, vmin, vmax)
 
-    corners, (width, height) = layout(h, w, predicted is not None)
+    style = picture_style(h, w, predicted is not None)
+    font, text_h = style.font, style.text_h
+    corners, (width, height) = _place(h, w, predicted is not None, style)
     (x_image, top), (x_truth, _), (x_map, _), (x_bar, _) = [corners[k] for k in (
         "image", "ground truth", "anomaly map", "colour bar")]
     x_pred = corners.get("predicted mask", (0, 0))[0]
@@ -156,10 +200,10 @@ def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, v
         draw.rectangle((x_truth, top, x_truth + w - 1, top + h - 1),
                        fill=_BLACK if truth == "good" else _GREY)
         if truth == "good":
-            _centred_lines(draw, (x_truth, top, w, h), [["good: no defect"], ["good:", "no defect"]],
-                           _TEXT_GREY)
+            _centred_lines(draw, (x_truth, top, w, h), [["good: no defect"], ["good:", "no defect"], ["good"]],
+                           _TEXT_GREY, style)
         else:
-            _centred_lines(draw, (x_truth, top, w, h), [["no mask"], ["no", "mask"]], _BLACK)
+            _centred_lines(draw, (x_truth, top, w, h), [["no mask"], ["no", "mask"]], _BLACK, style)
     canvas.paste(Image.fromarray(heatmap_overlay(image, amap, lo, hi)), (x_map, top))
     if predicted is not None:
         canvas.paste(Image.fromarray(_mask_panel(predicted)), (x_pred, top))
@@ -170,24 +214,29 @@ def side_by_side(image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray, v
     if predicted is not None:
         titles.append((x_pred, ["predicted mask", "predicted", "pred"]))
     for x, names in titles:
-        title = _fit(draw, names, w - 2)
-        draw.text((x + (w - draw.textlength(title, font=_FONT)) / 2, 1), title, fill=_BLACK, font=_FONT)
+        title = _fit(draw, names, w - 2, font)
+        draw.text((x + (w - draw.textlength(title, font=font)) / 2, 1), title, fill=_BLACK, font=font)
 
     # Colour bar: vmax at the top, vmin at the bottom, optional threshold tick.
     canvas.paste(_bar(h), (x_bar, top))
     x_label = x_bar + _BAR_W + _LABEL_PAD
-    draw.text((x_label, top), _number(draw, hi), fill=_BLACK, font=_FONT)
-    draw.text((x_label, top + h - _TEXT_H), _number(draw, lo), fill=_BLACK, font=_FONT)
+    draw.text((x_label, top), _number(draw, hi, style), fill=_BLACK, font=font)
+    draw.text((x_label, top + h - text_h), _number(draw, lo, style), fill=_BLACK, font=font)
     if threshold is not None and math.isfinite(float(threshold)):
         # Out-of-range thresholds sit at the bar's end: nothing (or everything) is flagged.
         at = min(max((float(threshold) - lo) / (hi - lo), 0.0), 1.0)
         y = top + int(round((1.0 - at) * (h - 1)))
         draw.line((x_bar - _GAP, y, x_bar + _BAR_W + _LABEL_PAD - 2, y), fill=_BLACK, width=1)
         # Label next to its tick, but kept clear of the vmax/vmin labels at the ends.
-        y_text = min(max(y - _TEXT_H // 2, top + _TEXT_H), top + h - 2 * _TEXT_H)
-        draw.text((x_label, y_text), "thr", fill=_BLACK, font=_FONT)
+        y_text = min(max(y - text_h // 2, top + text_h), top + h - 2 * text_h)
+        draw.text((x_label, y_text), "thr", fill=_BLACK, font=font)
 
-    draw.text((4, top + h + 3), _fit(draw, [caption], width - 8), fill=_BLACK, font=_FONT)
+    # The caption: up to CAPTION_LINES lines (split at newlines); a line too long for a
+    # narrow picture first loses its closing "(...)" aside, then is cut.
+    for k, line in enumerate(caption.split("\n")[:CAPTION_LINES]):
+        shorter = line[:line.rindex(" (")] if line.endswith(")") and " (" in line else line
+        draw.text((4, top + h + 3 + k * (text_h + 2)), _fit(draw, [line, shorter], width - 8, font),
+                  fill=_BLACK, font=font)
     return canvas
 
 

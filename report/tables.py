@@ -39,3 +39,40 @@ def results_table(results: dict[str, dict[str, float | None]]) -> str:
     m = mean_row(results)
     rows.append(("**mean**",) + tuple(percent(m[n]) for n in TABLE_NAMES))
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+MODEL_HEADERS = ("Class", "Model", "Backbone", "Image size", "Epochs (trained of planned)", "Batch", "Teacher",
+                 "Checkpoint")
+
+
+def _known(value: object) -> str:
+    return "?" if value is None else str(value)
+
+
+def teacher_name(weights: object) -> str:
+    """How a report names the teacher: 'none' is a random one, said so."""
+    return "random (none)" if str(weights).lower() == "none" else _known(weights)
+
+
+def model_cells(model: dict) -> tuple[str, ...]:
+    """One class's description (engine/model_info.py) as table cells, MODEL_HEADERS[1:]."""
+    return (_known(model.get("model")), _known(model.get("arch")), f"{_known(model.get('image_size'))} px",
+            f"{_known(model.get('epochs_trained'))} of {_known(model.get('epochs_planned'))}",
+            _known(model.get("batch_size")), teacher_name(model.get("teacher_weights")),
+            _known(model.get("checkpoint")))
+
+
+def model_line(model: dict) -> str:
+    """One sentence: what a class's results were computed with."""
+    name, arch, size, epochs, batch, teacher, checkpoint = model_cells(model)
+    return (f"Model: {name}, backbone {arch}, {size}, trained {epochs} epochs, batch {batch}, "
+            f"teacher {teacher}; checkpoint: {checkpoint}.")
+
+
+def models_table(models: dict[str, dict | None]) -> str:
+    """Markdown table: per class, the model its results come from ('no checkpoint' where
+    there is none, e.g. the class failed before saving one)."""
+    rows = [MODEL_HEADERS, ("---",) * len(MODEL_HEADERS)]
+    for cls, model in models.items():
+        rows.append((cls,) + (model_cells(model) if model else ("no checkpoint",) + ("",) * (len(MODEL_HEADERS) - 2)))
+    return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)

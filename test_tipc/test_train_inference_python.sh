@@ -16,6 +16,14 @@ case "$MODE" in
     *) echo "unknown mode: $MODE"; exit 2 ;;
 esac
 
+# A fresh clone has not run prepare.sh: prepare the mode now (its data link and settings).
+prepared=$(head -n 1 "$(dirname "$0")/data/rd4ad.yaml" 2>/dev/null)
+if [[ "$prepared" != "# written by test_tipc/prepare.sh for $MODE" ]]; then
+    echo "$MODE is not prepared: bash test_tipc/prepare.sh $FILENAME $MODE"
+    bash "$(dirname "$0")/prepare.sh" "$FILENAME" "$MODE" \
+        || { echo "error: bash test_tipc/prepare.sh $FILENAME $MODE failed (see above): nothing run"; exit 1; }
+fi
+
 IFS=$'\n' read -d '' -ra lines < <(head -n 51 "$FILENAME")
 key() { func_parser_key "${lines[$1]}"; }
 value() { func_parser_value "${lines[$1]}"; }
@@ -97,9 +105,9 @@ $(func_set_params "$infer_batch_key" "$batch") $(func_set_params "$precision_key
 }
 
 if [[ "$MODE" == "whole_infer" ]]; then
-    # a model this run did not train: the one the config names (train_model), exported fresh
+    # a model this run did not train: the one the config names (infer_model), exported fresh
     if [[ ! -d "$infer_model" ]]; then
-        status_check 1 "whole_infer: $infer_model (train_model) is not a training run" "$status_log" "$model_name"
+        status_check 1 "whole_infer: $infer_model (infer_model, line 37) is not a training run" "$status_log" "$model_name"
         exit 1
     fi
     rm -rf "$save_infer_dir"

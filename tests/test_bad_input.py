@@ -135,15 +135,15 @@ def test_unreadable_training_file_is_skipped(tmp_path, capsys, monkeypatch):
     shutil.copy(os.path.join(SAMPLE, "train", "good", "000.png"), locked)
     locked.chmod(0)
     if os.geteuid() == 0:  # root reads it anyway: deny it the way the OS would
-        import dataset
-        real_open = dataset.Image.open
+        import utils.images
+        real_open = utils.images.open_regular  # every image file is opened by it
 
         def denying_open(path, *args, **kwargs):
             if str(path) == str(locked):
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(dataset.Image, "open", denying_open)
+        monkeypatch.setattr(utils.images, "open_regular", denying_open)
     code, text, _ = run(capsys, "--data_dir", str(data), "--output_dir", str(tmp_path / "out"))
     assert code == 0 and f"warning: {locked}: cannot read image (permission denied)" in text
 

@@ -56,8 +56,11 @@ def test_a_damaged_run_config_names_the_file(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse_config(["--mode", "eval", "--output_dir", str(out)])
     assert str(out / "config.yaml") in str(err.value) and "fix or delete it" in str(err.value)
-    # every data setting given: the file is not needed, so not read
-    parse_config(["--mode", "eval", "--output_dir", str(out), "--data_dir", "d", "--cls", "c"])
+    # eval and --resume read every other setting from it: data settings given, still refused
+    for flags in (["--mode", "eval", "--data_dir", "d", "--cls", "c"], ["--resume"]):
+        with pytest.raises(ConfigError, match=message):
+            parse_config([*flags, "--output_dir", str(out)])
+    parse_config(["--output_dir", str(out)])  # a new training run does not read it
 
 
 def test_an_empty_teacher_is_refused():

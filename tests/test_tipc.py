@@ -31,7 +31,7 @@ STANDARD_LAYOUT = {
     27: ("save_infer_dir", "--save_dir"), 28: ("export_weight", "--output_dir"), 29: ("norm_export", "norm_export"),
     30: ("quant_export", "quant_export"), 31: ("fpgm_export", "fpgm_export"), 32: ("distill_export", "distill_export"),
     33: ("export1", "export1"), 34: ("export2", "export2"), 35: ("inference_dir", "inference_dir"),
-    36: ("infer_model", "train_model"), 37: ("infer_export", "infer_export"), 38: ("infer_quant", "infer_quant"),
+    36: ("infer_model", "infer_model"), 37: ("infer_export", "infer_export"), 38: ("infer_quant", "infer_quant"),
     39: ("inference", "inference"), 40: ("--use_gpu", "--use_gpu"), 41: ("--enable_mkldnn", "--enable_mkldnn"),
     42: ("--cpu_threads", "--cpu_threads"), 43: ("--batch_size", "--batch_size"),
     44: ("--use_tensorrt", "--use_tensorrt"), 45: ("--precision", "--precision"), 46: ("--model_dir", "--model_dir"),
@@ -61,10 +61,11 @@ def test_config_values_name_our_commands_and_settings():
     assert value[40] == "False" and set(value[41].split("|")) == {"True", "False"} and value[49] == "True"
 
 
-def run(mode, out_dir, config=CONFIG):
+def run(mode, out_dir, config=CONFIG, prepare=True):
     env = child_environment(TIPC_OUTPUT=str(out_dir))
-    prepared = subprocess.run(["bash", PREPARE, config, mode], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    if prepare:
+        prepared = subprocess.run(["bash", PREPARE, config, mode], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert prepared.returncode == 0, prepared.stdout + prepared.stderr
     return subprocess.run(["bash", SCRIPT, config, mode], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 
@@ -75,8 +76,27 @@ def verdicts(out_dir):
 
 @pytest.fixture(scope="module")
 def lite_run(tmp_path_factory):
+    """The earlier reproduction's command as a fresh clone runs it: without prepare.sh first."""
     out_dir = tmp_path_factory.mktemp("tipc_lite")
-    return run("lite_train_lite_infer", out_dir), out_dir
+    settings = os.path.join(ROOT, "test_tipc", "data", "rd4ad.yaml")
+    if os.path.exists(settings):
+        os.remove(settings)
+    return run("lite_train_lite_infer", out_dir, prepare=False), out_dir
+
+
+def test_an_unprepared_mode_is_prepared_first(lite_run):
+    proc, _ = lite_run
+    assert proc.stdout.startswith("lite_train_lite_infer is not prepared: bash test_tipc/prepare.sh"), proc.stdout[:500]
+    assert "cannot read config file" not in proc.stdout + proc.stderr
+
+
+def test_a_mode_that_cannot_be_prepared_names_prepare_and_runs_nothing(tmp_path):
+    env = child_environment(TIPC_OUTPUT=str(tmp_path), TIPC_MVTEC=str(tmp_path / "no_mvtec"))
+    proc = subprocess.run(["bash", SCRIPT, CONFIG, "whole_train_whole_infer"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "download MVTec AD" in proc.stdout and "prepare.sh" in proc.stdout.splitlines()[-1]
+    assert not (tmp_path / "results_python.log").exists()
 
 
 def test_lite_train_lite_infer_passes_and_logs_where_tipc_looks(lite_run):
@@ -106,11 +126,11 @@ def test_a_failed_training_is_reported_and_nothing_after_it_runs(tmp_path):
 
 
 def whole_infer_config(tmp_path, trained):
-    """Our config with train_model (line 37) naming `trained` and the export folder (line 28)
+    """Our config with infer_model (line 37) naming `trained` and the export folder (line 28)
     in tmp_path, as a user points whole_infer at a model of theirs."""
     lines = open(os.path.join(ROOT, CONFIG)).read().split("\n")
-    assert lines[27].startswith("--save_dir:") and lines[36].startswith("train_model:")
-    lines[27], lines[36] = f"--save_dir:{tmp_path / 'inference'}", f"train_model:{trained}"
+    assert lines[27].startswith("--save_dir:") and lines[36].startswith("infer_model:")
+    lines[27], lines[36] = f"--save_dir:{tmp_path / 'inference'}", f"infer_model:{trained}"
     config = tmp_path / "whole_infer.txt"
     config.write_text("\n".join(lines))
     return str(config)

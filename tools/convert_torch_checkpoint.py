@@ -33,6 +33,7 @@ from model.onednn import use_conv_backend  # noqa: E402
 from model.rdpp import RDPP  # noqa: E402
 from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.files import NotARegularFile, check_regular  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 from utils.names import check_class_name  # noqa: E402
 
@@ -47,6 +48,10 @@ def torch_state_to_numpy(path: str) -> dict:
         import torch
     except ImportError:
         raise ConvertError("reading .pth files needs PyTorch: pip install torch") from None
+    try:
+        check_regular(path)  # torch.load would block on a FIFO
+    except (NotARegularFile, OSError) as err:
+        raise ConvertError(f"{path}: cannot read ({getattr(err, 'reason', None) or err.strerror})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -28,7 +28,7 @@ BETWEEN = ("predictor", "build", "sleep")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("between", choices=BETWEEN, help="predictor: build and run one; build: only build it; "
                                                     "sleep: the control")
     p.add_argument("--arch", default="resnet50")

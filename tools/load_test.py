@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from utils.cli import OneLineArgumentParser  # noqa: E402
+from utils.images import IMAGE_EXTENSIONS  # noqa: E402
 from utils.runtime import child_environment  # noqa: E402
 
 REQUEST_TIMEOUT_S = 120
@@ -184,7 +185,7 @@ def expected_verdicts(model_dir: str, paths: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     paths = sorted(os.path.join(d, n) for d, _, names in os.walk(a.images) for n in names
-                   if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+                   if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(d, n)))  # no FIFO
     if not paths:
         print(f"error: {a.images}: no images", file=sys.stderr)
         return 2

@@ -13,9 +13,13 @@ import argparse
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.images import open_image  # noqa: E402
 
 DEFECTS = ("scratch", "crack", "missing", "stain")
 
@@ -84,7 +88,7 @@ def paint_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tup
 
 
 def _load(path: str, size: int) -> Image.Image:
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return img.convert("RGB").resize((size, size), Image.BILINEAR)
 
 
@@ -122,7 +126,7 @@ def build(seed_dir: str, out_dir: str, size: int = 320, per_defect: int = 2, see
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--seed_dir", required=True, help="folder holding bottle/ of real MVTec images")
     p.add_argument("--out", default="sample_data")
     p.add_argument("--size", type=int, default=320)

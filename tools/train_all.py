@@ -28,7 +28,7 @@ runtime.start()  # before Paddle loads: a quiet import
 from dataset import resolve_sources  # noqa: E402
 from engine.config import parse_config  # noqa: E402
 from engine.preflight import check_before_work, check_config  # noqa: E402
-from utils.cli import OneLineArgumentParser, run_main  # noqa: E402
+from utils.cli import OneLineArgumentParser, run_main, stop_on_sigterm  # noqa: E402
 from utils.config import ConfigError  # noqa: E402
 from utils.lock import TOKEN_ENV, OutputLock  # noqa: E402
 from utils.runtime import child_environment  # noqa: E402
@@ -48,7 +48,7 @@ def visible_device(device: str, visible: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    stop_on_sigterm()  # a supervisor's SIGTERM cleans up like Ctrl-C (exit 143)
     return run_main(lambda: fan_out(sys.argv[1:] if argv is None else argv),
                     interrupted="interrupted; run again with --resume to continue")
 
@@ -99,10 +99,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _terminate_as_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # a supervisor's SIGTERM cleans up like Ctrl-C
 
 
 def run_classes(cfg, classes: list[str], devices: list[str], main_args: list[str], token: str | None) -> int:

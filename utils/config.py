@@ -12,8 +12,9 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cli import OneLineArgumentParser, parse_bool
+from .cli import OneLineArgumentParser, nan_or_float_flag, number_problem, parse_bool, uint32_flag
 from .errors import UserError, shorten
+from .files import NotARegularFile, open_regular
 
 MAX_CONFIG_BYTES = 1 << 20   # a config of flag values is a few hundred bytes
 MAX_YAML_ALIASES = 20        # bounds what an alias bomb can expand to
@@ -24,23 +25,28 @@ class ConfigError(UserError):
 
 
 def setting(default: Any, help: str, *, choices: Sequence | None = None, group: str | None = None,
-            off_flag: str | None = None, internal: bool = False) -> Any:
+            off_flag: str | None = None, internal: bool = False, unsigned_32: bool = False,
+            nan_means_unset: bool = False) -> Any:
     """A dataclass field that is also a flag. `off_flag` makes a True-by-default bool a
     switch that turns it off (--no_report); a False-by-default bool is a switch that turns
-    it on. `internal`: not a flag, not saved (bookkeeping of the run)."""
+    it on. `internal`: not a flag, not saved (bookkeeping of the run). A whole number is
+    a 32-bit int, `unsigned_32` an unsigned one; any other number a float32 (utils/cli.py),
+    which may be nan when `nan_means_unset`."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": tuple(choices) if choices else None, "group": group,
-        "off_flag": off_flag, "internal": internal})
+        "off_flag": off_flag, "internal": internal, "unsigned_32": unsigned_32,
+        "nan_means_unset": nan_means_unset})
 
 
 def _flag_fields(kind: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(kind) if not f.metadata.get("internal")]
 
 
-def build_parser(kind: type, description: str, *, suppress: bool = False) -> argparse.ArgumentParser:
+def build_parser(kind: type, description: str, *, suppress: bool = False,
+                 epilog: str | None = None) -> argparse.ArgumentParser:
     """The command line of a settings class; every flag's help ends with its default.
     suppress=True: a parser that returns only the flags actually given."""
-    parser = OneLineArgumentParser(description=description, add_help=not suppress,
+    parser = OneLineArgumentParser(description=description, add_help=not suppress, epilog=epilog,
                                    argument_default=argparse.SUPPRESS if suppress else None)
     groups: dict[str | None, Any] = {None: parser}
     for f in _flag_fields(kind):
@@ -57,7 +63,9 @@ def build_parser(kind: type, description: str, *, suppress: bool = False) -> arg
             continue
         choices = f"; one of {', '.join(map(str, meta['choices']))}" if meta["choices"] else ""
         default = "none" if f.default == "" else f.default
-        target.add_argument(f"--{f.name}", type=type(f.default), choices=meta["choices"],
+        kind = (uint32_flag if meta.get("unsigned_32") else nan_or_float_flag if meta.get("nan_means_unset")
+                else type(f.default))
+        target.add_argument(f"--{f.name}", type=kind, choices=meta["choices"],
                             **({} if suppress else {"default": f.default}),
                             help=f"{meta['help']}{choices} (default: {default})", metavar=_metavar(f))
     return parser
@@ -83,8 +91,10 @@ def read_yaml_mapping(path: str, what: str = "config file") -> dict:
     import yaml
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or device: refused, never blocks
             raw = f.read(MAX_CONFIG_BYTES + 1)
+    except NotARegularFile as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.reason})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
     if len(raw) > MAX_CONFIG_BYTES:
@@ -123,6 +133,12 @@ def checked_values(kind: type, values: dict, path: str) -> dict[str, Any]:
             value = float(value)
         if not isinstance(value, kind_of) or (kind_of is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: {str(key)[:80]} must be {kind_of.__name__}, got {shorten(value)}")
+        meta = fields[name].metadata
+        problem = None
+        if kind_of in (int, float) and not (meta.get("nan_means_unset") and value != value):  # nan
+            problem = number_problem(value, unsigned_32=meta.get("unsigned_32", False))
+        if problem:  # as a flag would be refused (utils/cli.py)
+            raise ConfigError(f"{path}: {str(key)[:80]} {shorten(value)} {problem}")
         choices = fields[name].metadata["choices"]
         if choices and value not in choices:
             raise ConfigError(f"{path}: {key} must be one of {', '.join(map(str, choices))}, "

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import sys
 import time
 import uuid
 
 from .errors import OutputError
+from .files import kind_of, open_regular
 
 try:
     import fcntl
@@ -55,6 +57,10 @@ class OutputLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as err:
                 raise OutputError(f"{self.path}: cannot create the lock file ({err.strerror})") from None
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):  # planted (a FIFO would block whoever reads the owner)
+                os.close(fd)
+                raise OutputError(f"{self.path}: the lock file is not a regular file ({kind_of(mode)}); remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -94,8 +100,8 @@ class OutputLock:
 
     def _record(self) -> dict:
         try:
-            with open(self.path, encoding="utf-8") as f:
-                owner = json.loads(f.read(4096))
+            with open_regular(self.path) as f:  # a FIFO planted here: refused, never blocks
+                owner = json.loads(f.read(4096).decode("utf-8"))
         except (OSError, ValueError):
             return {}
         return owner if isinstance(owner, dict) else {}

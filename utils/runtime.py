@@ -7,6 +7,11 @@
   so its eager CPU kernels use one core. Raising it right after the import, before the
   first operator runs, lets them use every core without the warning. A value the user
   set is left alone.
+- Paddle's C++ INFO and WARNING log lines are off (GLOG_minloglevel=2, unless set, or
+  RD4AD_DEBUG=1); its errors still show.
+- Paddle's import also installs C++ signal handlers; SIGTERM's prints a "FatalError"
+  traceback. A Python handler set after the import wins: SIGTERM then ends a command like
+  Ctrl-C (utils/cli.py, exit 143).
 """
 from __future__ import annotations
 
@@ -27,10 +32,17 @@ def start() -> None:
     if _started:
         return
     warnings.filterwarnings("ignore", message="No ccache found")
+    if not os.environ.get("RD4AD_DEBUG"):
+        # Paddle's C++ (glog) warnings, e.g. "While running Node ... raises" when Ctrl-C lands
+        # in a backward pass, would stand between the command and its one line
+        os.environ.setdefault("GLOG_minloglevel", "2")
     import paddle  # noqa: F401  (the import that pins OMP_NUM_THREADS)
 
     if not _USER_THREADS:
         os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    from .cli import stop_on_sigterm
+
+    stop_on_sigterm()
     _started = True
 
 
