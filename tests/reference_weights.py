@@ -43,3 +43,38 @@ def deterministic_state_dicts(arch: str) -> dict[str, dict[str, np.ndarray]]:
 
 def deterministic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0.0, 1.0, (n, 3, size, size)).astype(np.float32)
+
+
+# RD++'s projector (the reference's MultiProjectionLayer): per teacher scale of C channels,
+# four 3x3 convolutions with bias, C -> C/2 -> C/4 -> C/2 -> C, at nn.Sequential indices
+# 0, 3, 6, 9 (InstanceNorm and LeakyReLU between them have no parameters).
+PROJECTOR_CHANNELS = {"resnet18": (64, 128, 256), "wide_resnet50_2": (256, 512, 1024)}
+
+
+def projector_keys(arch: str) -> dict[str, list[int]]:
+    """{name: shape} of the reference's MultiProjectionLayer for `arch`'s teacher widths."""
+    keys: dict[str, list[int]] = {}
+    for branch, c in zip(("proj_a", "proj_b", "proj_c"), PROJECTOR_CHANNELS[arch]):
+        widths = [c, c // 2, c // 4, c // 2, c]
+        for k, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            keys[f"{branch}.proj.{3 * k}.weight"] = [c_out, c_in, 3, 3]
+            keys[f"{branch}.proj.{3 * k}.bias"] = [c_out]
+    return keys
+
+
+def deterministic_projector(arch: str) -> dict[str, np.ndarray]:
+    """The reference projector's state dict ('proj' of an RD++ checkpoint), by formula."""
+    return {name: deterministic_array("proj", name, shape) for name, shape in projector_keys(arch).items()}
+
+
+def deterministic_noisy(images: np.ndarray, seed: int = 1) -> np.ndarray:
+    """`images` with one deterministic additive patch each (normalised units): the
+    pseudo-anomalous copy of RD++'s loss, fixed so both sides see the same input."""
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    n, _, size, _ = images.shape
+    for i in range(n):
+        h, w = rng.integers(size // 8, size // 3, 2)
+        top, left = rng.integers(1, size - h), rng.integers(1, size - w)
+        out[i, :, top:top + h, left:left + w] += rng.normal(0.0, 0.5, (3, h, w)).astype(images.dtype)
+    return out

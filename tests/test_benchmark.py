@@ -126,3 +126,22 @@ def test_a_predictor_run_leaves_the_eager_threads_as_they_were():
     finally:
         runner.close()
     assert math_library_threads() == before
+
+
+def test_rdpp_stage_times_an_rdpp_iteration_and_refuses_a_bad_reference(tmp_path):
+    """--stages rdpp (not run by default): RD++ training rows, and a --reference_rdpp folder
+    that is not the reference's checkout is one line, exit 2, before any work."""
+    pytest.importorskip("opensimplex")
+    out = tmp_path / "bench.json"
+    tool = os.path.join(ROOT, "tools", "benchmark.py")
+    proc = subprocess.run([sys.executable, tool, "--quick", "--stages", "rdpp", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["training"]
+    assert [r["path"].split(",")[0] for r in rows] == ["RD++ train (as_coded)"] * 2
+    assert all(r["images/s"] > 0 and r["batch"] == 4 for r in rows)
+    bad = subprocess.run([sys.executable, tool, "--stages", "rdpp", "--reference_rdpp", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1, bad.stderr[-500:]
+    assert errors[0].startswith(f"error: --reference_rdpp {tmp_path}: no model/resnet.py there")

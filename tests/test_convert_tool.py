@@ -64,3 +64,56 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys):
                       "--out", str(tmp_path / "m.pdparams")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --cls '../x'")
+
+
+def _rdpp_reference(arch="resnet18"):
+    from reference_weights import deterministic_projector
+    w = deterministic_state_dicts(arch)
+    return w, {"proj": deterministic_projector(arch), "bn": w["bn"], "decoder": w["decoder"]}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"extra": {}}, "unknown 'extra'"),              # a part the tool does not convert
+    ({"decoder": None}, "'decoder' missing"),
+])
+def test_unknown_or_missing_parts_are_refused_and_nothing_is_written(tmp_path, bad, message):
+    """Today's RD++ checkpoints hold 'proj': a part left out would write a model that
+    scores differently, so a file with a part the tool does not know is refused."""
+    _, ref = _rdpp_reference()
+    ref = {**ref, **bad}
+    ref = {k: v for k, v in ref.items() if v is not None}
+    out = tmp_path / "m.pdparams"
+    with pytest.raises(tool.ConvertError, match=message):
+        tool.convert("resnet18", None, ref, 64, "x", str(out), None)
+    assert not out.exists()
+
+
+def test_a_weight_the_model_lacks_is_refused(tmp_path):
+    w, ref = _rdpp_reference()
+    ref["proj"] = {**ref["proj"], "proj_d.proj.0.weight": np.zeros((2, 2, 3, 3), np.float32)}
+    with pytest.raises(tool.ConvertError, match="projector.proj_d.proj.0.conv.weight: not a weight"):
+        tool.convert("resnet18", None, ref, 64, "x", str(tmp_path / "m.pdparams"), None)
+    with pytest.raises(tool.ConvertError, match="student.layer9.weight: not a weight"):
+        tool.convert("resnet18", None, {"bn": w["bn"], "decoder": {**w["decoder"], "layer9.weight": np.zeros(2)}},
+                     64, "x", str(tmp_path / "m.pdparams"), None)
+
+
+def test_rdpp_checkpoint_converts_into_rdpp_scoring_as_the_reference(tmp_path):
+    """An RD++ checkpoint becomes an RD++ one (projector included) whose maps and scores,
+    loaded back as every command loads a class, are the reference's evaluation_multi_proj
+    ones (tests/fixtures/parity_rdpp_resnet18.npz). Needs the model registry (model/registry.py,
+    with its "rdpp" line): checkpoints name their model."""
+    pytest.importorskip("model.registry")
+    from engine.checkpoint import load_trained
+    from reference_weights import deterministic_images
+    w, ref = _rdpp_reference()
+    out = str(tmp_path / "bottle" / "model.pdparams")
+    written = tool.convert("resnet18", w["encoder"], ref, 64, "bottle", out, None)
+    state = load_checkpoint(out)
+    assert state["model"] == "rdpp" and "projector" in state["parts"]
+    net, _ = load_trained(out, teacher_weights=written[1], conv_backend="paddle")
+    with paddle.no_grad():
+        maps, scores = net(paddle.to_tensor(deterministic_images(2, 64)))
+    fixture = np.load(os.path.join(ROOT, "tests", "fixtures", "parity_rdpp_resnet18.npz"))
+    np.testing.assert_allclose(maps.numpy(), fixture["eval_anomaly_map"], rtol=0, atol=1e-4 * fixture["eval_anomaly_map"].max())
+    np.testing.assert_allclose(scores.numpy(), fixture["eval_scores"], rtol=1e-4)

@@ -4,6 +4,7 @@
     python tools/benchmark.py --quick               # resnet18, 64 px, a smoke test (CI)
     python tools/benchmark.py --arch resnet18 --image_size 128 --repeats 3 --json out.json
     python tools/benchmark.py --reference ../RD4AD      # beside hq-deng/RD4AD (needs torch)
+    python tools/benchmark.py --stages rdpp --reference_rdpp ../Revisiting-Reverse-Distillation
 
 Measured, each with warm-up and the median of --repeats runs, random weights (timing does
 not depend on them):
@@ -21,6 +22,8 @@ not depend on them):
   training steps take turns with ours, round by round, and its inference is timed before
   and after ours, so that the machine's drifts (up to 1.5x within minutes on a shared
   machine) hit both alike. Each figure is the median of its runs, with their range.
+- --stages rdpp (not in the default stages): an RD++ training iteration, and with
+  --reference_rdpp DIR the reference RD++'s beside it (tools/benchmark_rdpp.py).
 """
 from __future__ import annotations
 
@@ -354,6 +357,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 STAGES = ("training", "evaluation", "inference", "aupro")
+OPTIONAL_STAGES = ("rdpp",)  # run only when named in --stages
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -375,6 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of stages to run")
     p.add_argument("--reference", metavar="DIR", help="a local checkout of hq-deng/RD4AD (PyTorch installed): "
                                                       "time the reference beside ours (default: none)")
+    p.add_argument("--reference_rdpp", metavar="DIR", help="with --stages rdpp: a local checkout of "
+                   "tientrandinh/Revisiting-Reverse-Distillation (torch, geomloss installed) timed beside ours")
     a = p.parse_args(argv)
     if a.quick:
         a.arch, a.image_size, a.batch, a.train_batch = "resnet18", 64, 4, 4
@@ -393,9 +399,9 @@ def check_args(a: argparse.Namespace) -> None:
     if a.image_size < 64 or a.image_size % 32:
         raise UserError(f"--image_size {a.image_size}: must be a multiple of 32, at least 64")
     a.stage_set = {s.strip() for s in a.stages.split(",") if s.strip()}
-    unknown = sorted(a.stage_set - set(STAGES))
+    unknown = sorted(a.stage_set - set(STAGES) - set(OPTIONAL_STAGES))
     if unknown or not a.stage_set:
-        raise UserError(f"--stages {shorten(a.stages)}: choose from {', '.join(STAGES)}")
+        raise UserError(f"--stages {shorten(a.stages)}: choose from {', '.join(STAGES + OPTIONAL_STAGES)}")
     if a.json:
         folder = os.path.dirname(os.path.abspath(a.json))
         if os.path.isdir(a.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -407,6 +413,11 @@ def check_args(a: argparse.Namespace) -> None:
     if a.reference:  # torch there, the checkout's files and functions: before any work
         a.reference_code = Reference(a.reference)
         a.reference_code.torch.set_num_threads(a.threads)  # the same threads as ours
+    a.reference_rdpp_code = None
+    if a.reference_rdpp:
+        from tools.reference_rdpp import ReferenceRDPP
+        a.reference_rdpp_code = ReferenceRDPP(a.reference_rdpp)
+        a.reference_rdpp_code.torch.set_num_threads(a.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,6 +460,10 @@ def benchmark(a: argparse.Namespace) -> int:
         # Eager work first: once a Paddle Inference predictor has run in a process, eager
         # training and inference there run ~1.7x slower on CPU (main.py trains without one).
         training_rows, evaluation_rows, inference_rows, agreement, aupro_row = [], [], [], {}, {}
+        if "rdpp" in stages:
+            from tools.benchmark_rdpp import bench_rdpp_training
+            print("RD++ training", flush=True)
+            training_rows += bench_rdpp_training(a, a.reference_rdpp_code)
         if "training" in stages:
             print("training", flush=True)
             weights = {k: v.numpy().copy() for k, v in net.state_dict().items()}
