@@ -152,7 +152,7 @@ def test_reader_refuses_other_codecs(tmp_path):
 
     path = tmp_path / "codec.pdparams"
     write_pickle(path, {"x": Encodes()}, protocol=2)
-    with pytest.raises(WeightsFileError):
+    with pytest.raises(UnsafeWeightsError, match="refusing to unpickle code"):
         load_plain_pickle(str(path))
 
 

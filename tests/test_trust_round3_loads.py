@@ -343,3 +343,38 @@ def test_the_issues_hash_bomb_is_one_line_from_main(tmp_path, role):
     assert done.returncode == 2, done.stderr[-2000:]
     assert lines[-1].startswith("error: ") and str(target) in lines[-1] and lines[-1].endswith(REFUSED), lines[-3:]
     assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ round four (hostile tester)
+
+def bytes_call(module: str, name: str, *args: str) -> bytes:
+    """module.name(*args) through REDUCE, each argument a BINUNICODE string."""
+    body = b"".join(b"X" + struct.pack("<I", len(a.encode())) + a.encode() for a in args)
+    return PROTO + glob(module, name) + b"(" + body + b"tR" + STOP
+
+
+@pytest.mark.parametrize("codec", ["punycode", "idna", "utf-7", "rot13", "hex", "zlib", "utf-16", "bogus"])
+@pytest.mark.parametrize("call", [("builtins", "bytes"), ("__builtin__", "bytes"), ("_codecs", "encode")])
+def test_bytes_from_text_through_any_codec_but_latin1_is_refused(tmp_path, call, codec):
+    """bytes(str, 'punycode') is quadratic (60 KB of text: 130 s): a codec other than latin1
+    (the one protocol 2 writes) is refused before it runs, whatever the text."""
+    path = tmp_path / "codec.pdparams"
+    path.write_bytes(bytes_call(*call, "".join(chr(0x4E00 + i) for i in range(2000)), codec))
+    with pytest.raises(UnsafeWeightsError, match="refusing to unpickle code"):
+        load_plain_pickle(str(path))
+
+
+@pytest.mark.parametrize("args, expected", [((), b""), (("ab\xff", "latin1"), b"ab\xff"),
+                                            (("ab", "latin-1"), b"ab")])
+def test_bytes_as_protocol_two_writes_them_still_load(tmp_path, args, expected):
+    path = tmp_path / "bytes.pdparams"
+    path.write_bytes(bytes_call("builtins", "bytes", *args))
+    assert load_plain_pickle(str(path)) == expected
+
+
+@pytest.mark.parametrize("args", [("abc",), ("abc", "latin1", "strict"), ("abc", "latin1", "ignore")])
+def test_bytes_with_other_arguments_is_refused(tmp_path, args):
+    path = tmp_path / "bytes.pdparams"
+    path.write_bytes(bytes_call("builtins", "bytes", *args))
+    with pytest.raises(UnsafeWeightsError, match="refusing to unpickle code"):
+        load_plain_pickle(str(path))
