@@ -378,3 +378,28 @@ def test_bytes_with_other_arguments_is_refused(tmp_path, args):
     path.write_bytes(bytes_call("builtins", "bytes", *args))
     with pytest.raises(UnsafeWeightsError, match="refusing to unpickle code"):
         load_plain_pickle(str(path))
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_one_array_shared_under_many_keys_is_refused_as_the_work_it_would_cost(tmp_path, where):
+    """Pickle's memo lets one 256 KB array stand under 2000 keys for 20 KB more file: every
+    check that scans values per key (finiteness in check_checkpoint and the training
+    state's) would cost 2000 x 256 KB. The reader counts each array's bytes once per path,
+    so the file is refused by the loader every command uses, before any scan."""
+    import pickle
+
+    from engine.checkpoint import CheckpointError, load_checkpoint
+
+    shared = np.zeros(1 << 16, np.float32)
+    weights = {f"w{i}": shared for i in range(2000)}
+    state = {"format": "rd4ad-paddle/1", "student": weights} if where == "nested" else weights
+    path = tmp_path / "model.pdparams"
+    path.write_bytes(pickle.dumps(state, protocol=4))
+    assert path.stat().st_size < 2 * shared.nbytes  # the file holds it once
+    with pytest.raises(UnsafeWeightsError, match="refusing to unpickle code"):
+        load_plain_pickle(str(path))
+    with pytest.raises(CheckpointError, match="refusing to unpickle code"):
+        load_checkpoint(str(path))
+    # the same array under a few keys is still within the file's budget
+    path.write_bytes(pickle.dumps({f"w{i}": shared for i in range(4)}, protocol=4))
+    assert len(load_plain_pickle(str(path))) == 4

@@ -17,7 +17,8 @@ are in the file; `numpy.ndarray(...)` itself, which could describe a huge zero-s
 array, is not callable). BUILD sets the state only of an array or dtype the reader has
 just made (dtypes are made as copies), so a file cannot change the reader's own objects
 or numpy's for the rest of the process. The work done (elements and bytes copied, values
-of the result visited, once per path: a "billion laughs" pickle is refused) is counted
+and array bytes of the result visited, once per path: a "billion laughs" pickle, or one
+array shared under many keys, is refused) is counted
 against WORK_PER_BYTE per byte of the file, and nesting is bounded by MAX_DEPTH.
 
 The result is what `paddle.load(path, return_numpy=True)` gives for the same file: Paddle
@@ -385,6 +386,10 @@ def _plain(obj: Any, work: _Work, depth: int = 0) -> Any:
     if isinstance(obj, np.ndarray):
         if not _is_basic_dtype(obj.dtype):
             raise _Refused("array of another dtype")
+        # its bytes, once per path: whoever scans the values (finiteness, the cast to
+        # float32) does so per key, so one array shared under 10**4 keys would cost 10**4
+        # times its size to check while the file holds it once
+        work.spend(obj.nbytes)
         return obj
     if isinstance(obj, np.generic):
         return _python_number(obj)
