@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from utils.errors import UserError, shorten
-from utils.numbers import fits_float32
+from utils.numbers import fits_float32, is_finite_number
 
 MIN_SPREAD_IMAGES = 5
 # An image score is a smoothed sum of three cosine distances, so it lies in [0, 6]. A
@@ -57,8 +57,7 @@ class Calibration:
             elif key == "count":
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             else:
-                ok = (isinstance(value, int | float) and not isinstance(value, bool)
-                      and math.isfinite(value) and abs(value) <= MAX_THRESHOLD
+                ok = (is_finite_number(value) and abs(value) <= MAX_THRESHOLD
                       and fits_float32(value))  # compared with float32 scores: 1e-320 is 0 there
                 value = float(value) if ok else value
             if ok and key == "quantile":

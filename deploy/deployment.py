@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from utils.errors import UserError, bounded_line, shorten
 from utils.files import NotARegularFile, check_regular, open_regular
 from utils.names import check_class_name
 from utils.io import is_whole_number
-from utils.numbers import fits_float32, image_size_fits
+from utils.numbers import fits_float32, image_size_fits, is_finite_number, MAX_EPOCHS
 
 
 # ---------------------------------------------------------------- the exported folder
@@ -178,6 +177,9 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     if stats is not None and not (isinstance(stats, dict) and all(
             isinstance(k, str) and _numbers([v], 1) and abs(v) <= MAX_THRESHOLD for k, v in stats.items())):
         raise bad("score_stats", f"null or a mapping of finite numbers within +-{MAX_THRESHOLD:g}")
+    epoch = meta.get("epoch")
+    if epoch is not None and not (is_whole_number(epoch) and 0 <= epoch <= MAX_EPOCHS):
+        raise bad("epoch", f"null or a whole number from 0 to {MAX_EPOCHS}")
     if meta.get("class") is not None and not isinstance(meta["class"], str):
         raise bad("class", "null or a string")
     if meta.get("class") is not None:  # a name read from a file is never a path (utils/names.py)
@@ -274,8 +276,7 @@ def normalisation_is_finite(mean: list, std: list) -> bool:
 def _numbers(values: Any, count: int) -> bool:
     """A list of `count` finite numbers (booleans are not numbers here)."""
     return (isinstance(values, list) and len(values) == count
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in values))
+            and all(is_finite_number(v) for v in values))
 
 
 def paddle_graph_input_shape(model_json: str, input_name: str = "image") -> list | None:

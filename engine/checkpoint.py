@@ -8,7 +8,6 @@ A checkpoint without a model name (written before model/registry.py) is RD4AD's:
 parts are "bottleneck" and "student", its arguments arch and image_size."""
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -20,7 +19,7 @@ from model.registry import DEFAULT_MODEL, MODELS
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
 from utils.names import NameError_, check_class_name
-from utils.numbers import finite_in_float32, image_size_fits
+from utils.numbers import finite_in_float32, image_size_fits, is_finite_number, MAX_EPOCHS
 from utils.safe_pickle import load_plain_pickle
 
 from core.decision import MAX_THRESHOLD, Calibration, CalibrationError
@@ -113,8 +112,8 @@ def check_checkpoint(state: dict, path: str) -> None:
     if not is_whole_number(size) or size < 64 or size % 32 or not image_size_fits(size):
         raise bad("image_size", "a multiple of 32, at least 64, whose 3 x size x size fits int32")
     normalise_model_fields(state, path)  # after arch and image_size: its arguments repeat them
-    if not is_whole_number(state.get("epoch")) or state["epoch"] < 0:
-        raise bad("epoch", "a whole number >= 0")
+    if not is_whole_number(state.get("epoch")) or not 0 <= state["epoch"] <= MAX_EPOCHS:
+        raise bad("epoch", f"a whole number from 0 to {MAX_EPOCHS}")
     for key, longest in (("class", 255), ("teacher_weights", 4096)):
         if not isinstance(state.get(key), str) or len(state[key]) > longest:
             raise bad(key, f"a string of at most {longest} characters")
@@ -142,8 +141,7 @@ def check_checkpoint(state: dict, path: str) -> None:
             raise CheckpointError(f"{path}: damaged checkpoint: calibration {err}") from None
     stats = state.get("score_stats")
     if stats is not None and (not isinstance(stats, dict) or len(stats) > 32 or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            and abs(v) <= MAX_THRESHOLD for v in stats.values())):  # scores lie in [0, 6]
+            is_finite_number(v) and abs(v) <= MAX_THRESHOLD for v in stats.values())):  # scores lie in [0, 6]
         raise bad("score_stats", f"a dict of finite numbers within +-{MAX_THRESHOLD:g}")
 
 

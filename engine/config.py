@@ -23,7 +23,7 @@ from utils.config import (ConfigError, build_parser, checked_values, given_flags
 from utils.errors import UserError, shorten
 from utils.layouts import LAYOUTS
 from utils.names import check_class_name
-from utils.numbers import as_float32, fits_float32, image_size_fits
+from utils.numbers import MAX_EPOCHS, as_float32, fits_float32, image_size_fits
 
 from core.decision import MAX_THRESHOLD
 from core.paths import RunPaths
@@ -128,6 +128,8 @@ class BaseConfig:
         for name in ("image_size", "epochs", "batch_size", "save_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.epochs > MAX_EPOCHS:
+            raise ConfigError(f"--epochs {self.epochs}: must be at most {MAX_EPOCHS}")
         for name in ("seed", "num_workers", "eval_interval", "log_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be 0 or more")
@@ -180,8 +182,9 @@ def parse_class_epochs(text: str, where: str) -> dict[str, int]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
-        if not sep or not name or not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"{where}: {shorten(item)} is not CLASS=EPOCHS with EPOCHS a whole number >= 1")
+        if not sep or not name or not (value.isascii() and value.isdigit()) or len(value) > 7 or not 1 <= int(value) <= MAX_EPOCHS:
+            raise ConfigError(f"{where}: {shorten(item)} is not CLASS=EPOCHS with EPOCHS a whole number "
+                              f"from 1 to {MAX_EPOCHS}")
         if name in out:
             raise ConfigError(f"{where}: class {shorten(name)} given twice")
         try:

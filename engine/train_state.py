@@ -29,6 +29,7 @@ from utils.errors import UserError, shorten
 from utils.io import atomic_write, atomic_write_json
 from model.base import AnomalyModel
 from model.registry import DEFAULT_MODEL, model_class
+from utils.numbers import MAX_EPOCHS
 from utils.safe_pickle import load_plain_pickle
 
 from .checkpoint import LEGACY_PARTS, CheckpointError, part_layers
@@ -229,7 +230,7 @@ def _checked_state(state: dict, path: str) -> dict:
         raise damaged("fingerprint/extra")
     if not isinstance(out["loss_history"], list):
         raise damaged("loss_history")
-    if not isinstance(state.get("epoch"), int) or isinstance(state["epoch"], bool) or state["epoch"] < 0:
+    if not isinstance(state.get("epoch"), int) or isinstance(state["epoch"], bool) or not 0 <= state["epoch"] <= MAX_EPOCHS:
         raise damaged("epoch")
     for part in out["parts"]:
         values = state.get(part)

@@ -226,11 +226,11 @@ def parsers():
     original = OneLineArgumentParser.parse_args
     OneLineArgumentParser.parse_args = catch
     try:
-        from deploy import export_command, infer_command, serve_command
-        for name, parse in (("main", lambda: parse_config([])), ("export", export_command.parse_args),
-                            ("infer", infer_command.parse_args), ("serve", serve_command.parse_args)):
+        from deploy import command_lines
+        for name, parse in (("main", lambda: parse_config([])), ("export", command_lines.parse_export_args),
+                            ("infer", command_lines.parse_infer_args), ("serve", command_lines.parse_serve_args)):
             try:
-                parse()
+                parse([]) if name != "main" else parse()
             except Caught:
                 found[name] = caught["parser"]
     finally:
@@ -428,3 +428,65 @@ def test_numpy_scalars_in_any_training_state_field_load_or_are_one_line(train_st
         assert type(epoch) is int
     finally:
         shutil.move(backup, path)
+
+
+# ------------------------------------------------------------------ round four (hostile tester)
+
+HUGE = 2 ** 20000  # repr() of it raises ValueError (over 4300 digits); float() OverflowError
+
+HUGE_FIELDS = [
+    ("epoch", lambda s: {**s, "epoch": -HUGE}),
+    ("image_size", lambda s: {**s, "image_size": HUGE}),
+    ("score_stats", lambda s: {**s, "score_stats": {"mean": HUGE}}),
+    ("calibration", lambda s: {**s, "calibration": {**s["calibration"], "image_threshold": HUGE}}),
+    ("calibration", lambda s: {**s, "calibration": {**s["calibration"], "count": -HUGE}}),
+]
+
+
+@pytest.mark.parametrize("field, change", HUGE_FIELDS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(HUGE_FIELDS)])
+def test_a_huge_int_in_a_checkpoint_field_is_a_damaged_file_line(run_folder, tmp_path, capsys, field, change):
+    """It was "internal error (ValueError: Exceeds the limit (4300 digits) for integer string
+    conversion)" from quoting the value, or OverflowError from math.isfinite."""
+    out = tmp_path / "out"
+    shutil.copytree(run_folder / "out", out)
+    ckpt = out / "widget" / "model.pdparams"
+    write_state(ckpt, change(raw_state(ckpt)))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(str(ckpt))
+    message = str(caught.value)
+    assert message.startswith(str(ckpt)) and "damaged checkpoint" in message and field in message
+    assert "\n" not in message and len(message) < 600
+    line = one_line(capsys, eval_run(run_folder, out, capsys))
+    assert str(ckpt) in line and "damaged checkpoint" in line
+
+
+def test_a_huge_int_epoch_in_a_training_state_is_a_damaged_file_line(train_state_file):
+    cfg, path = train_state_file
+    backup = path + ".orig"
+    shutil.copyfile(path, backup)
+    try:
+        write_state(path, {**raw_state(path), "epoch": HUGE})
+        with pytest.raises(CheckpointError, match="damaged training state") as caught:
+            load_train_state(cfg, "widget")
+        assert str(caught.value).startswith(path) and "\n" not in str(caught.value)
+    finally:
+        shutil.move(backup, path)
+
+
+@pytest.mark.parametrize("field, change", [
+    ("score_stats", lambda m: {**m, "score_stats": {"mean": 10 ** 4000}}),
+    ("calibration", lambda m: {**m, "calibration": {**m["calibration"], "pixel_low": -10 ** 4000}}),
+    ("mean", lambda m: {**m, "mean": [10 ** 4000, 0.4, 0.4]})])
+def test_a_4000_digit_int_in_deploy_json_is_one_line(field, change):
+    """JSON holds ints of up to 4300 digits; float() of one overflows."""
+    with pytest.raises(ModelError) as caught:
+        check_deployment(change(good_meta()), "model/deploy.json")
+    assert str(caught.value).startswith("model/deploy.json: ") and field in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_shorten_quotes_any_int_without_building_its_digits():
+    from utils.errors import shorten
+
+    assert shorten(-HUGE) == "<negative int of about 6021 digits>"
+    assert shorten(2 ** 100) == repr(2 ** 100) and shorten(True) == "True"

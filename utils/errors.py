@@ -6,10 +6,12 @@ an error message never grows with the input (a 10 MB YAML value, an alias bomb).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 QUOTE_LIMIT = 80
+_INT_BITS = 128  # a longer int is quoted by its size: its digits would not fit the limit
 
 
 class UserError(ValueError):
@@ -31,6 +33,9 @@ def shorten(value: Any, limit: int = QUOTE_LIMIT) -> str:
     if isinstance(value, (str, bytes)):
         text = repr(value[:limit + 1])
         full = len(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _INT_BITS:
+        # repr() of an int over 4300 digits raises ValueError; any long one is cut anyway
+        text, full = f"<{'negative ' if value < 0 else ''}int of about {int(value.bit_length() * math.log10(2)) + 1} digits>", None
     elif isinstance(value, (int, float, bool)) or value is None:
         text, full = repr(value), None
     else:

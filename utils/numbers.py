@@ -11,6 +11,7 @@ import numpy as np
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 INT32_MAX = 2 ** 31 - 1
+MAX_EPOCHS = 1_000_000  # an epoch count or number beyond it is a damaged file or a typo
 
 
 def finite_in_float32(values: Any) -> bool:
@@ -19,10 +20,25 @@ def finite_in_float32(values: Any) -> bool:
         return bool(np.isfinite(np.asarray(values).astype(np.float32, copy=False)).all())
 
 
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float. A file's int may have
+    thousands of digits: math.isfinite and float() of it raise OverflowError, and so would
+    every check after them."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def fits_float32(value: float) -> bool:
     """Finite in float32 and not flushed to 0 by it (1e40 overflows, 1e-320 underflows;
     float32's subnormals, down to 1.4e-45, are kept)."""
-    if not math.isfinite(value):
+    try:
+        if not math.isfinite(value):
+            return False
+    except OverflowError:  # an int beyond float64's range
         return False
     with np.errstate(over="ignore", under="ignore"):
         held = np.float32(value)
