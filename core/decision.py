@@ -23,6 +23,8 @@ MIN_SPREAD_IMAGES = 5
 # An image score is a smoothed sum of three cosine distances, so it lies in [0, 6]. A
 # threshold far outside that range is a mistake (and 1e308 overflows the colour scale).
 MAX_THRESHOLD = 1e6
+CALIBRATION_SOURCES = ("validation", "training")
+MAX_COUNT = 2 ** 31 - 1  # images counted
 
 
 class CalibrationError(UserError):
@@ -47,15 +49,18 @@ class Calibration:
         """From a checkpoint's or deploy.json's dict, every field checked (CalibrationError)."""
         if not isinstance(d, dict):
             raise CalibrationError(f"must be a mapping, got {shorten(d)}")
+        unknown = [k for k in d if k not in cls.__dataclass_fields__]  # a bytes key crashed the export's JSON
+        if unknown:
+            raise CalibrationError(f"has unknown key {shorten(unknown[0])}")
         values = {}
         for key in cls.__dataclass_fields__:
             if key not in d:
                 raise CalibrationError(f"lacks {key!r}")
             value = d[key]
             if key == "source":
-                ok = isinstance(value, str)
+                ok = isinstance(value, str) and value in CALIBRATION_SOURCES
             elif key == "count":
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT
             else:
                 ok = (is_finite_number(value) and abs(value) <= MAX_THRESHOLD
                       and fits_float32(value))  # compared with float32 scores: 1e-320 is 0 there
@@ -65,6 +70,11 @@ class Calibration:
             if not ok:
                 raise CalibrationError(f"{key} is {shorten(value)}, not a valid value")
             values[key] = value
+        # as calibrate() makes them: the lowest good value lies at or below its threshold
+        # (normalize() and heatmap_range() map low -> 0 and threshold -> 0.5)
+        for low, threshold in (("image_low", "image_threshold"), ("pixel_low", "pixel_threshold")):
+            if values[low] > values[threshold]:
+                raise CalibrationError(f"{low} {values[low]:g} is above {threshold} {values[threshold]:g}")
         return cls(**values)
 
     def with_threshold(self, threshold: float) -> "Calibration":

@@ -7,13 +7,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from utils.errors import UserError, bounded_line
+from utils.errors import UserError, bounded_line, shorten
+from utils.io import is_whole_number
+from utils.numbers import fits_float32, is_finite_number
 from utils.log import number
 
-from .decision import Calibration, decision_metrics
+from .decision import MAX_COUNT, MAX_THRESHOLD, Calibration, decision_metrics
 from .metrics import aupro, pixel_auroc, sample_auroc
 
 
@@ -221,6 +224,30 @@ def _why_undefined(metric: Metric, labels: np.ndarray, masks: np.ndarray | None,
     if masks.all():
         return "no defect-free pixel in the test set"
     return "no image has both defect and defect-free pixels"
+
+
+SCORE_STAT_NAMES = ("count", "mean", "std", "min", "max", "q99", "map_min")
+
+
+def check_score_stats(stats: Any) -> str | None:
+    """What is wrong with a file's score statistics (good_score_statistics' dict), or None.
+    Keys are its names (a bytes key crashed the export's JSON); values finite numbers
+    within +-MAX_THRESHOLD that float32 holds without flushing to 0 (1e-300 is 0 there);
+    count a whole number >= 1, std >= 0, min <= max."""
+    if not isinstance(stats, dict):
+        return "not a mapping"
+    for key, value in stats.items():
+        if not isinstance(key, str) or key not in SCORE_STAT_NAMES:
+            return f"unknown key {shorten(key)} (known: {', '.join(SCORE_STAT_NAMES)})"
+        if not (is_finite_number(value) and abs(value) <= MAX_THRESHOLD and fits_float32(value)):
+            return f"{key} {shorten(value)} is not a finite number within +-{MAX_THRESHOLD:g} in float32"
+    if "count" in stats and not (is_whole_number(stats["count"]) and 1 <= stats["count"] <= MAX_COUNT):
+        return f"count {shorten(stats['count'])} is not a whole number >= 1"
+    if stats.get("std", 0) < 0:
+        return f"std {stats['std']:g} is negative"
+    if "min" in stats and "max" in stats and stats["min"] > stats["max"]:
+        return f"min {stats['min']:g} is above max {stats['max']:g}"
+    return None
 
 
 def good_score_statistics(pred: Predictions) -> dict[str, float]:

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
-from core.decision import MAX_THRESHOLD, Calibration, CalibrationError
+from core.decision import Calibration, CalibrationError
+from core.results import check_score_stats
 from model.arch import ARCH_NAMES
 from utils.errors import UserError, bounded_line, shorten
 from utils.files import NotARegularFile, check_regular, open_regular
@@ -174,9 +175,10 @@ def check_deployment(meta: Any, path: str) -> Deployment:
         except CalibrationError as err:
             raise ModelError(f"{path}: calibration {err}; export the model again") from None
     stats = meta.get("score_stats")
-    if stats is not None and not (isinstance(stats, dict) and all(
-            isinstance(k, str) and _numbers([v], 1) and abs(v) <= MAX_THRESHOLD for k, v in stats.items())):
-        raise bad("score_stats", f"null or a mapping of finite numbers within +-{MAX_THRESHOLD:g}")
+    problem = check_score_stats(stats) if stats is not None else None
+    if problem:
+        raise ModelError(f"{path}: 'score_stats' must be null or the good images' score statistics ({problem}); "
+                         f"export the model again")
     epoch = meta.get("epoch")
     if epoch is not None and not (is_whole_number(epoch) and 0 <= epoch <= MAX_EPOCHS):
         raise bad("epoch", f"null or a whole number from 0 to {MAX_EPOCHS}")
@@ -190,8 +192,9 @@ def check_deployment(meta: Any, path: str) -> Deployment:
     model = meta.get("model", "rd4ad")
     if not (isinstance(model, str) and 0 < len(model) <= 64 and model.isidentifier()):
         raise bad("model", "the name of the exported method")
-    if meta.get("model_args") is not None and not isinstance(meta["model_args"], dict):
-        raise bad("model_args", "null or a mapping")
+    if meta.get("model_args") is not None and not (isinstance(meta["model_args"], dict) and len(meta["model_args"]) <= 32
+                                                   and all(isinstance(k, str) for k in meta["model_args"])):
+        raise bad("model_args", "null or a mapping of option names")
     return Deployment(path, meta["arch"], int(size), tuple(map(float, mean)), tuple(map(float, std)),
                       calibration, dict(stats or {}), meta.get("class"),
                       _check_manifest(meta.get("files"), path), _check_precision_checks(meta, path),

@@ -22,7 +22,8 @@ from utils.names import NameError_, check_class_name
 from utils.numbers import finite_in_float32, image_size_fits, is_finite_number, MAX_EPOCHS
 from utils.safe_pickle import load_plain_pickle
 
-from core.decision import MAX_THRESHOLD, Calibration, CalibrationError
+from core.decision import Calibration, CalibrationError
+from core.results import check_score_stats
 
 FORMAT = "rd4ad-paddle/1"
 # Keys of a checkpoint that are not a part's weights: no model may name a part so.
@@ -140,9 +141,10 @@ def check_checkpoint(state: dict, path: str) -> None:
         except CalibrationError as err:
             raise CheckpointError(f"{path}: damaged checkpoint: calibration {err}") from None
     stats = state.get("score_stats")
-    if stats is not None and (not isinstance(stats, dict) or len(stats) > 32 or not all(
-            is_finite_number(v) and abs(v) <= MAX_THRESHOLD for v in stats.values())):  # scores lie in [0, 6]
-        raise bad("score_stats", f"a dict of finite numbers within +-{MAX_THRESHOLD:g}")
+    problem = check_score_stats(stats) if stats is not None else None
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint: 'score_stats' must be the good images' score "
+                              f"statistics ({problem})")
 
 
 LEGACY_PARTS = ("bottleneck", "student")  # RD4AD's, in checkpoints without a model name

@@ -242,13 +242,19 @@ def _checked_state(state: dict, path: str) -> dict:
                                   f"to start the class again")
     for group, values in out["optimizers"].items():
         if not isinstance(group, str) or not isinstance(values, dict) or not all(
-                isinstance(k, str) and (isinstance(v, np.ndarray) or isinstance(v, dict))  # LR_Scheduler
+                isinstance(k, str) and (isinstance(v, np.ndarray) or _flat_dict(v))  # LR_Scheduler
                 for k, v in values.items()):
             raise damaged("optimizer")
-    for names in out["param_names"].values():
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    for group, names in out["param_names"].items():
+        if not isinstance(group, str) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise damaged("param_names")
     return out
+
+
+def _flat_dict(value: Any) -> bool:
+    """An optimizer's LR_Scheduler state: names (str keys) to plain values."""
+    return isinstance(value, dict) and len(value) <= 64 and all(
+        isinstance(k, str) and isinstance(v, (str, int, float, bool, type(None))) for k, v in value.items())
 
 
 def restore_train_state(state: dict, net: AnomalyModel, optimizers: dict[str, paddle.optimizer.Optimizer],

@@ -490,3 +490,94 @@ def test_shorten_quotes_any_int_without_building_its_digits():
 
     assert shorten(-HUGE) == "<negative int of about 6021 digits>"
     assert shorten(2 ** 100) == repr(2 ** 100) and shorten(True) == "True"
+
+
+BAD_KEYS = [b"max", None, 1, ("max",), "bogus"]
+DICT_FIELDS = ["score_stats", "calibration", "model_args", "student", "bottleneck"]
+
+
+@pytest.mark.parametrize("field", DICT_FIELDS)
+@pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
+def test_every_dict_field_of_a_checkpoint_has_its_keys_checked(run_folder, tmp_path, field, key):
+    """A bytes key in score_stats passed check_checkpoint and crashed the export ("internal
+    error (TypeError: keys must be str...)"): each dict field's keys are checked for type
+    and, where the names are fixed, for name."""
+    ckpt = tmp_path / "model.pdparams"
+    state = raw_state(run_folder / "out" / "widget" / "model.pdparams")
+    value = state[field]
+    if key == "bogus" and field in ("student", "bottleneck"):
+        key = b"bogus"  # any str names a weight here; apply_checkpoint compares the names
+    state[field] = {**value, key: next(iter(value.values()))}
+    write_state(ckpt, state)
+    with pytest.raises((CheckpointError, UserError)) as caught:
+        load_checkpoint(str(ckpt))
+    message = str(caught.value)
+    assert message.startswith(str(ckpt)) and "\n" not in message and "internal error" not in message
+
+
+@pytest.mark.parametrize("where", ["param_names", "optimizers", "student", "lr_scheduler"])
+def test_every_dict_field_of_a_training_state_has_its_keys_checked(train_state_file, where):
+    cfg, path = train_state_file
+    state = raw_state(path)
+    if where == "lr_scheduler":
+        group = next(iter(state["optimizers"]))
+        state["optimizers"][group]["LR_Scheduler"] = {b"last_epoch": 0}
+    else:
+        state[where] = {**state[where], b"x": next(iter(state[where].values()))}
+    backup = path + ".orig"
+    shutil.copyfile(path, backup)
+    try:
+        write_state(path, state)
+        with pytest.raises(CheckpointError, match="damaged training state") as caught:
+            load_train_state(cfg, "widget")
+        assert str(caught.value).startswith(path) and "\n" not in str(caught.value)
+    finally:
+        shutil.move(backup, path)
+
+
+DEPLOY_ROUND4 = [
+    ("score_stats max 1e-300: 0 in float32", "score_stats", lambda m: {**m, "score_stats": {"max": 1e-300}}),
+    ("score_stats unknown name", "score_stats", lambda m: {**m, "score_stats": {"mean": 1.0, "bogus": 1.0}}),
+    ("score_stats count -5", "score_stats", lambda m: {**m, "score_stats": {"count": -5}}),
+    ("score_stats count 2.5", "score_stats", lambda m: {**m, "score_stats": {"count": 2.5}}),
+    ("score_stats std < 0", "score_stats", lambda m: {**m, "score_stats": {"std": -0.1}}),
+    ("score_stats min > max", "score_stats", lambda m: {**m, "score_stats": {"min": 2.0, "max": 1.0}}),
+    ("epoch -1", "epoch", lambda m: {**m, "epoch": -1}),
+    ("epoch 2**64", "epoch", lambda m: {**m, "epoch": 2 ** 64}),
+    ("epoch 2.0", "epoch", lambda m: {**m, "epoch": 2.0}),
+    ("epoch true", "epoch", lambda m: {**m, "epoch": True}),
+    ("image_low above image_threshold", "calibration", lambda m: {**m, "calibration": {
+        **m["calibration"], "image_low": 5.0}}),
+    ("pixel_low above pixel_threshold", "calibration", lambda m: {**m, "calibration": {
+        **m["calibration"], "pixel_low": 1.5}}),
+    ("calibration unknown key", "calibration", lambda m: {**m, "calibration": {**m["calibration"], "x": 1}}),
+    ("calibration source a path", "calibration", lambda m: {**m, "calibration": {
+        **m["calibration"], "source": "../x"}}),
+    ("calibration count 2**40", "calibration", lambda m: {**m, "calibration": {**m["calibration"], "count": 2 ** 40}}),
+    ("model_args int key", "model_args", lambda m: {**m, "model_args": {1: 2}}),
+]
+
+
+@pytest.mark.parametrize("case, field, change", DEPLOY_ROUND4, ids=[c[0] for c in DEPLOY_ROUND4])
+def test_deploy_json_fields_are_checked_for_range_order_and_keys(case, field, change):
+    with pytest.raises(ModelError) as caught:
+        check_deployment(change(good_meta()), "model/deploy.json")
+    message = str(caught.value)
+    assert message.startswith("model/deploy.json: ") and "\n" not in message and field in message
+
+
+def test_deploy_json_edges_that_hold_by_construction_pass():
+    """epoch 0 and 10**6, a low equal to its threshold, no epoch: each is what an export can write."""
+    for change in (lambda m: {**m, "epoch": 0}, lambda m: {**m, "epoch": 10 ** 6}, lambda m: {**m, "epoch": None},
+                   lambda m: {**m, "calibration": {**m["calibration"], "image_low": 1.0, "pixel_low": 1.0}},
+                   lambda m: {**m, "score_stats": {"count": 3, "mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0,
+                                                   "q99": 1.0, "map_min": 0.2}}):
+        check_deployment(change(good_meta()), "model/deploy.json")
+
+
+@pytest.mark.parametrize("stats", [{"max": 1e-300}, {"mean": 1.0, "map_min": -1e-320}])
+def test_a_checkpoints_score_stats_that_underflow_float32_are_refused(run_folder, tmp_path, stats):
+    ckpt = tmp_path / "model.pdparams"
+    write_state(ckpt, {**raw_state(run_folder / "out" / "widget" / "model.pdparams"), "score_stats": stats})
+    with pytest.raises(CheckpointError, match="score_stats.*float32"):
+        load_checkpoint(str(ckpt))
