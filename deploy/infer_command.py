@@ -38,6 +38,8 @@ def predictor_options(args: argparse.Namespace) -> PredictorOptions:
 
 
 MAX_CPU_THREADS = 1024
+MAX_INFER_BATCH = 1024
+MAX_WARMUP = 1000
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -46,8 +48,12 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
-    if args.cpu_threads > MAX_CPU_THREADS:  # as serve.py: Paddle and OpenMP take a C int, and spawn them
-        raise UsageError(f"--cpu_threads {args.cpu_threads}: must lie in 1..{MAX_CPU_THREADS}")
+    # as serve.py: Paddle and OpenMP take a C int and spawn the threads; a batch is allocated
+    # at once, and each warm-up run takes a batch's time
+    for flag, value, most in (("--cpu_threads", args.cpu_threads, MAX_CPU_THREADS),
+                              ("--batch_size", args.batch_size, MAX_INFER_BATCH), ("--warmup", args.warmup, MAX_WARMUP)):
+        if value > most:
+            raise UsageError(f"{flag} {value}: must be at most {most}")
     if args.precision == "auto":
         if args.device != "cpu":
             raise UsageError("--precision auto chooses among CPU paths; on GPU give --precision fp32 or fp16")

@@ -43,6 +43,12 @@ RUN_FOLDER_KEYS = ("data_dir", "train_dir", "test_dir", "layout")
 MODEL_KEYS = ("model", "arch", "image_size")
 
 
+# DataLoader processes: each is a Python with its own copy of the dataset's state; beyond
+# 64 they only contend for the cores (a machine with more cores still fits 64 readers)
+MAX_NUM_WORKERS = 64
+MAX_BATCH_SIZE = 4096  # images of one training step (RD4AD trains with 16)
+
+
 @dataclass
 class BaseConfig:
     mode: str = setting("train", "train, evaluate checkpoints, or write pictures and verdicts",
@@ -60,7 +66,7 @@ class BaseConfig:
     epochs: int = setting(200, "training epochs")
     class_epochs: str = setting("", "other epochs for some classes: CLASS=N,... (YAML: a mapping "
                                     "{CLASS: N}); the others take --epochs")
-    batch_size: int = setting(16, "training batch size (evaluation uses at most 8)")
+    batch_size: int = setting(16, f"training batch size, at most {MAX_BATCH_SIZE} (evaluation uses at most 8)")
     lr: float = setting(0.005, "Adam learning rate")
     beta1: float = setting(0.5, "Adam beta1")
     beta2: float = setting(0.999, "Adam beta2")
@@ -72,7 +78,8 @@ class BaseConfig:
         "imagenet", "imagenet (official, cached); auto (imagenet when at hand, else random); a file; none")
     device: str = setting("auto", "auto: a GPU when Paddle has one", choices=("auto", "cpu", "gpu"))
     seed: int = setting(111, "random seed (batches, initialisation)", unsigned_32=True)
-    num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)")
+    num_workers: int = setting(0, f"DataLoader worker processes (0: load in the main process; at most "
+                                  f"{MAX_NUM_WORKERS})")
     log_interval: int = setting(10, "a loss / ips / reader_cost line every N steps (0: never)")
     feature_cache: bool = setting(True, "run the teacher every step instead of caching its features once",
                                   off_flag="--no_feature_cache")
@@ -128,8 +135,10 @@ class BaseConfig:
         for name in ("image_size", "epochs", "batch_size", "save_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be at least 1")
-        if self.epochs > MAX_EPOCHS:
-            raise ConfigError(f"--epochs {self.epochs}: must be at most {MAX_EPOCHS}")
+        # counts that spawn processes or size allocations: 2**31 - 1 workers hung the run
+        for name, most in (("epochs", MAX_EPOCHS), ("num_workers", MAX_NUM_WORKERS), ("batch_size", MAX_BATCH_SIZE)):
+            if getattr(self, name) > most:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be at most {most}")
         for name in ("seed", "num_workers", "eval_interval", "log_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be 0 or more")

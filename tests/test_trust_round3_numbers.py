@@ -581,3 +581,32 @@ def test_a_checkpoints_score_stats_that_underflow_float32_are_refused(run_folder
     write_state(ckpt, {**raw_state(run_folder / "out" / "widget" / "model.pdparams"), "score_stats": stats})
     with pytest.raises(CheckpointError, match="score_stats.*float32"):
         load_checkpoint(str(ckpt))
+
+
+COUNT_FLAGS = [("main", "--num_workers", 64), ("main", "--batch_size", 4096), ("main", "--epochs", 10 ** 6),
+               ("infer", "--warmup", 1000), ("infer", "--batch_size", 1024), ("infer", "--cpu_threads", 1024),
+               ("serve", "--workers", 64), ("serve", "--queue", 10_000), ("serve", "--max_batch", 256),
+               ("serve", "--cpu_threads", 1024)]
+
+
+@pytest.mark.parametrize("command, flag, most", COUNT_FLAGS, ids=[f"{c}{f}" for c, f, _ in COUNT_FLAGS])
+def test_count_flags_that_spawn_or_allocate_are_bounded(capsys, command, flag, most):
+    """--num_workers 2147483647 was accepted and hung the run (surviving SIGTERM): each count
+    that spawns workers or threads, sizes an allocation or repeats a run is bounded, one
+    usage line (exit 2) above it."""
+    data = ["--data_dir", os.path.dirname(SAMPLE), "--cls", "bottle"] if command == "main" else []
+    for value in (most + 1, 2 ** 31 - 1):
+        line = one_line(capsys, ENTRY[command]([*data, flag, str(value)]))
+        assert flag in line and str(value) in line and str(most) in line
+
+
+def test_the_largest_counts_allowed_pass_the_config_check(tmp_path):
+    cfg = parse_config(["--num_workers", "64", "--batch_size", "4096", "--epochs", "1000000",
+                        "--class_epochs", "widget=1000000"])
+    cfg.check()
+    path = tmp_path / "c.yaml"
+    path.write_text("num_workers: 2147483647\n")
+    with pytest.raises(ConfigError, match="num_workers"):
+        parse_config(["--config", str(path)]).check()
+    with pytest.raises(ConfigError, match="class_epochs"):
+        parse_config(["--class_epochs", "widget=1000001"]).check()
