@@ -226,9 +226,9 @@ def parsers():
     original = OneLineArgumentParser.parse_args
     OneLineArgumentParser.parse_args = catch
     try:
-        from deploy import export_command, infer_command, serve_command
-        for name, parse in (("main", lambda: parse_config([])), ("export", export_command.parse_args),
-                            ("infer", infer_command.parse_args), ("serve", serve_command.parse_args)):
+        from deploy import command_lines
+        for name, parse in (("main", lambda: parse_config([])), ("export", command_lines.parse_export_args),
+                            ("infer", command_lines.parse_infer_args), ("serve", command_lines.parse_serve_args)):
             try:
                 parse()
             except Caught:
