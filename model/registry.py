@@ -29,13 +29,14 @@ class Method:
     module: str
     cls: str
     options: dict[str, ModelOption] = field(default_factory=dict)
+    title: str = ""  # as reports write it ("RD++"); default: the name in capitals
 
 
 MODELS: dict[str, Any] = {  # name -> Method (or, in tests, an AnomalyModel class itself)
-    "rd4ad": Method("model.rd4ad", "RD4AD"),
+    "rd4ad": Method("model.rd4ad", "RD4AD", title="RD4AD"),
     "rdpp": Method("model.rdpp", "RDPP", {"ssot": ModelOption(
         "as_coded", "RD++'s SSOT term: as_coded (the reference's, about zero; its published numbers) "
-        "or pairwise (per image pair, Sinkhorn between HW-point clouds)", ("as_coded", "pairwise"))}),
+        "or pairwise (per image pair, Sinkhorn between HW-point clouds)", ("as_coded", "pairwise"))}, "RD++"),
 }
 DEFAULT_MODEL = "rd4ad"
 
@@ -60,6 +61,12 @@ def model_class(name: str) -> type:
         raise TypeError(f"model option(s) of {name!r} declared differently in {entry.module} and the registry")
     klass.options = entry.options
     return klass
+
+
+def model_title(name: str) -> str:
+    """How reports name a method: its registry title, else the name in capitals."""
+    entry = MODELS.get(name)
+    return getattr(entry, "title", "") or str(name).upper()
 
 
 def all_options() -> dict[str, ModelOption]:
