@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dataset import DataError, DataSource, MVTecDataset, Sample, index_test_dir, load_checked, resolve_sources
 from model.base import AnomalyModel
 from model.teacher import resolve_teacher_weights
+from model.registry import model_title
 from report.html import write_class_report, write_summary_report
 from report.per_image import ImageItem, ImageWriter, colour_range
 from report.tables import TABLE_NOTE, mean_row, models_table, results_table
@@ -175,7 +176,7 @@ def write_results(cfg: Config, results: dict[str, dict], models: dict[str, dict 
     shared = common_settings({c: models.get(c) for c in results})
     title = ", ".join(p for p in (shared.get("arch"), f"{shared['image_size']}px" if "image_size" in shared else None)
                       if p)
-    method = str(shared.get("model", cfg.model)).upper()
+    method = model_title(str(shared.get("model", cfg.model)))
     md = (f"# {method} results ({title + ', ' if title else ''}{cfg.mode})\n\n"
           f"Command: `{command}`\n\nCheckpoint: {selection}. AUPRO up to FPR 0.3 (per image: the "
           f"reference's and paper's protocol; set: MVTec AD's). Thresholds: the "

@@ -79,7 +79,7 @@ def run(a: argparse.Namespace) -> dict:
         calibration = calibration_images(a.calib_dir, load_checkpoint(a.checkpoint)["image_size"], a.calib_images)
     meta = export(a.checkpoint, a.save_dir, a.teacher_weights, a.onnx, a.opset, calibration)
     files = ", ".join(sorted(meta["files"]) + ["deploy.json"])
-    print(f"exported {meta['arch']} ({meta['image_size']} px, class {meta['class']}) to {a.save_dir}: {files}; "
+    print(f"exported {meta.get('model', 'rd4ad')} {meta['arch']} ({meta['image_size']} px, class {meta['class']}) to {a.save_dir}: {files}; "
           f"input 'image' [N, 3, {meta['image_size']}, {meta['image_size']}], outputs {', '.join(meta['outputs'])}")
     if a.check_dir is not None:
         images = check_images(a.check_dir, meta["image_size"], a.check_images)

@@ -15,7 +15,7 @@ import paddle
 
 from model.arch import ARCH_NAMES
 from model.base import AnomalyModel, prepared
-from model.registry import DEFAULT_MODEL, MODELS
+from model.registry import DEFAULT_MODEL, MODELS, model_class
 from utils.errors import UserError, shorten
 from utils.io import atomic_write, is_whole_number
 from utils.names import NameError_, check_class_name
@@ -225,7 +225,7 @@ def rebuild(state: dict, teacher_weights: str, conv_backend: str = "auto", path:
     """The architecture a checkpoint (or deploy.json) names: MODELS[model](**model_args),
     its teacher's weights from `teacher_weights`. Untrained: apply_checkpoint fills it."""
     try:
-        net = MODELS[state["model"]](**state["model_args"])
+        net = model_class(state["model"])(**state["model_args"])
     except (TypeError, ValueError) as err:  # arguments the model's __init__ refuses
         raise CheckpointError(f"{path}: --model {state['model']} cannot be rebuilt from {shorten(state['model_args'])} "
                               f"({shorten(str(err))})") from None

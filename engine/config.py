@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.choices import ARCH_NAMES, CONV_BACKENDS  # plain names: no Paddle before work starts
-from model.registry import DEFAULT_MODEL, MODELS, all_options, model_class
+from model.registry import DEFAULT_MODEL, MODELS, all_options
 from utils.config import (ConfigError, build_parser, checked_values, given_flags, read_yaml_mapping, setting,
                           settings_dict, settings_yaml)
 from utils.errors import UserError, shorten
@@ -206,7 +206,7 @@ def parse_class_epochs(text: str, where: str) -> dict[str, int]:
 def model_options(cfg: "BaseConfig") -> dict[str, Any]:
     """The options of cfg.model, as keyword arguments of its class. An option of another
     method that the user set is refused (it would silently do nothing)."""
-    own = model_class(cfg.model).options
+    own = MODELS[cfg.model].options
     for key in all_options():
         if key not in own and key in cfg.explicit:
             raise ConfigError(f"--{key}: not an option of --model {cfg.model} "

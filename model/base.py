@@ -18,6 +18,7 @@ import paddle.nn as nn
 from utils.runtime import eager_threads
 
 from .onednn import use_conv_backend
+from .registry import ModelOption  # noqa: F401  (re-exported: the contract's names in one place)
 from .teacher import load_teacher_weights
 
 
@@ -29,16 +30,6 @@ class OptimizerGroup:
     parameters: list[paddle.Tensor]
     lr: float
     betas: tuple[float, float] = (0.5, 0.999)
-
-
-@dataclass
-class ModelOption:
-    """An extra setting a method takes: a flag and a YAML key (--NAME), passed to the
-    model's __init__ as a keyword argument and recorded in its build_args()."""
-    default: Any
-    help: str
-    choices: tuple | None = None
-    type: type = str
 
 
 class AnomalyModel(nn.Layer):

@@ -29,7 +29,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .arch import get_arch
-from .base import ModelOption, OptimizerGroup
+from .base import OptimizerGroup
+from .registry import MODELS
 from .loss import cosine_distillation_loss
 from .rd4ad import RD4AD
 from .pseudo_anomaly import PseudoAnomalies
@@ -150,9 +151,8 @@ class RDPP(RD4AD):
     """RD++: RD4AD (teacher, OCBE, decoder, anomaly-map head) plus a projector."""
 
     name = "rdpp"
-    options = {"ssot": ModelOption(
-        "as_coded", "RD++'s SSOT term: as_coded (the reference's, about zero; its published "
-        "numbers) or pairwise (per image pair, Sinkhorn between HW-point clouds)", SSOT_CHOICES)}
+    # its option (--ssot) is declared on its line in model/registry.py, readable without Paddle
+    options = MODELS["rdpp"].options
     grad_accumulation = 2
     needs_images_with_cache = True  # the noisy copy goes through the teacher
 

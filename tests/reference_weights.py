@@ -78,3 +78,11 @@ def deterministic_noisy(images: np.ndarray, seed: int = 1) -> np.ndarray:
         top, left = rng.integers(1, size - h), rng.integers(1, size - w)
         out[i, :, top:top + h, left:left + w] += rng.normal(0.0, 0.5, (3, h, w)).astype(images.dtype)
     return out
+
+
+def assert_close(ours, ref, what: str, rtol: float = 1e-4) -> None:
+    """Parity: the largest difference relative to the reference's largest magnitude."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, what
+    err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12)
+    assert err <= rtol, f"{what}: relative error {err:.2e}"

@@ -177,7 +177,7 @@ def test_a_class_finished_before_the_registry_still_counts_as_finished(tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": "nope"}, "trained with --model 'nope', which this version does not know (known: rd4ad)"),
+    ({"model": "nope"}, "trained with --model 'nope', which this version does not know (known: rd4ad, rdpp)"),
     ({"model": ["rd4ad"]}, "which this version does not know"),
     ({"parts": ["format"]}, "damaged checkpoint: 'parts' must list the trained parts"),
     ({"parts": ["bottleneck"]}, "holds parts bottleneck, the rd4ad model trains bottleneck, student"),

@@ -14,19 +14,12 @@ import paddle
 import pytest
 
 from model import build_rd4ad, convert_reference_state_dicts
-from reference_weights import deterministic_images, deterministic_state_dicts
+from reference_weights import assert_close, deterministic_images, deterministic_state_dicts
 from model.loss import cosine_distillation_loss
 from engine.optim import build_optimizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-4
-
-
-def assert_close(ours, ref, what, rtol=RTOL):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, what
-    err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12)
-    assert err <= rtol, f"{what}: relative error {err:.2e}"
 
 
 def load_fixture(arch):

@@ -18,17 +18,10 @@ from model.onednn import use_conv_backend
 from model.pseudo_anomaly import PseudoAnomalies
 from model.rdpp import IMAGENET_MEAN, IMAGENET_STD, RDPP, contrast_loss, reconstruction_loss
 from engine.optim import build_optimizer
-from reference_weights import deterministic_images, deterministic_projector, deterministic_state_dicts
+from reference_weights import assert_close, deterministic_images, deterministic_projector, deterministic_state_dicts
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "parity_rdpp_resnet18.npz")
 RTOL = 1e-4
-
-
-def assert_close(ours, ref, what, rtol=RTOL):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, what
-    err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12)
-    assert err <= rtol, f"{what}: relative error {err:.2e}"
 
 
 @pytest.fixture(scope="module")

@@ -236,4 +236,4 @@ def test_export_announces_each_stage_before_it_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert said_lines(proc.stderr) == [
         "converting to ONNX (paddle2onnx; the first conversion of a process takes longest) ..."]
-    assert proc.stdout.startswith("exported resnet18") and "model.onnx" in proc.stdout
+    assert proc.stdout.startswith("exported rd4ad resnet18") and "model.onnx" in proc.stdout

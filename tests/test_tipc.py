@@ -162,3 +162,20 @@ def test_whole_infer_without_a_given_model_fails_clearly(tmp_path):
     proc = run_whole_infer(tmp_path, tmp_path / "no_such_run")
     assert proc.returncode != 0 and "is not a training run" in verdicts(tmp_path / "logs")[0]
     assert not (tmp_path / "inference").exists()
+
+
+def test_rdpp_config_runs_the_chain_with_rdpp(tmp_path):
+    """test_tipc/configs/rdpp_train_infer_python.txt: the same chain with --model rdpp; the
+    trained checkpoint and the export are RD++'s (issue 24 §4)."""
+    import json
+
+    from engine.checkpoint import load_checkpoint
+
+    config = os.path.join("test_tipc", "configs", "rdpp_train_infer_python.txt")
+    proc = run("lite_train_lite_infer", tmp_path, config)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = verdicts(tmp_path)
+    assert lines and all("Run successfully" in line and " rdpp " in line for line in lines), lines
+    run_dir = tmp_path / "norm_train_gpus_-1_autocast_null"
+    assert load_checkpoint(str(run_dir / "bottle" / "model.pdparams"))["model"] == "rdpp"
+    assert json.loads((run_dir / "deploy.json").read_text())["model"] == "rdpp"
