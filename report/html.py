@@ -18,6 +18,7 @@ from core.decision import Calibration
 from core.results import Predictions
 from core.metrics import pro_curve
 from core.paths import RunPaths
+from model.registry import DEFAULT_MODEL, model_title  # names only: no Paddle
 from utils.io import atomic_write, atomic_write_text
 from utils.log import finite_value, number, percent
 
@@ -25,12 +26,19 @@ from .per_image import ImageItem, caption, colour_range
 from .pictures import DISPLAY_WIDTH, side_by_side, stack_vertically
 from .tables import HEADERS, MODEL_HEADERS, TABLE_NAMES, TABLE_NOTE, mean_row, model_cells, model_line
 
-# Mean over the 15 MVTec AD classes (pixel AUROC / sample AUROC / AUPRO per image).
+# Published means over the 15 MVTec AD classes (pixel AUROC / sample AUROC / AUPRO per
+# image), per method: the rows shown beside a run of that method.
 PUBLISHED = {
-    "RD4AD paper (Deng & Li, CVPR 2022)": {"pixel_auroc": 0.978, "sample_auroc": 0.985,
-                                           "aupro_per_image": 0.939},
-    "earlier Paddle reproduction": {"pixel_auroc": 0.979, "sample_auroc": 0.989,
-                                    "aupro_per_image": 0.944},
+    "rd4ad": {
+        "RD4AD paper (Deng & Li, CVPR 2022)": {"pixel_auroc": 0.978, "sample_auroc": 0.985,
+                                               "aupro_per_image": 0.939},
+        "earlier Paddle reproduction": {"pixel_auroc": 0.979, "sample_auroc": 0.989,
+                                        "aupro_per_image": 0.944},
+    },
+    "rdpp": {
+        "RD++ paper (Tien et al., CVPR 2023; best test-set epoch)": {
+            "pixel_auroc": 0.9825, "sample_auroc": 0.9944, "aupro_per_image": 0.9499},
+    },
 }
 GRID_SIZE = 6  # images per grid
 # The page is at most DISPLAY_WIDTH px wide: report/pictures.py sizes the pictures' text for it.
@@ -239,7 +247,8 @@ def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,
             grids.append((None, title))
 
     good, bad = int((pred.labels == 0).sum()), int((pred.labels == 1).sum())
-    parts = [f"<h1>RD4AD report: {html.escape(cls)}</h1>"]
+    method = model_title(str((model or {}).get("model", DEFAULT_MODEL)))
+    parts = [f"<h1>{html.escape(method)} report: {html.escape(cls)}</h1>"]
     if model:
         parts.append(f"<p><b>{html.escape(model_line(model))}</b></p>")
     parts.append(f"<p>{len(samples)} test images ({good} good, {bad} defective, "
@@ -268,7 +277,7 @@ def write_class_report(folder: str, cls: str, pred: Predictions, samples: list,
         parts.append(f"<h2>{html.escape(title)}</h2>" + (f'<img src="{name}">' if name else "<p>None.</p>"))
     parts.append(_scores_table(pred, samples, calibration))
     index = os.path.join(folder, "index.html")
-    atomic_write_text(index, _page(f"RD4AD {cls}", "\n".join(parts)))
+    atomic_write_text(index, _page(f"{method} {cls}", "\n".join(parts)))
     return index
 
 
@@ -302,16 +311,19 @@ def write_summary_report(output_dir: str, results: dict[str, dict],
                  if os.path.isfile(os.path.join(output_dir, page)) else html.escape(cls))
         rows[label] = r
     rows["<b>mean (ours)</b>"] = mean_row(results)
-    for name, r in PUBLISHED.items():
-        rows[f"<i>{html.escape(name)}</i>"] = r
-    body = (f"<h1>RD4AD results</h1><p>Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
+    names = sorted({str((models.get(cls) or {}).get("model", DEFAULT_MODEL)) for cls in results}) or [DEFAULT_MODEL]
+    for name in names:
+        for label, r in PUBLISHED.get(name, {}).items():
+            rows[f"<i>{html.escape(label)}</i>"] = r
+    title = " / ".join(model_title(name) for name in names) + " results"
+    body = (f"<h1>{html.escape(title)}</h1><p>Written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. "
             f"Values in percent; the published rows are 15-class MVTec AD means (AUPRO per image), "
             f"comparable only to a full 15-class run with ImageNet weights.</p>"
             + (f'<p class="unfinished"><b>{html.escape(unfinished)}</b></p>' if unfinished else "")
             + _metrics_table(rows)
             + _models_table({cls: models.get(cls) for cls in results}))
     path = RunPaths(output_dir).file("report.html")
-    atomic_write_text(path, _page("RD4AD results", body))
+    atomic_write_text(path, _page(title, body))
     return path
 
 

@@ -276,3 +276,14 @@ def test_own_unlabelled_images_without_masks_get_scores_verdicts_and_pictures(tm
                        r"<td>(\w+)</td></tr>", page)
     assert [(int(i), float(s), v) for i, s, v in table] == [
         (1, 0.9, "DEFECT"), (3, 0.6, "DEFECT"), (2, 0.45, "OK"), (0, 0.2, "OK")]  # highest first
+
+
+def test_summary_report_names_the_method_and_its_published_rows(tmp_path):
+    """An RD++ run's report.html is titled RD++ and shows RD++'s published means, not RD4AD's."""
+    from report.html import write_summary_report
+
+    results = {"bottle": {"pixel_auroc": 0.9, "sample_auroc": 0.8, "aupro_per_image": 0.7}}
+    rdpp = open(write_summary_report(str(tmp_path / "a"), results, {"bottle": {"model": "rdpp"}})).read()
+    assert "<title>RD++ results</title>" in rdpp and "RD++ paper" in rdpp and "RD4AD" not in rdpp
+    rd4ad = open(write_summary_report(str(tmp_path / "b"), results, {"bottle": {"model": "rd4ad"}})).read()
+    assert "<title>RD4AD results</title>" in rd4ad and "RD4AD paper" in rd4ad and "RD++" not in rd4ad
