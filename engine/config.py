@@ -102,8 +102,8 @@ class BaseConfig:
     threshold: float = setting(math.nan, "--mode infer: raw-score threshold for verdicts and masks instead of "
                                          "the calibrated one (nan: calibrated)", group=DATA, nan_means_unset=True)
     config: str = setting("", "YAML file of flag values (flags given here override it)", group=RUNS)
-    resume: bool = setting(False, "continue each class from OUTPUT_DIR/CLASS/train_state.pdparams, with the "
-                                  "settings the run was started with (flags given override them)", group=RUNS)
+    resume: bool = setting(False, "continue each class from its train_state.pdparams with the run's saved "
+                                  "settings (training ones must match)", group=RUNS)
     force: bool = setting(False, "retrain classes that finished (otherwise skipped)", group=RUNS)
     save_interval: int = setting(5, "save the training state for --resume every N epochs", group=RUNS)
     report: bool = setting(True, "skip the HTML report after evaluation", group=RUNS, off_flag="--no_report")

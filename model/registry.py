@@ -35,8 +35,7 @@ class Method:
 MODELS: dict[str, Any] = {  # name -> Method (or, in tests, an AnomalyModel class itself)
     "rd4ad": Method("model.rd4ad", "RD4AD", title="RD4AD"),
     "rdpp": Method("model.rdpp", "RDPP", {"ssot": ModelOption(
-        "as_coded", "RD++'s SSOT term: as_coded (the reference's, about zero; its published numbers) "
-        "or pairwise (per image pair, Sinkhorn between HW-point clouds)", ("as_coded", "pairwise"))}, "RD++"),
+        "as_coded", "RD++'s SSOT term (as_coded: the reference's, ~0; pairwise: per image pair)", ("as_coded", "pairwise"))}, "RD++"),
 }
 DEFAULT_MODEL = "rd4ad"
 
