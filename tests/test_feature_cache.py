@@ -27,7 +27,7 @@ def test_cached_training_reproduces_uncached_losses(tmp_path):
     half, _ = losses_of(tmp_path, "cache16")
     # float16 features: the first loss within float16's precision; later steps drift a
     # little more because Adam's first steps (about lr * sign(grad)) amplify tiny changes
-    # (measured up to 3.0% at the fifth step on a 2-core AMD EPYC, 1.6% on an Intel Xeon):
+    # (measured 3.0% at the fifth step on a 2-core AMD EPYC, where 3% had passed elsewhere):
     # the later steps are bounded loosely, the first tightly.
     assert abs(half[0] - uncached[0]) / uncached[0] < 1e-3
     np.testing.assert_allclose(half, uncached, rtol=5e-2)
