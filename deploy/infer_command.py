@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         timer = StageTimer(autolog_logger(info) if args.benchmark else None)
         score_all(args, deployment, writer, predictor, items, timer)
         path = writer.finish()
-        print(summary(args, writer, timer, predictor.provider, getattr(predictor, "rechecked", None)))
+        print(summary(args, writer, timer, predictor.provider, getattr(predictor, "rechecked", None),
+                      f"{deployment.model} {deployment.arch} {deployment.image_size} px from {args.model_dir}"))
         report = _benchmark(args, info, timer) if args.benchmark else None
     if writer.failed == len(writer.rows):
         raise PartialFailure(f"no image could be processed ({writer.failed} failed); see {path}")
@@ -245,7 +246,7 @@ def _ground_truth(item: ImageItem, size: int) -> np.ndarray | None:
 
 
 def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer, provider: str = "",
-            rechecked: int | None = None) -> str:
+            rechecked: int | None = None, model: str = "") -> str:
     ok = [float(r["score"]) for r in writer.rows if not r["error"]]
     failed = len(writer.rows) - len(ok)
     if not ok:
@@ -257,7 +258,8 @@ def summary(args: argparse.Namespace, writer: ImageWriter, timer: StageTimer, pr
         runs_on += f"; {rechecked} rechecked in fp32 within {args.recheck_band:.4g} of the threshold"
     return (f"{len(ok)} of {len(writer.rows)} images scored ({failed} failed) with {args.backend} on {runs_on}: "
             f"{verdicts}scores {min(ok):.4f}..{max(ok):.4f}, "
-            f"{timer.per_image_ms()['inference']:.1f} ms/image inference; results in {args.output_dir}")
+            f"{timer.per_image_ms()['inference']:.1f} ms/image inference; results in {args.output_dir}"
+            + (f"; model: {model}" if model else ""))
 
 
 def _run_info(args: argparse.Namespace, deployment: Deployment, provider: str) -> dict:
