@@ -305,11 +305,11 @@ class Inspector:
         # decoding a 40 MP frame takes hundreds of MB: so few decode at once, whatever the load
         self.decode_slots = asyncio.Semaphore(max(2, service.workers))
         weights = (deployment.files or {}).get("model.pdiparams", {}).get("sha256", "")
-        self.model_id = f"rd4ad-{deployment.arch}-{deployment.cls or 'model'}-{weights[:12] or 'unverified'}"
+        self.model_id = f"{deployment.model}-{deployment.arch}-{deployment.cls or 'model'}-{weights[:12] or 'unverified'}"
 
     def summary(self) -> dict:
         d, c = self.deployment, self.deployment.calibration
-        return {"model_id": self.model_id, "arch": d.arch, "class": d.cls, "image_size": d.image_size,
+        return {"model_id": self.model_id, "model": d.model, "arch": d.arch, "class": d.cls, "image_size": d.image_size,
                 "backend": self.options.backend, "precision": self.options.precision,
                 "recheck_band": self.options.recheck_band or None,
                 "int8_score_bias": d.int8_score_bias.get(self.options.backend)
