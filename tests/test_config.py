@@ -61,7 +61,7 @@ def test_class_epochs_from_yaml_mapping_or_flag(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("class_epochs: {carpet: ten}\n", "c.yaml: class_epochs: each value must be a whole number of epochs"),
-    ("class_epochs: {carpet: 0}\n", "c.yaml: class_epochs: 'carpet=0' is not CLASS=EPOCHS with EPOCHS a whole number >= 1"),
+    ("class_epochs: {carpet: 0}\n", "c.yaml: class_epochs: 'carpet=0' is not CLASS=EPOCHS with EPOCHS a whole number from 1 to 1000000"),
     ("class_epochs: {../x: 3}\n", "c.yaml: class_epochs '../x': a class name must be one folder name"),
     ("class_epochs: carpet=1,carpet=2\n", "c.yaml: class_epochs: class 'carpet' given twice"),
 ])
