@@ -132,3 +132,18 @@ def test_export_and_infer_score_as_the_reference(converted, tmp_path):
     row = next(csv.DictReader(open(out / "scores.csv")))
     _, want = runner(load_image(str(picture), 64)[None])
     assert float(row["score"]) == pytest.approx(float(want[0]), rel=1e-4)
+
+
+def test_service_names_the_rdpp_export(converted):
+    """serve.py's /model answer and model_id name the exported method (issue 24 §4)."""
+    from deploy.deployment import read_deployment
+    from deploy.predictor import PredictorOptions
+    from deploy.service import Inspector
+    from deploy.service_options import ServiceOptions
+
+    inspector = Inspector(read_deployment(converted[2]), PredictorOptions(cpu_threads=1), ServiceOptions(workers=1))
+    try:
+        summary = inspector.summary()
+    finally:
+        inspector.pool.close()
+    assert summary["model"] == "rdpp" and summary["model_id"].startswith("rdpp-resnet18-bottle-")
