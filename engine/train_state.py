@@ -170,9 +170,7 @@ def check_fits_model(state: dict, net: AnomalyModel, lr: float, path: str) -> No
             if list(given[name].shape) != list(value.shape) or given[name].dtype != np.float32:
                 raise damaged(f"{part} weight {shorten(name)}: {given[name].dtype} {list(given[name].shape)}, "
                               f"expected float32 {list(value.shape)}")
-    groups = {g.name: g.parameters for g in net.optimizer_groups(lr)}
-    optimizers = _legacy_group(state["optimizers"], groups)
-    names = _legacy_group(state["param_names"], groups)
+    groups, optimizers, names = _saved_groups(state, net, lr)
     if set(optimizers) != set(groups):
         raise damaged(f"optimizer groups {shorten(sorted(optimizers))}, the {net.name} model has "
                       f"{', '.join(groups)}")
@@ -269,9 +267,7 @@ def restore_train_state(state: dict, net: AnomalyModel, optimizers: dict[str, pa
             raise CheckpointError(f"training state: {part} weights do not fit this model; delete it "
                                   f"to start the class again")
         layer.set_state_dict(given)
-    groups = {g.name: g.parameters for g in net.optimizer_groups(lr)}
-    saved = _legacy_group(state["optimizers"], groups)
-    names = _legacy_group(state["param_names"], groups)
+    groups, saved, names = _saved_groups(state, net, lr)
     if set(saved) != set(optimizers):
         raise CheckpointError(f"training state: optimizer groups {', '.join(saved)}, this model has "
                               f"{', '.join(optimizers)}; delete it to start the class again")
@@ -288,6 +284,14 @@ def restore_train_state(state: dict, net: AnomalyModel, optimizers: dict[str, pa
         raise CheckpointError(f"training state: damaged random-generator state ({type(err).__name__}); "
                               f"delete it to start the class again") from None
     return state["epoch"], state["loss_history"], state["extra"]
+
+
+def _saved_groups(state: dict, net: AnomalyModel, lr: float) -> tuple[dict, dict, dict]:
+    """(the model's optimizer groups' parameters, the state's optimizer states, the state's
+    parameter names), each keyed by group name."""
+    groups = {g.name: g.parameters for g in net.optimizer_groups(lr)}
+    return (groups, _legacy_group(state["optimizers"], groups),
+            _legacy_group(state["param_names"], groups))
 
 
 def _legacy_group(by_group: dict, groups: dict) -> dict:

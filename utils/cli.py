@@ -68,19 +68,11 @@ def number_problem(value: int | float, *, unsigned_32: bool = False) -> str | No
 
 def int_flag(text: str) -> int:
     """type=int of every flag of this project's commands (OneLineArgumentParser)."""
-    value = int(text)
-    problem = number_problem(value)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return value
+    return _checked(int(text))
 
 
 def uint32_flag(text: str) -> int:
-    value = int(text)
-    problem = number_problem(value, unsigned_32=True)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return value
+    return _checked(int(text), unsigned_32=True)
 
 
 def nan_or_float_flag(text: str) -> float:
@@ -91,8 +83,12 @@ def nan_or_float_flag(text: str) -> float:
 
 def float_flag(text: str) -> float:
     """type=float of every flag of this project's commands (OneLineArgumentParser)."""
-    value = float(text)
-    problem = number_problem(value)
+    return _checked(float(text))
+
+
+def _checked(value, **limits):
+    """`value`, or argparse's one-line usage error naming what overflows or vanishes."""
+    problem = number_problem(value, **limits)
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return value
