@@ -1,4 +1,4 @@
-"""3x3 and transposed convolutions on oneDNN in Paddle's dynamic graph on the CPU.
+"""1x1, 3x3 and transposed convolutions on oneDNN in Paddle's dynamic graph on the CPU.
 
 Paddle 3.3.1's eager CPU `conv2d` and its gradients are im2col + GEMM kernels, 1.1-2.3x
 slower than oneDNN's direct convolutions on the student's and bottleneck's 3x3 layers
@@ -7,8 +7,10 @@ own wheel carries oneDNN (paddle/libs/libdnnl.so.3, used by Paddle Inference) bu
 eager kernels do not call it, and the wheel has no oneDNN headers to compile against.
 So this module calls oneDNN's stable C API through ctypes (nothing to compile) and wraps
 forward and both backward passes in a PyLayer. The student's 2x2 stride-2 transposed
-convolutions go the same way (oneDNN's deconvolution). 1x1 convolutions stay on Paddle's
-GEMM, which is as fast.
+convolutions go the same way (oneDNN's deconvolution), and so do the 1x1 convolutions:
+at 256 px Paddle's GEMM was 1.5-3.7x slower on them than oneDNN on a 2-core AMD EPYC
+(tools/benchmark_convs.py), and an RD4AD training step 1.5x faster with them on oneDNN.
+The teacher's 7x7 stem stays on Paddle's kernel (one layer, forward only, no gain).
 
 - Same results as Paddle's kernels up to float32 rounding (tests/test_onednn.py: forward
   and both gradients within 1e-5 relative; the model's gradients as close to a float64
@@ -396,7 +398,10 @@ def _cpu_empty(shape: list[int]) -> paddle.Tensor:
     return paddle.empty(shape, dtype="float32", device=paddle.CPUPlace())
 
 
-MAX_SHAPES = 64  # shapes whose primitives stay built; wide_resnet50_2 needs 15 per batch size
+# Shapes whose primitives stay built. A training step of wide_resnet50_2 meets 43 (RD4AD) or
+# 55 (RD++) per batch size, and an epoch's last, smaller batch as many again: room for both
+# and an evaluation batch, so that no epoch rebuilds them.
+MAX_SHAPES = 192
 
 
 class OneDNNConvolutions:
@@ -579,8 +584,8 @@ def _conv_settings(conv: nn.Layer) -> dict:
 
 
 def _onednn_class(layer: nn.Layer) -> tuple[type, tuple[int, int]] | None:
-    """(our class, (stride, padding)) for a layer oneDNN runs here: a plain 3x3
-    convolution (1x1 ones stay on Paddle's GEMM, as fast) or a plain transposed convolution
+    """(our class, (stride, padding)) for a layer oneDNN runs here: a plain 1x1 or 3x3
+    convolution or a plain transposed convolution
     without output padding (both: groups 1, dilation 1, no bias, NCHW, equal strides, an int
     padding of zeros); None for any other layer."""
     paddles = type(layer)  # Paddle's own class: _to_paddles_own ran first
@@ -590,7 +595,7 @@ def _onednn_class(layer: nn.Layer) -> tuple[type, tuple[int, int]] | None:
     plain = (c["groups"] == 1 and c["dilation"] == [1, 1] and layer.bias is None and c["data_format"] == "NCHW"
              and c["stride"][0] == c["stride"][1] and isinstance(c["padding"], int)
              and c["padding_mode"] == "zeros")
-    if paddles is nn.Conv2D and plain and c["kernel"] == [3, 3]:
+    if paddles is nn.Conv2D and plain and c["kernel"] in ([1, 1], [3, 3]):
         return OneDNNConv2D, (c["stride"][0], c["padding"])
     if paddles is nn.Conv2DTranspose and plain and layer.output_padding == 0:
         return OneDNNConv2DTranspose, (c["stride"][0], c["padding"])
@@ -608,7 +613,7 @@ def _to_paddles_own(layer: nn.Layer) -> None:
 
 
 def use_conv_backend(layer: nn.Layer, backend: str, threads: int | None = None) -> str:
-    """Run `layer`'s 3x3 and transposed convolutions on `backend` ("auto", "onednn" or
+    """Run `layer`'s 1x1, 3x3 and transposed convolutions on `backend` ("auto", "onednn" or
     "paddle"); returns the backend in use ("onednn" or "paddle"). Auto takes oneDNN when a
     tested version loads and Paddle's device is the CPU (one line saying why not, where the
     wheel has a library it cannot use); "onednn" where it cannot run raises one line.

@@ -84,5 +84,6 @@ def build_rd4ad(arch: str = "wide_resnet50_2", teacher_weights: str = "imagenet"
                 image_size: int | None = None, conv_backend: str = "auto") -> RD4AD:
     """Build the model; `teacher_weights` is "imagenet", "none" or a .pdparams path;
     `image_size` the size its anomaly-map head is built (and exported) for; `conv_backend`
-    what runs its 3x3 and transposed convolutions in the dynamic graph on the CPU (model/onednn.py)."""
+    what runs its 1x1, 3x3 and transposed convolutions in the dynamic graph on the CPU
+    (model/onednn.py)."""
     return prepared(RD4AD(arch, image_size), teacher_weights, conv_backend)

@@ -192,10 +192,8 @@ class RDPP(RD4AD):
                    teacher_feats: list[paddle.Tensor]) -> dict[str, paddle.Tensor]:
         noisy_feats = self.teacher_features(inputs["noisy"])
         n = teacher_feats[0].shape[0]
-        # The projector is per sample (convolutions, instance norm): clean and noisy
-        # batches go through it as one batch.
-        both = self.projector([paddle.concat([t, u], axis=0) for t, u in zip(teacher_feats, noisy_feats)])
-        projected, projected_noisy = [b[:n] for b in both], [b[n:] for b in both]
+        projected = self.projector(teacher_feats)
+        projected_noisy = self.projector(noisy_feats)
         student_feats = self.student(self.bottleneck(projected))
         student_feats = [s if s.dtype == t.dtype else s.astype(t.dtype)
                          for t, s in zip(teacher_feats, student_feats)]

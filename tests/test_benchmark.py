@@ -145,3 +145,34 @@ def test_rdpp_stage_times_an_rdpp_iteration_and_refuses_a_bad_reference(tmp_path
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1, bad.stderr[-500:]
     assert errors[0].startswith(f"error: --reference_rdpp {tmp_path}: no model/resnet.py there")
+
+
+def test_convolution_benchmark_times_every_convolution_onednn_runs_in_a_step():
+    """tools/benchmark_convs.py: each layer oneDNN takes is counted once per step under its
+    part (the teacher forward only), the 1x1 ones among them, and the table prints a row
+    per shape and the totals; no speed is asserted."""
+    from model.onednn import OneDNNConv2D, OneDNNConv2DTranspose, OneDNNLibrary, load_library, use_conv_backend
+    from model.registry import build_model
+    if not isinstance(load_library(), OneDNNLibrary):
+        pytest.skip("no usable oneDNN in this Paddle build")
+    from tools.benchmark_convs import step_convolutions
+    net = build_model("rdpp", "resnet18", 64, teacher_weights="none")
+    use_conv_backend(net, "onednn", 1)
+    layers = step_convolutions(net, 2, 64)
+    # bottleneck.conv4 is built but unused in forward, as in the reference (model/bottleneck.py)
+    taken = [s for name, s in net.named_sublayers() if isinstance(s, (OneDNNConv2D, OneDNNConv2DTranspose))
+             and name != "bottleneck.conv4"]
+    in_teacher = [s for s in net.teacher.sublayers() if isinstance(s, OneDNNConv2D)]
+    assert sum(v["count"] for v in layers.values()) == len(taken)
+    assert sum(v["count"] for k, v in layers.items() if k[0] == "teacher") == len(in_teacher) > 0
+    assert any(k[2][2:] == (1, 1) for k in layers), "the 1x1 convolutions run on oneDNN"
+    assert all(k[1][0] == 2 for k in layers)  # the step's batch
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark_convs.py"), "--arch", "resnet18",
+                           "--image_size", "64", "--batch", "2", "--repeats", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| teacher |") or line.startswith("| trained |")]
+    rd4ad = build_model("rd4ad", "resnet18", 64, teacher_weights="none")
+    use_conv_backend(rd4ad, "onednn", 1)
+    assert len(rows) == len(step_convolutions(rd4ad, 2, 64))  # the tool's default model: RD4AD
+    assert "| all, every layer of a step |" in proc.stdout

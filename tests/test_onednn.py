@@ -65,15 +65,18 @@ def conv_and_grads(conv: nn.Layer, x: paddle.Tensor):
 
 
 @needs_onednn
-@pytest.mark.parametrize("n, c, o, size, stride", [
-    (2, 16, 32, 12, 1),
-    (2, 16, 32, 12, 2),
-    (1, 3, 8, 9, 1),      # few channels, odd size: oneDNN's plain-layout path
-    (3, 20, 12, 7, 2),    # channels no multiple of 16, odd size, stride 2
+@pytest.mark.parametrize("n, c, o, size, stride, kernel", [
+    (2, 16, 32, 12, 1, 3),
+    (2, 16, 32, 12, 2, 3),
+    (1, 3, 8, 9, 1, 3),      # few channels, odd size: oneDNN's plain-layout path
+    (3, 20, 12, 7, 2, 3),    # channels no multiple of 16, odd size, stride 2
+    (2, 32, 16, 12, 1, 1),   # 1x1: the bottleneck blocks' and the teacher's
+    (2, 24, 40, 7, 2, 1),    # 1x1 stride 2 (a downsample), odd size and channels
 ])
-def test_forward_and_both_gradients_equal_paddles_kernels(n, c, o, size, stride):
+def test_forward_and_both_gradients_equal_paddles_kernels(n, c, o, size, stride, kernel):
     paddle.seed(0)
-    ours, reference = on_onednn_and_plain(lambda: nn.Conv2D(c, o, 3, stride=stride, padding=1, bias_attr=False))
+    ours, reference = on_onednn_and_plain(
+        lambda: nn.Conv2D(c, o, kernel, stride=stride, padding=kernel // 2, bias_attr=False))
     assert type(ours) is OneDNNConv2D
     x = paddle.randn([n, c, size, size])
     for got, want, what in zip(conv_and_grads(ours, x), conv_and_grads(reference, x), ("output", "dx", "dw")):
@@ -143,10 +146,11 @@ def test_model_gradients_are_as_close_to_float64_as_paddles_float32_kernels():
 
 
 @needs_onednn
-def test_only_plain_3x3_convolutions_change_and_parameters_keep_their_names():
+def test_only_plain_1x1_and_3x3_convolutions_change_and_parameters_keep_their_names():
     layer = nn.Sequential(
         nn.Conv2D(4, 4, 3, padding=1, bias_attr=False),              # taken
-        nn.Conv2D(4, 4, 1, bias_attr=False),                         # 1x1: Paddle's GEMM is as fast
+        nn.Conv2D(4, 4, 1, bias_attr=False),                         # taken (1x1)
+        nn.Conv2D(4, 4, 7, padding=3, bias_attr=False),              # 7x7: the teacher's stem stays
         nn.Conv2D(4, 4, 3, padding=1),                               # a bias
         nn.Conv2D(4, 4, 3, padding=1, groups=2, bias_attr=False),    # groups
         nn.Conv2D(4, 4, 3, padding=2, dilation=2, bias_attr=False),  # dilation
@@ -159,7 +163,7 @@ def test_only_plain_3x3_convolutions_change_and_parameters_keep_their_names():
     names = list(layer.state_dict())
     use_conv_backend(layer, "onednn", 2)
     taken = [type(s) in (OneDNNConv2D, OneDNNConv2DTranspose) for s in layer.children()]
-    assert taken == [True] + [False] * 6 + [True, False, False]
+    assert taken == [True, True] + [False] * 6 + [True, False, False]
     assert list(layer.state_dict()) == names
     use_conv_backend(layer, "paddle", 2)
     assert all(type(s) in (nn.Conv2D, nn.Conv2DTranspose) for s in layer.children())

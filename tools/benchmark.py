@@ -12,7 +12,7 @@ not depend on them):
   Paddle Inference fp32 with oneDNN, ONNX Runtime, Paddle Inference bf16 (oneDNN, where the
   CPU has bf16), with the bf16 maps' agreement with fp32 on sample_data;
 - training images/s at --train_batch with and without the teacher-feature cache, with the
-  3x3 and transposed convolutions on oneDNN (the default, model/onednn.py) and on Paddle's own kernels;
+  1x1, 3x3 and transposed convolutions on oneDNN (the default, model/onednn.py) and on Paddle's own kernels;
 - evaluation of one class end to end (--eval_images test images, metrics included);
 - AUPRO on 30 maps: exact mode against a 200-threshold loop like the reference's;
 - peak RSS of each stage (reset between stages where Linux allows), threads and flags;
@@ -434,7 +434,9 @@ def benchmark(a: argparse.Namespace) -> int:
             "predictor threads": a.threads, "paddle": paddle.__version__,
             "FLAGS_use_mkldnn": os.environ.get("FLAGS_use_mkldnn", "unset"),
             "bf16 CPU": cpu_has_bf16(), "weights": a.checkpoint or "random",
-            "reference": f"torch {a.reference_code.torch.__version__}, {a.reference}" if a.reference_code else None}
+            "reference": f"torch {a.reference_code.torch.__version__}, {a.reference}" if a.reference_code else None,
+            "reference RD++": (f"torch {a.reference_rdpp_code.torch.__version__}, {a.reference_rdpp}"
+                               if a.reference_rdpp_code else None)}
     print("benchmark:", json.dumps(info), flush=True)
     work = tempfile.mkdtemp(prefix="rd4ad-bench-")
     try:
@@ -449,11 +451,12 @@ def benchmark(a: argparse.Namespace) -> int:
             save_checkpoint(ckpt, net, epoch=0, cls="bench", teacher_weights="none")
         net.eval()
         model_dir = os.path.join(work, "inference")
-        onnx = _has("paddle2onnx") and _has("onnxruntime")
-        # int8: ONNX Runtime's post-training quantisation, calibrated on the train-good images
-        calibration = [load_image(s.image_path, a.image_size)[None]
-                       for s in index_train(os.path.join(ROOT, "sample_data"), "bottle")]
-        export(ckpt, model_dir, onnx=onnx, int8_calibration=calibration if onnx else None)
+        if "inference" in stages:  # the only stage that reads an export
+            onnx = _has("paddle2onnx") and _has("onnxruntime")
+            # int8: ONNX Runtime's post-training quantisation, calibrated on the train-good images
+            calibration = [load_image(s.image_path, a.image_size)[None]
+                           for s in index_train(os.path.join(ROOT, "sample_data"), "bottle")]
+            export(ckpt, model_dir, onnx=onnx, int8_calibration=calibration if onnx else None)
         samples = index_test(os.path.join(ROOT, "sample_data"), "bottle")
         sample_images = np.stack([load_image(s.image_path, a.image_size) for s in samples])
 

@@ -69,9 +69,12 @@ def bench_rdpp_training(args, reference=None, ssot: str = "as_coded") -> list[di
     for step in steps.values():  # warm-up: an even number of iterations each (accumulation 2)
         seconds_per_run(step, 2, 0)
     seconds = {name: [] for name in steps}
-    for _ in range(args.train_repeats):
+    for turn in range(args.train_repeats):
         for name, step in steps.items():
             seconds[name] += seconds_per_run(step, 2, 0)  # one accumulation cycle per turn
+            # at 256 px a turn takes minutes: show that the work goes on
+            print(f"  turn {turn + 1}/{args.train_repeats}: {name}: "
+                  f"{', '.join(f'{t:.1f}' for t in seconds[name][-2:])} s per iteration", flush=True)
     rows = []
     for name, times in seconds.items():
         rates = [batch / t for t in times]
