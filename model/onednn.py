@@ -398,9 +398,9 @@ def _cpu_empty(shape: list[int]) -> paddle.Tensor:
     return paddle.empty(shape, dtype="float32", device=paddle.CPUPlace())
 
 
-# Shapes whose primitives stay built. A training step of wide_resnet50_2 meets 43 (RD4AD) or
-# 55 (RD++) per batch size, and an epoch's last, smaller batch as many again: room for both
-# and an evaluation batch, so that no epoch rebuilds them.
+# Shapes whose primitives stay built. A training step of wide_resnet50_2 meets 34 (RD4AD) or
+# 46 (RD++) per batch size, and an epoch's last, smaller batch as many again: room for both
+# and evaluation batches, so that no epoch rebuilds them.
 MAX_SHAPES = 192
 
 

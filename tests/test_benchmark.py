@@ -148,9 +148,10 @@ def test_rdpp_stage_times_an_rdpp_iteration_and_refuses_a_bad_reference(tmp_path
 
 
 def test_convolution_benchmark_times_every_convolution_onednn_runs_in_a_step():
-    """tools/benchmark_convs.py: each layer oneDNN takes is counted once per step under its
-    part (the teacher forward only), the 1x1 ones among them, and the table prints a row
-    per shape and the totals; no speed is asserted."""
+    """tools/benchmark_convs.py: each layer oneDNN takes is counted as often as a training
+    step calls it, under its part (RD++: the teacher and the projector twice, for the clean
+    and the noisy batch), the 1x1 ones among them, and the table prints a row per shape
+    and the totals; no speed is asserted."""
     from model.onednn import OneDNNConv2D, OneDNNConv2DTranspose, OneDNNLibrary, load_library, use_conv_backend
     from model.registry import build_model
     if not isinstance(load_library(), OneDNNLibrary):
@@ -163,8 +164,10 @@ def test_convolution_benchmark_times_every_convolution_onednn_runs_in_a_step():
     taken = [s for name, s in net.named_sublayers() if isinstance(s, (OneDNNConv2D, OneDNNConv2DTranspose))
              and name != "bottleneck.conv4"]
     in_teacher = [s for s in net.teacher.sublayers() if isinstance(s, OneDNNConv2D)]
-    assert sum(v["count"] for v in layers.values()) == len(taken)
-    assert sum(v["count"] for k, v in layers.items() if k[0] == "teacher") == len(in_teacher) > 0
+    in_projector = [s for s in net.projector.sublayers() if isinstance(s, OneDNNConv2D)]
+    assert len(in_projector) == 12  # four per scale
+    assert sum(v["count"] for v in layers.values()) == len(taken) + len(in_teacher) + len(in_projector)
+    assert sum(v["count"] for k, v in layers.items() if k[0] == "teacher") == 2 * len(in_teacher) > 0
     assert any(k[2][2:] == (1, 1) for k in layers), "the 1x1 convolutions run on oneDNN"
     assert all(k[1][0] == 2 for k in layers)  # the step's batch
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark_convs.py"), "--arch", "resnet18",
@@ -174,5 +177,8 @@ def test_convolution_benchmark_times_every_convolution_onednn_runs_in_a_step():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| teacher |") or line.startswith("| trained |")]
     rd4ad = build_model("rd4ad", "resnet18", 64, teacher_weights="none")
     use_conv_backend(rd4ad, "onednn", 1)
-    assert len(rows) == len(step_convolutions(rd4ad, 2, 64))  # the tool's default model: RD4AD
+    rd4ad_layers = step_convolutions(rd4ad, 2, 64)  # the tool's default model: RD4AD, each layer once
+    assert sum(v["count"] for v in rd4ad_layers.values()) == sum(
+        isinstance(s, (OneDNNConv2D, OneDNNConv2DTranspose)) for s in rd4ad.sublayers()) - 1  # bottleneck.conv4
+    assert len(rows) == len(rd4ad_layers)
     assert "| all, every layer of a step |" in proc.stdout

@@ -3,9 +3,10 @@
     python tools/benchmark_convs.py --arch wide_resnet50_2 --image_size 256 --batch 16
     python tools/benchmark_convs.py --model rdpp --arch resnet18 --image_size 64 --batch 4
 
-Every convolution that `--conv_backend onednn` takes, at the input shape a training step
-gives it: the teacher's forward only (it is frozen), the other parts' forward + backward
-(input and weight gradients). Layers of one shape are timed once and counted as often as
+Every convolution that `--conv_backend onednn` takes, as often and at the input shape a
+training step without the teacher-feature cache calls it (RD++: the teacher and the
+projector on the clean and the noisy batch): the teacher's forward only (it is frozen), the
+other parts' forward + backward (input and weight gradients). Layers of one shape are timed once and counted as often as
 they occur. The two backends take turns, layer by layer and round by round, so that the
 machine's drifts hit both alike; each figure is the median of --repeats runs. Compare the
 ratios, not the milliseconds, between machines.
@@ -35,7 +36,8 @@ from utils.errors import UserError  # noqa: E402
 
 def step_convolutions(net, batch: int, image_size: int) -> dict[tuple, dict]:
     """{(part, input shape, weight shape, stride, transposed): {"layer", "count"}} of the
-    convolutions oneDNN takes in `net` (use_conv_backend(net, "onednn") already ran)."""
+    convolutions oneDNN takes in `net` (use_conv_backend(net, "onednn") already ran), as
+    one training step's forward calls them (the model's own train_inputs and loss_terms)."""
     found: dict[tuple, dict] = {}
     teacher = {id(s) for s in net.teacher.sublayers(include_self=True)}
 
@@ -47,8 +49,11 @@ def step_convolutions(net, batch: int, image_size: int) -> dict[tuple, dict]:
 
     hooks = [s.register_forward_pre_hook(record) for s in net.sublayers()
              if isinstance(s, (OneDNNConv2D, OneDNNConv2DTranspose))]
+    images = paddle.to_tensor(np.random.default_rng(0).normal(size=(batch, 3, image_size, image_size))
+                              .astype(np.float32))
     with paddle.no_grad():
-        net.student_features(net.teacher(paddle.zeros([batch, 3, image_size, image_size])))
+        inputs = net.train_inputs(images)
+        net.loss_terms(inputs, net.teacher_features(inputs["images"]))
     for h in hooks:
         h.remove()
     return found
